@@ -1,0 +1,137 @@
+"""The matched comparison: same workers W, same updates S, one trainer.
+
+Arms (Sodhani et al., Sec. 3-4):
+- allreduce: one model on all W workers for S steps (the config's epochs fix S);
+- codistill: n models of W/n workers each, the same S steps; every epoch-valued setting (warm-up,
+  milestones) is rescaled so the schedules hit the same steps, as the paper halves its milestones;
+- codistill_regularized: as codistill, with weight decay decaying at the LR milestones
+  (wd, wd/10, 0 by default) and optionally shifted milestones, accounting for codistillation's
+  own regularization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config, check_world_size, replace
+from .data import load_dataset, make_splits, model_indices
+from .errors import ConfigError
+from .launch import train
+from .recipe import total_steps
+from .run_log import atomic_write_text, prepare_run_dir, write_json
+
+
+def steps_per_epoch(cfg: Config, world_size: int) -> int:
+    """Steps for one model to pass over its training data (matches ShardBatchSampler)."""
+    n = cfg.codistill.n_models
+    replicas = check_world_size(cfg, world_size)
+    splits = make_splits(load_dataset(cfg.data.name, cfg.data.root), cfg.data.val_fraction, cfg.data.fraction)
+    count = len(model_indices(splits.train_indices, cfg.data.split, 0, n, cfg.train.seed))
+    return max(1, count // (replicas * cfg.data.batch_size))
+
+
+def regularized_weight_decay(cfg: Config) -> list[float]:
+    if cfg.compare.regularized_weight_decay is not None:
+        return list(cfg.compare.regularized_weight_decay)
+    wd = cfg.optim.weight_decay
+    base = wd[0] if isinstance(wd, list) else wd
+    stages = len(cfg.compare.regularized_milestones or cfg.schedule.milestones) + 1
+    if stages == 1:
+        raise ConfigError("codistill_regularized decays weight decay at the LR milestones, but "
+                          "schedule.milestones is empty; set it or compare.regularized_weight_decay")
+    return ([base, base / 10] + [0.0] * stages)[:stages]
+
+
+def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
+    """The configs of the requested arms, matched in workers and updates."""
+    n = cfg.codistill.n_models if cfg.codistill.n_models > 1 else 2
+    first_name = cfg.model_names()[0]
+    allreduce = replace(cfg, codistill__n_models=1, model__name=first_name)
+    spe_ar = steps_per_epoch(allreduce, world_size)
+    steps = total_steps(allreduce, spe_ar)
+    allreduce = replace(allreduce, train__steps=steps)
+
+    codistill = replace(cfg, codistill__n_models=n)
+    if isinstance(cfg.model.name, list) and len(cfg.model.name) != n:
+        raise ConfigError(f"model.name lists {len(cfg.model.name)} models for {n} codistilled models")
+    spe_cd = steps_per_epoch(codistill, world_size)
+    scale = spe_ar / spe_cd  # all-reduce epochs -> codistill epochs at equal steps
+
+    def rescaled(milestones):
+        return [m * scale for m in milestones]
+
+    s = cfg.schedule
+    codistill = replace(codistill, train__steps=steps, train__epochs=steps / spe_cd,
+                        schedule__warmup_epochs=s.warmup_epochs * scale,
+                        schedule__milestones=rescaled(s.milestones))
+    arms = {"allreduce": allreduce, "codistill": codistill}
+    if "codistill_regularized" in cfg.compare.arms:
+        milestones = cfg.compare.regularized_milestones or s.milestones
+        arms["codistill_regularized"] = replace(codistill, schedule__milestones=rescaled(milestones),
+                                                optim__weight_decay=regularized_weight_decay(cfg))
+    return [(name, arms[name]) for name in cfg.compare.arms]
+
+
+def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None) -> dict:
+    world = nproc if nproc is not None else cfg.dist.nproc
+    arms = arm_configs(cfg, world)  # validate every arm before training any
+    out = prepare_run_dir(out, overwrite)
+    results = []
+    for name, arm_cfg in arms:
+        print(f"== arm {name}: {arm_cfg.codistill.n_models} model(s) x {world // arm_cfg.codistill.n_models} "
+              f"worker(s), {arm_cfg.train.steps} steps", flush=True)
+        summary = train(arm_cfg, out / name, overwrite=overwrite, nproc=world)
+        results.append({"name": name, "summary": summary})
+    report = {"arms": results}
+    write_json(out / "compare.json", report)
+    table = format_table(results)
+    atomic_write_text(out / "compare.md", compare_markdown(results, table))
+    from .plots import plot_compare  # training never imports matplotlib
+
+    plot_compare(out, [name for name, _ in arms])
+    print(table, flush=True)
+    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and plots in {out}", flush=True)
+    return report
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(b) < 1000:
+            return f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} PB"
+
+
+def format_table(results: list[dict]) -> str:
+    head = ("| arm | models x workers | steps | val acc per model (%) | ensemble val acc (%) | "
+            "test acc model 0 (%) | train loss | param distance | all-reduce bytes/worker | "
+            "exchange bytes/worker | wall (s) |")
+    rows = [head, "|" + "---|" * 11]
+    for r in results:
+        s = r["summary"]
+        accs = " / ".join(f"{100 * m['val_accuracy']:.2f}" for m in s["models"])
+        loss = sum(m["train_loss"] for m in s["models"]) / len(s["models"])
+        dist_ = sum(m["param_distance"] for m in s["models"]) / len(s["models"])
+        ens = f"{100 * s['ensemble_val_accuracy']:.2f}" if s["n_models"] > 1 else "-"
+        rows.append(f"| {r['name']} | {s['n_models']} x {s['replicas']} | {s['steps']} | {accs} | {ens} | "
+                    f"{100 * s['models'][0]['test_accuracy']:.2f} | {loss:.4f} | {dist_:.2f} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {s['wall_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def compare_markdown(results: list[dict], table: str) -> str:
+    lines = ["# Matched comparison: all-reduce vs codistillation", "",
+             "Same number of workers and of updates in every arm. Train loss and parameter distance "
+             "are means over the arm's models; val is the held-out validation split, test the test split.",
+             "", table, "", "Plots: train_loss.png, val_accuracy.png, param_distance.png "
+             "(model 0 of each arm, as the paper evaluates its first model).", ""]
+    for r in results:
+        lines.append(f"- `{r['name']}`: run directory `{r['name']}/` (config.yaml, summary.json, "
+                     "model_*/metrics.jsonl, TensorBoard events)")
+    return "\n".join(lines) + "\n"
+
+
+def load_compare(out: str | Path) -> dict:
+    return json.loads((Path(out) / "compare.json").read_text())

@@ -1,0 +1,422 @@
+"""Run configuration: frozen dataclasses, one docstring per field.
+
+Precedence: built-in defaults < YAML file (`--config`) < command line (`--set section.key=value`).
+Every value is type-checked and range-checked here, at load time, with a message that names the
+field and what is allowed, so that workers never start on a config that cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"
+    """Dataset registered in `codistill.data` (e.g. fashion_mnist, mnist, digits)."""
+    root: str | None = None
+    """Directory holding the dataset files; None means the dataset's default location."""
+    batch_size: int = 64
+    """Minibatch per worker. A model's effective batch is batch_size x replicas."""
+    eval_batch_size: int = 1000
+    """Minibatch for evaluation."""
+    split: str = "shared"
+    """How models share the training set: `shared` (each model iterates over all of it with its own
+    shuffling, as in the paper) or `disjoint` (model i gets its own 1/n of it, as in Anil et al.)."""
+    val_fraction: float = 0.1
+    """Fraction of the training set held out (seeded, class-balanced) as the validation split used
+    during training; the test split is only evaluated at the end. 0 evaluates on the test split."""
+    fraction: float = 1.0
+    """Train on this fraction of the training set (seeded, class-balanced), for overfitting studies."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str | list[str] = "cnn"
+    """Model registered in `codistill.models`; one name for every model, or a list with one name
+    per model (codistilling different architectures)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments passed to the model constructor (e.g. {width: 32})."""
+
+
+@dataclass(frozen=True)
+class CodistillConfig:
+    n_models: int = 2
+    """Number of models n. 1 is the all-reduce baseline: every worker trains one model."""
+    exchange_every: int = 50
+    """T: teachers are refreshed with the other models' weights every T optimizer steps."""
+    loss: str = "kl"
+    """Distillation loss D: `kl` (KL(teacher || student) at temperature tau, times tau^2),
+    `mse` (between logits) or `ce` (cross-entropy to the teacher's soft targets, times tau^2)."""
+    temperature: float = 1.0
+    """tau, for `kl` and `ce`."""
+    alpha: float = 1.0
+    """Weight of the distillation term."""
+    alpha_schedule: str = "constant"
+    """`constant`; `burnin` (0 for the first alpha_steps steps, then alpha); `ramp` (linear from 0 to
+    alpha over alpha_steps steps)."""
+    alpha_steps: int = 0
+    """K for `burnin` and `ramp`."""
+    teacher_mode: str = "eval"
+    """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    """`sgd` or `adamw`."""
+    lr: float = 0.1
+    """Base learning rate (before linear scaling and warm-up)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float | list[float] = 5e-4
+    """One value, or one value per LR stage (len(milestones) + 1 values, switching at the LR
+    milestones: the paper's 1e-4, 1e-5, 0)."""
+    decay_bias_and_norm: bool = True
+    """Apply weight decay to biases and normalization layers too (False exempts them)."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "goyal"
+    """`goyal` (warm-up, then x gamma at each milestone), `cosine` (warm-up, then cosine to 0) or
+    `constant`."""
+    warmup_epochs: float = 0.25
+    """Linear warm-up from the base LR to the scaled LR over this many epochs."""
+    milestones: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    """Epochs at which the LR is multiplied by gamma (and the weight-decay stage advances)."""
+    gamma: float = 0.1
+    """LR factor at each milestone."""
+    scale_lr: bool = True
+    """Linear scaling: the LR after warm-up is lr x B / reference_batch, B = the model's batch."""
+    reference_batch: int = 256
+    """The batch size at which the base LR applies unscaled."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 2.0
+    """Length of the run, in passes of one model over its training data."""
+    steps: int | None = None
+    """Length in optimizer steps; overrides epochs when set."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the task loss."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 means about 10 times per run."""
+    log_every: int = 20
+    """Log training metrics every this many steps."""
+    seed: int = 0
+    """Model i is initialized and shuffled with seed + i."""
+    progress: bool = True
+    """Show a progress bar on the first worker."""
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    nproc: int = 4
+    """Workers W started locally when not under torchrun (torchrun's WORLD_SIZE wins)."""
+    backend: str = "auto"
+    """`auto` (NCCL with CUDA, else gloo), `gloo` or `nccl`."""
+    threads: int = 1
+    """Intra-op threads per worker on CPU; one avoids workers fighting over cores."""
+    timeout_s: float = 600.0
+    """Timeout of every collective, so a dead peer gives an error, not a hang."""
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "codistill_regularized"])
+    """Arms run by `codistill compare`, in order."""
+    regularized_weight_decay: list[float] | None = None
+    """Weight decay per LR stage for the regularization-accounted arm; None means
+    [wd, wd/10, 0, 0, ...] from the base weight decay."""
+    regularized_milestones: list[float] | None = None
+    """Shifted LR milestones for that arm, in all-reduce epochs; None keeps the milestones."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def model_names(self) -> list[str]:
+        """One model name per model."""
+        name = self.model.name
+        return list(name) if isinstance(name, list) else [name] * self.codistill.n_models
+
+    @property
+    def mode(self) -> str:
+        return "allreduce" if self.codistill.n_models == 1 else "codistill"
+
+
+CHOICES = {
+    "data.split": ("shared", "disjoint"),
+    "codistill.loss": ("kl", "mse", "ce"),
+    "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
+    "codistill.teacher_mode": ("eval", "train"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("goyal", "cosine", "constant"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+}
+ARMS = ("allreduce", "codistill", "codistill_regularized")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML file < `section.key=value` overrides, validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=0.2` -> ("optim.lr", 0.2); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"config key {key!r} must be section.key, e.g. optim.lr")
+    section = tree.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+    section[parts[1]] = value
+
+
+def from_dict(tree: dict) -> Config:
+    sections = {}
+    hints = typing.get_type_hints(Config)
+    known = {f.name for f in dataclasses.fields(Config)}
+    for name, value in tree.items():
+        if name not in known:
+            raise ConfigError(f"unknown config section {name!r}; allowed: {', '.join(sorted(known))}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        sections[name] = _build_section(name, hints[name], value)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {section}.{key}; allowed: {', '.join(allowed)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(key: str, tp, value):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(key, item_tp, v) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+    def positive(key, value, strict=True):
+        if value < 0 or (strict and value == 0):
+            raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+    c, d, o, s, t = cfg.codistill, cfg.data, cfg.optim, cfg.schedule, cfg.train
+    positive("codistill.n_models", c.n_models)
+    positive("codistill.exchange_every", c.exchange_every)
+    positive("codistill.temperature", c.temperature)
+    positive("codistill.alpha", c.alpha, strict=False)
+    positive("codistill.alpha_steps", c.alpha_steps, strict=False)
+    positive("data.batch_size", d.batch_size)
+    positive("data.eval_batch_size", d.eval_batch_size)
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if not 0 < d.fraction <= 1:
+        raise ConfigError(f"data.fraction must be in (0, 1], got {d.fraction}")
+    positive("optim.lr", o.lr)
+    positive("optim.momentum", o.momentum, strict=False)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
+    wds = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
+    for wd in wds:
+        positive("optim.weight_decay", wd, strict=False)
+    if isinstance(o.weight_decay, list) and len(o.weight_decay) != len(s.milestones) + 1:
+        raise ConfigError(
+            f"optim.weight_decay has {len(o.weight_decay)} stages but schedule.milestones "
+            f"{s.milestones} makes {len(s.milestones) + 1}; give one value per LR stage")
+    positive("schedule.warmup_epochs", s.warmup_epochs, strict=False)
+    positive("schedule.gamma", s.gamma)
+    positive("schedule.reference_batch", s.reference_batch)
+    if list(s.milestones) != sorted(s.milestones) or any(m <= 0 for m in s.milestones):
+        raise ConfigError(f"schedule.milestones must be increasing positive epochs, got {s.milestones}")
+    positive("train.epochs", t.epochs)
+    if t.steps is not None:
+        positive("train.steps", t.steps)
+    positive("train.eval_every", t.eval_every, strict=False)
+    positive("train.log_every", t.log_every)
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    positive("dist.nproc", cfg.dist.nproc)
+    positive("dist.threads", cfg.dist.threads)
+    positive("dist.timeout_s", cfg.dist.timeout_s)
+    if isinstance(cfg.model.name, list) and len(cfg.model.name) != c.n_models:
+        raise ConfigError(
+            f"model.name lists {len(cfg.model.name)} models but codistill.n_models is {c.n_models}")
+    for arm in cfg.compare.arms:
+        if arm not in ARMS:
+            raise ConfigError(f"compare.arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    _check_registries(cfg)
+
+
+def _check_registries(cfg: Config) -> None:
+    from . import data, models  # late import: the registries import torch
+
+    if cfg.data.name not in data.DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; allowed: {', '.join(sorted(data.DATASETS))}")
+    for name in cfg.model_names():
+        if name not in models.MODELS:
+            raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(sorted(models.MODELS))}")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """W = n_models x replicas; returns replicas."""
+    n = cfg.codistill.n_models
+    if world_size % n != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by codistill.n_models={n}; "
+            f"use a multiple of {n} workers")
+    return world_size // n
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and deriving
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy with `section__key=value` fields changed (used to derive comparison arms)."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        section, name = key.split("__")
+        tree[section][name] = value
+    return from_dict(tree)
+
+
+def describe() -> str:
+    """Every field with its default and docstring, for `codistill config --help`-style listings."""
+    import inspect
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        src = inspect.getsource(cls)
+        docs = _field_docs(src)
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _field_docs(source: str) -> dict[str, str]:
+    import ast
+
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())
+    return docs

@@ -1,0 +1,63 @@
+"""Per-model, per-replica minibatch indices, resumable at any step.
+
+Like `torch.utils.data.DistributedSampler` (seeded shuffle per epoch, disjoint shards per replica,
+tail dropped), but over an arbitrary index set and positioned by a step count, so a resumed run
+reads exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """Yields this replica's batches for one model, epoch after epoch, forever.
+
+    Epoch e shuffles `indices` with seed (seed, e); replica r takes rows r, r + R, ... of the
+    shuffled order, cut to a whole number of batches, so all replicas take the same number of steps.
+    """
+
+    def __init__(self, indices: torch.Tensor, batch_size: int, replicas: int, replica: int, seed: int):
+        self.indices, self.batch_size = indices, batch_size
+        self.replicas, self.replica, self.seed = replicas, replica, seed
+        self.steps_per_epoch = len(indices) // (replicas * batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(indices)} training examples are fewer than one step needs "
+                f"({replicas} replicas x batch {batch_size})")
+        self.start_step = 0
+
+    def set_start_step(self, step: int) -> None:
+        """Resume: the next batch yielded is the one for global step `step`."""
+        self.start_step = step
+
+    def epoch_batches(self, epoch: int) -> torch.Tensor:
+        """(steps_per_epoch, batch_size) indices of this replica for one epoch."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = self.indices[torch.randperm(len(self.indices), generator=g)]
+        mine = order[self.replica::self.replicas][: self.steps_per_epoch * self.batch_size]
+        return mine.view(self.steps_per_epoch, self.batch_size)
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            for batch in self.epoch_batches(epoch)[offset:]:
+                yield batch.tolist()
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # one epoch; the iterator itself never ends
+        return self.steps_per_epoch
+
+
+def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over index batches; in-memory datasets fetch each batch in one indexing op."""
+    batched = hasattr(dataset, "__getitems__") and hasattr(dataset, "inputs")
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=(lambda b: b) if batched else None)
+
+
+def eval_batches(indices: torch.Tensor, batch_size: int, replicas: int = 1, replica: int = 0) -> list[list[int]]:
+    """This replica's share of an evaluation set, in order, in batches (the last may be short)."""
+    mine = indices[replica::replicas]
+    return [mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)]

@@ -1,0 +1,112 @@
+"""Starting workers and the default process group.
+
+Two ways in:
+- under `torchrun` (one node or many): every process runs the command itself, and the environment
+  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) says who it is;
+- standalone (`--nproc N`): `spawn` starts N local processes that meet through a rendezvous file
+  in the run directory (no ports are opened for rendezvous).
+gloo on CPU, NCCL when CUDA is present (or as configured).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .errors import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def torchrun_world_size() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise UserError("dist.backend=nccl needs CUDA, and no GPU is visible; use gloo")
+    return backend
+
+
+def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float = 600.0,
+                     init_method: str | None = None, rank: int | None = None,
+                     world_size: int | None = None, local_rank: int | None = None) -> DistContext:
+    """Initialize the default process group (from torchrun's environment unless told otherwise)."""
+    if init_method is None:
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise UserError(f"not under torchrun (missing {', '.join(missing)}); launch with torchrun "
+                            "or pass --nproc N to start local workers")
+        init_method = "env://"
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = rank if local_rank is None else local_rank
+    backend = resolve_backend(backend)
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads)  # several workers per machine: one thread each by default
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _entry(local_rank: int, fn: Callable, nproc: int, init_file: str, args: tuple) -> None:
+    """Body of a spawned worker: user errors print one line (from rank 0) and exit 2."""
+    try:
+        fn(local_rank, nproc, f"file://{init_file}", *args)
+    except UserError as e:
+        if local_rank == 0:
+            print(f"codistill: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), threads: int = 1) -> None:
+    """Run fn(rank, world_size, init_method, *args) in `nproc` fresh local processes.
+
+    If any worker fails, the others are stopped; a worker's user error exits this process with 2.
+    """
+    init_file = Path(rendezvous_dir) / ".rendezvous"
+    init_file.unlink(missing_ok=True)  # a stale file from a crashed run would break the rendezvous
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        mp.start_processes(_entry, args=(fn, nproc, str(init_file), args), nprocs=nproc,
+                           start_method="spawn")
+    except mp.ProcessExitedException as e:
+        if e.exit_code == 2:
+            raise SystemExit(2) from None
+        raise UserError(f"worker {e.error_index} died (exit code {e.exit_code}); "
+                        "the run directory keeps what was written before") from None
+    finally:
+        init_file.unlink(missing_ok=True)

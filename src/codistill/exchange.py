@@ -1,0 +1,137 @@
+"""Teachers and the exchange that refreshes them.
+
+`Teachers` holds frozen copies of the other models: never wrapped in DDP, never trained, run without
+autograd. `Exchanger` moves every model's parameters AND buffers (BatchNorm statistics) to the
+workers of every other model, over the exchange group (the grid's column: the same replica index
+across models), so all workers of a model receive identical teachers.
+
+Every T steps, at the start of step s (s = 0, T, 2T, ...), each column broadcasts each model's state
+from that model's worker. With `delay` = 0 the transfer completes before step s runs (teachers hold
+the other models' state after exactly s updates). With `delay` = D > 0 the transfer runs in the
+background while training continues with the old teachers, and is swapped in at the start of step
+s + D: the teachers then are D steps stale, identically on every worker (the swap step is fixed, not
+"whenever it arrived", so runs stay reproducible). Step 0 is always synchronous.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .accounting import CommCounter
+from .flat import FlatState
+from .topology import Topology
+
+
+def freeze_as_teacher(module: nn.Module, mode: str = "eval") -> nn.Module:
+    """No gradients; eval mode, or train mode (batch statistics) that never updates its buffers."""
+    module.requires_grad_(False)
+    if mode == "eval":
+        return module.eval()
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False  # use batch statistics, leave the exchanged buffers alone
+    return module
+
+
+class Teachers:
+    """Stale copies of the other models, keyed by model index."""
+
+    def __init__(self, modules: dict[int, nn.Module], mode: str = "eval"):
+        self.modules = {j: freeze_as_teacher(m, mode) for j, m in sorted(modules.items())}
+        self.flats = {}
+        for j, m in self.modules.items():
+            self.flats[j] = FlatState(m)
+            self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
+        self.versions = {j: -1 for j in self.modules}  # source step of each teacher's weights
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each teacher's output on the student's own batch."""
+        return [m(x) for m in self.modules.values()]
+
+    def staleness(self, step: int) -> int:
+        """Steps since the oldest teacher's weights were current (0 right after an exchange)."""
+        return step - min(self.versions.values()) if self.versions else 0
+
+
+class Exchanger:
+    """Refreshes `teachers` from the other models every `every` steps."""
+
+    def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, every: int,
+                 delay: int = 0, counter: CommCounter | None = None):
+        if every <= 0:
+            raise ValueError(f"exchange period must be > 0, got {every}")
+        if not 0 <= delay <= every:
+            raise ValueError(f"exchange delay must be in [0, {every}], got {delay}")
+        self.model, self.teachers, self.topo = model, teachers, topo
+        self.every, self.delay = every, delay
+        self.counter = counter if counter is not None else CommCounter()
+        self.send = FlatState(model)
+        # Background transfers land in staging buffers, so the teachers in use stay untouched.
+        self.staging = {j: FlatState(m) for j, m in teachers.modules.items()} if delay else None
+        self._pending: tuple[int, list] | None = None  # (source step, async works)
+
+    def should_start(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def maybe_exchange(self, step: int) -> bool:
+        """Call at the start of every step; returns True when teachers changed."""
+        changed = False
+        if self._pending is not None and step >= self._pending[0] + self.delay:
+            self.finish()
+            changed = True
+        if self.should_start(step):
+            if self.delay == 0 or step == 0:
+                self.start(step, into=None)
+                self.finish()
+                changed = True
+            else:
+                self.start(step, into=self.staging)
+        return changed
+
+    def start(self, step: int, into: dict[int, FlatState] | None) -> None:
+        """Snapshot our model and launch the column's broadcasts (asynchronously)."""
+        self.send.pack(self.model)
+        grid, me, replica = self.topo.grid, self.topo.model_index, self.topo.replica_index
+        targets = into if into is not None else self.teachers.flats
+        works = []
+        for m in range(grid.n_models):
+            flat = self.send if m == me else targets[m]
+            for dtype in flat.buffers:
+                works.append(dist.broadcast(flat.buffers[dtype], src=grid.rank(m, replica),
+                                            group=self.topo.exchange_group, async_op=True))
+        received = sum(targets[j].nbytes for j in self.teachers.modules)
+        self.counter.add_exchange(sent=(grid.n_models - 1) * self.send.nbytes, received=received)
+        self._pending = (step, works)
+        self._into_staging = into is not None
+
+    def finish(self) -> None:
+        """Wait for the pending transfer and swap it into the teachers."""
+        if self._pending is None:
+            return
+        step, works = self._pending
+        for w in works:
+            w.wait()
+        if self._into_staging:
+            for j, flat in self.teachers.flats.items():
+                flat.copy_(self.staging[j])
+        for j in self.teachers.versions:
+            self.teachers.versions[j] = step
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        return {"versions": dict(self.teachers.versions),
+                "teachers": {j: {str(dt): b.clone() for dt, b in f.buffers.items()}
+                             for j, f in self.teachers.flats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for j, flat in self.teachers.flats.items():
+            for dt, buf in flat.buffers.items():
+                buf.copy_(state["teachers"][j][str(dt)])
+        self.teachers.versions.update({int(j): v for j, v in state["versions"].items()})

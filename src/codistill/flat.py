@@ -1,0 +1,70 @@
+"""A module's full state (parameters AND buffers) as one flat tensor per dtype.
+
+Packing once into preallocated buffers means an exchange costs one copy and one collective per
+dtype, whatever the number of parameter tensors. `bind` goes further for teachers: it makes the
+module's tensors *views* into the flat buffers, so receiving into the buffers updates the teacher
+with no copy at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and buffers in state_dict order (identical for two modules of one architecture)."""
+    return [(k, v) for k, v in module.state_dict(keep_vars=True).items()]
+
+
+class FlatState:
+    """Flat buffers, one per dtype, laid out like `module`'s state."""
+
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None):
+        self.names: list[str] = []
+        self.layout: list[tuple[torch.dtype, int, torch.Size]] = []  # (dtype, offset, shape)
+        sizes: dict[torch.dtype, int] = {}
+        for name, t in state_tensors(module):
+            offset = sizes.get(t.dtype, 0)
+            self.names.append(name)
+            self.layout.append((t.dtype, offset, t.shape))
+            sizes[t.dtype] = offset + t.numel()
+        first = next(iter(module.state_dict().values()), torch.empty(0))
+        device = device if device is not None else first.device
+        self.buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.buffers[dt][off:off + shape.numel()].view(shape) for dt, off, shape in self.layout]
+
+    def pack(self, module: nn.Module) -> None:
+        """Copy `module`'s state into the buffers."""
+        with torch.no_grad():
+            for view, (_, t) in zip(self.views(), state_tensors(module)):
+                view.copy_(t)
+
+    def unpack(self, module: nn.Module) -> None:
+        """Copy the buffers into `module`'s state."""
+        with torch.no_grad():
+            for view, (_, t) in zip(self.views(), state_tensors(module)):
+                t.copy_(view)
+
+    def bind(self, module: nn.Module) -> None:
+        """Make `module`'s parameters and buffers views into these buffers (values copied in first)."""
+        self.pack(module)
+        views = dict(zip(self.names, self.views()))
+        for mod_name, sub in module.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            for pname, p in list(sub._parameters.items()):
+                if p is not None:
+                    sub._parameters[pname] = nn.Parameter(views[prefix + pname], requires_grad=False)
+            for bname, b in list(sub._buffers.items()):
+                if b is not None and prefix + bname in views:
+                    sub._buffers[bname] = views[prefix + bname]
+
+    def copy_(self, other: "FlatState") -> None:
+        for dt, buf in self.buffers.items():
+            buf.copy_(other.buffers[dt])

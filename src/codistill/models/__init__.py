@@ -1,0 +1,6 @@
+"""Model registry. Families are imported explicitly here, one file each."""
+
+from . import small  # noqa: F401
+from .registry import MODELS, build_model, register_model
+
+__all__ = ["MODELS", "build_model", "register_model"]

@@ -1,0 +1,45 @@
+"""Plots read finished runs' metrics.jsonl files only; nothing here runs during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .run_log import read_jsonl  # noqa: E402
+
+CURVES = {
+    "train_loss.png": ("train/task_loss", "training loss (task)"),
+    "val_accuracy.png": ("val/accuracy", "validation accuracy"),
+    "param_distance.png": ("param_distance", "||theta_t - theta_0||"),
+}
+
+
+def series(metrics_file: Path, key: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in read_jsonl(metrics_file) if r.get(key) is not None]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def plot_compare(out: str | Path, arms: list[str], model: int = 0) -> list[Path]:
+    """One PNG per curve, one line per arm (model `model` of each arm)."""
+    out = Path(out)
+    written = []
+    for filename, (key, label) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm in arms:
+            path = out / arm / f"model_{model}" / "metrics.jsonl"
+            if path.is_file():
+                steps, values = series(path, key)
+                ax.plot(steps, values, label=arm, marker="." if len(steps) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+        written.append(out / filename)
+    return written

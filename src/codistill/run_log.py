@@ -1,0 +1,99 @@
+"""Run directory files: metrics.jsonl, TensorBoard events, config.yaml, summary.json.
+
+Only the first rank of each model group logs; on other ranks `RunLog(None)` is a no-op by design.
+Every metrics line is flushed as written, so a crash loses nothing already logged. Whole files
+(config, summary) are written atomically: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the run directory; refuse to touch a non-empty one unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory {path} already exists and is not empty; "
+                            "pass --overwrite to replace it or choose another --out")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunLog:
+    """metrics.jsonl plus TensorBoard scalars in `directory`; a no-op when `directory` is None."""
+
+    def __init__(self, directory: str | Path | None, tensorboard: bool = True):
+        self.directory = Path(directory) if directory is not None else None
+        self._file = self._tb = None
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.directory / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self._file is None:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

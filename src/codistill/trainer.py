@@ -1,0 +1,271 @@
+"""One trainer for every arm: all-reduce (n_models = 1), codistillation, independent (alpha = 0).
+
+Each worker trains its own model (DDP over its model group) and, when there are other models,
+distills toward stale teacher copies of them that the `Exchanger` refreshes every T steps. The loop
+is a sequence of named steps: maybe_exchange, train_step, maybe_log, maybe_eval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .accounting import CommCounter, counting_allreduce_hook
+from .config import Config, check_world_size, to_dict
+from .data import ShardBatchSampler, load_dataset, make_loader, make_splits, model_indices
+from .distributed import DistContext
+from .errors import UserError
+from .evaluation import evaluate, parameter_distance
+from .exchange import Exchanger, Teachers
+from .losses import codistillation_loss
+from .models import build_model
+from .recipe import build_optimizer, build_schedules
+from .run_log import RunLog, write_json
+from .schedules import apply_to_optimizer
+from .topology import build_topology
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite."""
+
+
+def every(step: int, period: int) -> bool:
+    """True on steps period, 2 * period, ... (step counts completed updates)."""
+    return period > 0 and step % period == 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: str | Path | None = None):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        check_world_size(cfg, ctx.world_size)
+        self.topo = topo = build_topology(cfg.codistill.n_models)
+        data = load_dataset(cfg.data.name, cfg.data.root)
+        self.splits = make_splits(data, cfg.data.val_fraction, cfg.data.fraction)
+        self.names = cfg.model_names()
+        self.seed = cfg.train.seed + topo.model_index
+
+        torch.manual_seed(self.seed)
+        self.model = self.build(self.names[topo.model_index])
+        self.initial = [p.detach().float().clone() for p in self.model.parameters()]
+        with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
+            teachers = {j: self.build(self.names[j]) for j in topo.peers()}
+        self.teachers = Teachers(teachers, cfg.codistill.teacher_mode)
+
+        self.counter = CommCounter()
+        self.ddp = self.wrap(self.model)
+        self.exchanger = (Exchanger(self.model, self.teachers, topo, cfg.codistill.exchange_every,
+                                    counter=self.counter) if topo.n_models > 1 else None)
+        self.optimizer = build_optimizer(self.model, cfg)
+
+        indices = model_indices(self.splits.train_indices, cfg.data.split, topo.model_index,
+                                topo.n_models, cfg.train.seed)
+        self.sampler = ShardBatchSampler(indices, cfg.data.batch_size, topo.replicas,
+                                         topo.replica_index, self.seed)
+        self.model_batch = cfg.data.batch_size * topo.replicas
+        self.schedules = build_schedules(cfg, self.sampler.steps_per_epoch, self.model_batch)
+        self.total_steps = self.schedules.total_steps
+        self.eval_every = cfg.train.eval_every or max(1, self.total_steps // 10)
+
+        leader_dir = self.run_dir / f"model_{topo.model_index}" if self.run_dir and topo.is_model_leader else None
+        self.log = RunLog(leader_dir)
+        self.step = 0
+        self._window = torch.zeros(5, dtype=torch.float64, device=self.device)  # task, distill, total, correct, n
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self.last_train: dict = {}
+        self.last_eval: dict = {}
+
+    # -- construction -------------------------------------------------------------------------
+
+    def build(self, name: str) -> nn.Module:
+        model = build_model(name, self.splits.num_classes, self.splits.input_shape, **self.cfg.model.options)
+        return model.to(self.device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica."""
+        if self.topo.replicas == 1:
+            return model
+        ddp = DDP(model, process_group=self.topo.model_group,
+                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ddp.register_comm_hook(self.topo.model_group, counting_allreduce_hook(self.counter))
+        return ddp
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), targets (N,)) for a batch; overridden by sequence tasks."""
+        x, y = batch
+        return module(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+
+    def teacher_logits(self, batch) -> list[torch.Tensor]:
+        x, _ = batch
+        return self.teachers.logits(x.to(self.device, non_blocking=True))
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One optimizer step of the codistillation objective at self.step."""
+        s, c = self.schedules, self.cfg.codistill
+        apply_to_optimizer(self.optimizer, self.step, s.lr, s.weight_decay)
+        alpha = s.alpha(self.step)
+        logits, targets = self.forward(self.ddp, batch)
+        # Teachers only cost compute when their term counts (alpha = 0: burn-in, independent runs).
+        teacher_logits = self.teacher_logits(batch) if alpha > 0 and len(self.teachers) else []
+        out = codistillation_loss(logits, teacher_logits, targets, alpha=alpha, kind=c.loss,
+                                  temperature=c.temperature, label_smoothing=self.cfg.train.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["total"].backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            n = float(targets.numel())
+            correct = (logits.argmax(-1) == targets).sum()
+            self._window += torch.stack([out["task"].detach() * n, out["distill"].detach() * n,
+                                         out["total"].detach() * n, correct.to(torch.float64),
+                                         torch.tensor(n, device=self.device)]).to(torch.float64)
+        self._window_steps += 1
+        self.step += 1
+        return out
+
+    def maybe_exchange(self) -> None:
+        if self.exchanger is not None:
+            self.exchanger.maybe_exchange(self.step)
+
+    def maybe_log(self) -> None:
+        if not (every(self.step, self.cfg.train.log_every) or self.step == self.total_steps):
+            return
+        window = self._window.clone()
+        if self.topo.replicas > 1:
+            dist.all_reduce(window, group=self.topo.model_group)
+        task, distill, total, correct, n = (window / window[4]).tolist()[:4] + [window[4].item()]
+        if not all(math.isfinite(v) for v in (task, distill, total)):
+            raise NonFiniteLossError(
+                f"non-finite loss (task {task}, distill {distill}) at step {self.step} in model "
+                f"{self.topo.model_index} (rank {self.topo.rank}); lower optim.lr or check the data")
+        elapsed = time.perf_counter() - self._window_start
+        s = self.schedules
+        self.last_train = {
+            "train/task_loss": task, "train/distill_loss": distill, "train/loss": total,
+            "train/accuracy": correct, "lr": s.lr(self.step - 1), "weight_decay": s.weight_decay(self.step - 1),
+            "alpha": s.alpha(self.step - 1),
+            "staleness": self.teachers.staleness(self.step - 1) if len(self.teachers) else 0,
+            "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
+            "samples_per_s": self._window_steps * self.model_batch / max(elapsed, 1e-9),
+            "param_distance": parameter_distance(self.model, self.initial),
+            "epoch": self.step / s.steps_per_epoch,
+        }
+        self.log.log(self.step, {"model": self.topo.model_index, **self.last_train})
+        self._window.zero_()
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def maybe_eval(self, force: bool = False) -> None:
+        if not (force or every(self.step, self.eval_every) or self.step == self.total_steps):
+            return
+        sp = self.splits
+        result = evaluate(self.model, sp.val, sp.val_indices, self.topo, self.cfg.data.eval_batch_size, self.device)
+        result["step"] = self.step
+        self.last_eval = result
+        mine = result["models"][self.topo.model_index]
+        self.log.log(self.step, {"model": self.topo.model_index, "val/loss": mine["loss"],
+                                 "val/accuracy": mine["accuracy"],
+                                 "val/ensemble_accuracy": result["ensemble"]["accuracy"],
+                                 "val/ensemble_loss": result["ensemble"]["loss"],
+                                 "val/disagreement": result["disagreement"]})
+
+    def fit(self) -> dict:
+        """Train to the end; returns the run summary (on every rank)."""
+        start = time.perf_counter()
+        self.sampler.set_start_step(self.step)
+        batches = iter(make_loader(self.splits.train, self.sampler))
+        bar = self._progress_bar()
+        try:
+            while self.step < self.total_steps:
+                self.maybe_exchange()
+                self.train_step(next(batches))
+                self.maybe_log()
+                self.maybe_eval()
+                if bar is not None:
+                    bar.update(1)
+                    if self.last_eval and every(self.step, self.cfg.train.log_every):
+                        bar.set_postfix(loss=f"{self.last_train['train/task_loss']:.3f}",
+                                        val_acc=f"{self.last_eval['models'][0]['accuracy']:.3f}")
+            if self.exchanger is not None:
+                self.exchanger.finish()
+            summary = self.summarize(time.perf_counter() - start)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        return summary
+
+    def _progress_bar(self):
+        if self.topo.rank != 0 or not self.cfg.train.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.mode} W={self.topo.grid.world_size}",
+                    unit="step", dynamic_ncols=True)
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def summarize(self, wall_seconds: float) -> dict:
+        sp = self.splits
+        if self.last_eval.get("step") != self.step:
+            self.maybe_eval(force=True)
+        val = self.last_eval
+        test = evaluate(self.model, sp.test, sp.test_indices, self.topo, self.cfg.data.eval_batch_size, self.device)
+        mine = {"index": self.topo.model_index, "name": self.names[self.topo.model_index],
+                "train_loss": self.last_train.get("train/task_loss"),
+                "train_accuracy": self.last_train.get("train/accuracy"),
+                "param_distance": parameter_distance(self.model, self.initial),
+                "counter": self.counter.as_dict()}
+        everyone = [None] * self.topo.grid.world_size
+        dist.all_gather_object(everyone, mine)
+        leaders = [everyone[self.topo.grid.rank(m, 0)] for m in range(self.topo.n_models)]
+        models = []
+        for m, info in enumerate(leaders):
+            models.append({"index": m, "name": info["name"],
+                           "val_accuracy": val["models"][m]["accuracy"], "val_loss": val["models"][m]["loss"],
+                           "test_accuracy": test["models"][m]["accuracy"], "test_loss": test["models"][m]["loss"],
+                           "train_loss": info["train_loss"], "train_accuracy": info["train_accuracy"],
+                           "param_distance": info["param_distance"]})
+        counters = [e["counter"] for e in everyone]
+        mean = lambda key: sum(c[key] for c in counters) / len(counters)  # noqa: E731
+        summary = {
+            "mode": self.cfg.mode, "n_models": self.topo.n_models, "world_size": self.topo.grid.world_size,
+            "replicas": self.topo.replicas, "steps": self.step, "steps_per_epoch": self.schedules.steps_per_epoch,
+            "epochs": self.step / self.schedules.steps_per_epoch, "model_batch": self.model_batch,
+            "exchange_every": self.cfg.codistill.exchange_every if self.topo.n_models > 1 else None,
+            "models": models,
+            "ensemble_val_accuracy": val["ensemble"]["accuracy"], "ensemble_val_loss": val["ensemble"]["loss"],
+            "ensemble_test_accuracy": test["ensemble"]["accuracy"],
+            "val_disagreement": val["disagreement"], "test_disagreement": test["disagreement"],
+            "bytes_per_worker": {"allreduce": mean("allreduce_sent"), "exchange": mean("exchange_sent"),
+                                 "exchange_received": mean("exchange_received")},
+            "exchanges": counters[0]["exchanges"],
+            "wall_seconds": wall_seconds,
+            "samples_per_s": self.step * self.model_batch * self.topo.n_models / max(wall_seconds, 1e-9),
+        }
+        if self.topo.rank == 0 and self.run_dir is not None:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def run_worker(rank: int, world_size: int, init_method: str | None, cfg: Config, run_dir: str | None) -> dict:
+    """Entry point of one worker (spawned locally, or called under torchrun with init_method None)."""
+    from .distributed import init_distributed, shutdown
+
+    d = cfg.dist
+    ctx = init_distributed(d.backend, d.threads, d.timeout_s, init_method=init_method,
+                           rank=rank if init_method else None, world_size=world_size if init_method else None)
+    try:
+        return Trainer(cfg, ctx, run_dir).fit()
+    finally:
+        shutdown()
+
+
+__all__ = ["Trainer", "run_worker", "NonFiniteLossError", "to_dict"]
