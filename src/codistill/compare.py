@@ -15,20 +15,22 @@ import json
 from pathlib import Path
 
 from .config import Config, check_world_size, replace
-from .data import load_dataset, make_splits, model_indices
 from .errors import ConfigError
 from .launch import train
 from .recipe import total_steps
 from .run_log import atomic_write_text, prepare_run_dir, write_json
+from .tasks import make_task
+from .topology import Grid, Topology
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
     """Steps for one model to pass over its training data (matches ShardBatchSampler)."""
-    n = cfg.codistill.n_models
-    replicas = check_world_size(cfg, world_size)
-    splits = make_splits(load_dataset(cfg.data.name, cfg.data.root), cfg.data.val_fraction, cfg.data.fraction)
-    count = len(model_indices(splits.train_indices, cfg.data.split, 0, n, cfg.train.seed))
-    return max(1, count // (replicas * cfg.data.batch_size))
+    import torch
+
+    check_world_size(cfg, world_size)
+    topo = Topology(Grid(world_size, cfg.codistill.n_models), rank=0, model_group=None, exchange_group=None)
+    _, steps = make_task(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
+    return steps
 
 
 def regularized_weight_decay(cfg: Config) -> list[float]:

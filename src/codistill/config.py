@@ -29,6 +29,8 @@ class DataConfig:
     """Minibatch per worker. A model's effective batch is batch_size x replicas."""
     eval_batch_size: int = 1000
     """Minibatch for evaluation."""
+    num_workers: int = 0
+    """DataLoader worker processes per training worker (decoding images from files needs some)."""
     split: str = "shared"
     """How models share the training set: `shared` (each model iterates over all of it with its own
     shuffling, as in the paper) or `disjoint` (model i gets its own 1/n of it, as in Anil et al.)."""
@@ -137,6 +139,22 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class TranslationConfig:
+    vocab_size: int = 8000
+    """Subword vocabulary size of the tokenizer trained on the training split (shared by both languages)."""
+    max_tokens: int = 4096
+    """Batch by token count: at most this many source + target tokens per worker batch."""
+    max_len: int = 128
+    """Sentences longer than this many subword tokens are dropped from training."""
+    beam: int = 1
+    """Beam size for BLEU decoding (1 = greedy)."""
+    bleu_sentences: int = 500
+    """Test sentences decoded for BLEU (0 = all)."""
+    reverse: bool = False
+    """Translate target -> source (e.g. Spanish -> English for the Bible corpus)."""
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "codistill_regularized"])
     """Arms run by `codistill compare`, in order."""
@@ -156,6 +174,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def model_names(self) -> list[str]:
@@ -313,6 +332,7 @@ def validate(cfg: Config) -> None:
     positive("codistill.alpha_steps", c.alpha_steps, strict=False)
     positive("data.batch_size", d.batch_size)
     positive("data.eval_batch_size", d.eval_batch_size)
+    positive("data.num_workers", d.num_workers, strict=False)
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not 0 < d.fraction <= 1:

@@ -21,6 +21,12 @@ def check_data(cfg: Config) -> None:
     load_dataset(cfg.data.name, cfg.data.root)
 
 
+def prepare_task(cfg: Config, run_dir: Path) -> None:
+    from .tasks import task_class
+
+    task_class(cfg).prepare(cfg, run_dir)
+
+
 def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None) -> dict:
     """Train one run into `out`; returns its summary (on the first worker under torchrun)."""
     if under_torchrun():
@@ -30,6 +36,7 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
     check_data(cfg)
     run_dir = prepare_run_dir(out, overwrite)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    prepare_task(cfg, run_dir)
     spawn(run_worker, world, run_dir, args=(cfg, str(run_dir)), threads=cfg.dist.threads)
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -46,6 +53,7 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool) -> dict:
                 check_data(cfg)
                 prepare_run_dir(out, overwrite)
                 atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+                prepare_task(cfg, out)
             except UserError as e:
                 error[0] = str(e)
         dist.broadcast_object_list(error, src=0)

@@ -18,16 +18,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .accounting import CommCounter, counting_allreduce_hook
 from .config import Config, check_world_size, to_dict
-from .data import ShardBatchSampler, load_dataset, make_loader, make_splits, model_indices
 from .distributed import DistContext
 from .errors import UserError
-from .evaluation import evaluate, parameter_distance
+from .evaluation import parameter_distance
 from .exchange import Exchanger, Teachers
 from .losses import codistillation_loss
-from .models import build_model
 from .recipe import build_optimizer, build_schedules
 from .run_log import RunLog, write_json
 from .schedules import apply_to_optimizer
+from .tasks import make_task
 from .topology import build_topology
 
 
@@ -46,16 +45,15 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         check_world_size(cfg, ctx.world_size)
         self.topo = topo = build_topology(cfg.codistill.n_models)
-        data = load_dataset(cfg.data.name, cfg.data.root)
-        self.splits = make_splits(data, cfg.data.val_fraction, cfg.data.fraction)
+        self.task = make_task(cfg, self.device, self.run_dir)
         self.names = cfg.model_names()
         self.seed = cfg.train.seed + topo.model_index
 
         torch.manual_seed(self.seed)
-        self.model = self.build(self.names[topo.model_index])
+        self.model = self.task.build_model(self.names[topo.model_index])
         self.initial = [p.detach().float().clone() for p in self.model.parameters()]
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
-            teachers = {j: self.build(self.names[j]) for j in topo.peers()}
+            teachers = {j: self.task.build_model(self.names[j]) for j in topo.peers()}
         self.teachers = Teachers(teachers, cfg.codistill.teacher_mode)
 
         self.counter = CommCounter()
@@ -64,12 +62,9 @@ class Trainer:
                                     counter=self.counter) if topo.n_models > 1 else None)
         self.optimizer = build_optimizer(self.model, cfg)
 
-        indices = model_indices(self.splits.train_indices, cfg.data.split, topo.model_index,
-                                topo.n_models, cfg.train.seed)
-        self.sampler = ShardBatchSampler(indices, cfg.data.batch_size, topo.replicas,
-                                         topo.replica_index, self.seed)
+        _, steps_per_epoch = self.task.train_batches(topo, self.seed)
         self.model_batch = cfg.data.batch_size * topo.replicas
-        self.schedules = build_schedules(cfg, self.sampler.steps_per_epoch, self.model_batch)
+        self.schedules = build_schedules(cfg, steps_per_epoch, self.model_batch)
         self.total_steps = self.schedules.total_steps
         self.eval_every = cfg.train.eval_every or max(1, self.total_steps // 10)
 
@@ -84,10 +79,6 @@ class Trainer:
 
     # -- construction -------------------------------------------------------------------------
 
-    def build(self, name: str) -> nn.Module:
-        model = build_model(name, self.splits.num_classes, self.splits.input_shape, **self.cfg.model.options)
-        return model.to(self.device)
-
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica."""
         if self.topo.replicas == 1:
@@ -99,31 +90,23 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, C), targets (N,)) for a batch; overridden by sequence tasks."""
-        x, y = batch
-        return module(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
-
-    def teacher_logits(self, batch) -> list[torch.Tensor]:
-        x, _ = batch
-        return self.teachers.logits(x.to(self.device, non_blocking=True))
-
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         """One optimizer step of the codistillation objective at self.step."""
         s, c = self.schedules, self.cfg.codistill
         apply_to_optimizer(self.optimizer, self.step, s.lr, s.weight_decay)
         alpha = s.alpha(self.step)
-        logits, targets = self.forward(self.ddp, batch)
+        logits, targets = self.task.forward(self.ddp, batch)
         # Teachers only cost compute when their term counts (alpha = 0: burn-in, independent runs).
-        teacher_logits = self.teacher_logits(batch) if alpha > 0 and len(self.teachers) else []
+        teacher_logits = self.task.teacher_logits(self.teachers, batch) if alpha > 0 and len(self.teachers) else []
         out = codistillation_loss(logits, teacher_logits, targets, alpha=alpha, kind=c.loss,
                                   temperature=c.temperature, label_smoothing=self.cfg.train.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         out["total"].backward()
         self.optimizer.step()
         with torch.no_grad():
-            n = float(targets.numel())
-            correct = (logits.argmax(-1) == targets).sum()
+            real = targets != -100  # padding positions of sequence tasks
+            n = float(real.sum())
+            correct = ((logits.argmax(-1) == targets) & real).sum()
             self._window += torch.stack([out["task"].detach() * n, out["distill"].detach() * n,
                                          out["total"].detach() * n, correct.to(torch.float64),
                                          torch.tensor(n, device=self.device)]).to(torch.float64)
@@ -165,13 +148,12 @@ class Trainer:
     def maybe_eval(self, force: bool = False) -> None:
         if not (force or every(self.step, self.eval_every) or self.step == self.total_steps):
             return
-        sp = self.splits
-        result = evaluate(self.model, sp.val, sp.val_indices, self.topo, self.cfg.data.eval_batch_size, self.device)
+        result = self.task.evaluate(self.model, "val", self.topo)
         result["step"] = self.step
         self.last_eval = result
         mine = result["models"][self.topo.model_index]
-        self.log.log(self.step, {"model": self.topo.model_index, "val/loss": mine["loss"],
-                                 "val/accuracy": mine["accuracy"],
+        self.log.log(self.step, {"model": self.topo.model_index,
+                                 **{f"val/{k}": v for k, v in mine.items()},
                                  "val/ensemble_accuracy": result["ensemble"]["accuracy"],
                                  "val/ensemble_loss": result["ensemble"]["loss"],
                                  "val/disagreement": result["disagreement"]})
@@ -179,8 +161,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end; returns the run summary (on every rank)."""
         start = time.perf_counter()
-        self.sampler.set_start_step(self.step)
-        batches = iter(make_loader(self.splits.train, self.sampler))
+        batches, _ = self.task.train_batches(self.topo, self.seed, start_step=self.step)
         bar = self._progress_bar()
         try:
             while self.step < self.total_steps:
@@ -213,11 +194,10 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------
 
     def summarize(self, wall_seconds: float) -> dict:
-        sp = self.splits
         if self.last_eval.get("step") != self.step:
             self.maybe_eval(force=True)
         val = self.last_eval
-        test = evaluate(self.model, sp.test, sp.test_indices, self.topo, self.cfg.data.eval_batch_size, self.device)
+        test = self.task.evaluate(self.model, "test", self.topo)
         mine = {"index": self.topo.model_index, "name": self.names[self.topo.model_index],
                 "train_loss": self.last_train.get("train/task_loss"),
                 "train_accuracy": self.last_train.get("train/accuracy"),
@@ -229,8 +209,8 @@ class Trainer:
         models = []
         for m, info in enumerate(leaders):
             models.append({"index": m, "name": info["name"],
-                           "val_accuracy": val["models"][m]["accuracy"], "val_loss": val["models"][m]["loss"],
-                           "test_accuracy": test["models"][m]["accuracy"], "test_loss": test["models"][m]["loss"],
+                           **{f"val_{k}": v for k, v in val["models"][m].items()},
+                           **{f"test_{k}": v for k, v in test["models"][m].items()},
                            "train_loss": info["train_loss"], "train_accuracy": info["train_accuracy"],
                            "param_distance": info["param_distance"]})
         counters = [e["counter"] for e in everyone]
