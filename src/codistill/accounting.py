@@ -4,7 +4,9 @@ Conventions (logical payload, independent of the backend's algorithm):
 - gradient all-reduce of M bytes among k workers: each sends (and receives) 2 (k-1)/k M, the ring
   all-reduce's cost (reduce-scatter + all-gather);
 - an exchange: each worker sends its model's state to each of the n-1 peers of its exchange group,
-  (n-1) x its state bytes, and receives every peer's state once.
+  (n-1) x its state bytes, and receives every peer's state once;
+- before an exchange, replica 0 of each model broadcasts its buffers (BatchNorm statistics) to the
+  other replicas, (replicas-1) x buffer bytes, counted on replica 0 as `buffer_sync_sent`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class CommCounter:
     allreduce_sent: float = 0.0
     exchange_sent: float = 0.0
     exchange_received: float = 0.0
+    buffer_sync_sent: float = 0.0
     allreduce_calls: int = 0
     exchanges: int = 0
 

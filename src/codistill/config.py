@@ -56,6 +56,9 @@ class CodistillConfig:
     """Number of models n. 1 is the all-reduce baseline: every worker trains one model."""
     exchange_every: int = 50
     """T: teachers are refreshed with the other models' weights every T optimizer steps."""
+    exchange_delay: int = 0
+    """0: teachers are refreshed synchronously at steps 0, T, 2T, ... D in 1..T: the transfer runs in
+    the background while training goes on, and the new teachers are swapped in D steps later."""
     loss: str = "kl"
     """Distillation loss D: `kl` (KL(teacher || student) at temperature tau, times tau^2),
     `mse` (between logits) or `ce` (cross-entropy to the teacher's soft targets, times tau^2)."""
@@ -303,6 +306,11 @@ def _coerce(key: str, tp, value):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -327,6 +335,10 @@ def validate(cfg: Config) -> None:
     c, d, o, s, t = cfg.codistill, cfg.data, cfg.optim, cfg.schedule, cfg.train
     positive("codistill.n_models", c.n_models)
     positive("codistill.exchange_every", c.exchange_every)
+    positive("codistill.exchange_delay", c.exchange_delay, strict=False)
+    if c.exchange_delay > c.exchange_every:
+        raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
+                          f"({c.exchange_every}), got {c.exchange_delay}")
     positive("codistill.temperature", c.temperature)
     positive("codistill.alpha", c.alpha, strict=False)
     positive("codistill.alpha_steps", c.alpha_steps, strict=False)

@@ -95,8 +95,27 @@ class Exchanger:
                 self.start(step, into=self.staging)
         return changed
 
+    def sync_buffers(self) -> None:
+        """Give every replica of our model replica 0's buffers before they are sent.
+
+        DDP keeps parameters identical but lets BatchNorm running statistics drift between replicas
+        until its next forward broadcasts them from the group's first rank; doing that broadcast
+        here, first, is what makes all workers of a model receive identical teachers.
+        """
+        if self.topo.replicas == 1:
+            return
+        src = self.topo.grid.rank(self.topo.model_index, 0)
+        buffers = [b for b in self.model.buffers()]
+        works = [dist.broadcast(b, src=src, group=self.topo.model_group, async_op=True) for b in buffers]
+        for w in works:
+            w.wait()
+        if self.topo.rank == src:
+            nbytes = sum(b.numel() * b.element_size() for b in buffers)
+            self.counter.buffer_sync_sent += (self.topo.replicas - 1) * nbytes
+
     def start(self, step: int, into: dict[int, FlatState] | None) -> None:
         """Snapshot our model and launch the column's broadcasts (asynchronously)."""
+        self.sync_buffers()
         self.send.pack(self.model)
         grid, me, replica = self.topo.grid, self.topo.model_index, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats

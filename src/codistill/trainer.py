@@ -58,7 +58,8 @@ class Trainer:
 
         self.counter = CommCounter()
         self.ddp = self.wrap(self.model)
-        self.exchanger = (Exchanger(self.model, self.teachers, topo, cfg.codistill.exchange_every,
+        c = cfg.codistill
+        self.exchanger = (Exchanger(self.model, self.teachers, topo, c.exchange_every, c.exchange_delay,
                                     counter=self.counter) if topo.n_models > 1 else None)
         self.optimizer = build_optimizer(self.model, cfg)
 
@@ -72,7 +73,7 @@ class Trainer:
         self.log = RunLog(leader_dir)
         self.step = 0
         self._window = torch.zeros(5, dtype=torch.float64, device=self.device)  # task, distill, total, correct, n
-        self._window_start = time.perf_counter()
+        self._window_start = self._t0 = time.perf_counter()
         self._window_steps = 0
         self.last_train: dict = {}
         self.last_eval: dict = {}
@@ -139,7 +140,7 @@ class Trainer:
             "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
             "samples_per_s": self._window_steps * self.model_batch / max(elapsed, 1e-9),
             "param_distance": parameter_distance(self.model, self.initial),
-            "epoch": self.step / s.steps_per_epoch,
+            "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
         }
         self.log.log(self.step, {"model": self.topo.model_index, **self.last_train})
         self._window.zero_()
@@ -156,7 +157,8 @@ class Trainer:
                                  **{f"val/{k}": v for k, v in mine.items()},
                                  "val/ensemble_accuracy": result["ensemble"]["accuracy"],
                                  "val/ensemble_loss": result["ensemble"]["loss"],
-                                 "val/disagreement": result["disagreement"]})
+                                 "val/disagreement": result["disagreement"],
+                                 "time": time.perf_counter() - self._t0})
 
     def fit(self) -> dict:
         """Train to the end; returns the run summary (on every rank)."""
