@@ -10,12 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from codistill.data import DATASETS, DatasetSplits, ShardBatchSampler, TensorData, balanced_split, load_dataset, \
-    make_loader, make_splits
-from codistill.data import cifar, imagefolder
+from codistill.data import (DATASETS, DatasetSplits, ShardBatchSampler, TensorData, balanced_split, cifar,
+                            imagefolder, load_dataset, make_loader, make_splits)
 from codistill.errors import DataError
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on shared cores, more threads than free cores make small convs ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 N_BATCH = 6  # images per CIFAR batch file
 
@@ -42,7 +50,8 @@ def write_cifar10(root: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> dict[s
 
 def write_cifar100(root: Path) -> dict[str, dict]:
     root.mkdir(parents=True, exist_ok=True)
-    batches = {"train": _cifar_dict(20, b"fine_labels", 100, seed=0), "test": _cifar_dict(8, b"fine_labels", 100, seed=1)}
+    batches = {"train": _cifar_dict(20, b"fine_labels", 100, seed=0),
+               "test": _cifar_dict(8, b"fine_labels", 100, seed=1)}
     for name, d in batches.items():
         d[b"coarse_labels"] = [v // 5 for v in d[b"fine_labels"]]
         (root / name).write_bytes(pickle.dumps(d))
@@ -86,7 +95,8 @@ def test_cifar100_loads_fine_labels(tmp_path):
     assert ds.num_classes == 100 and ds.input_shape == (3, 32, 32)
     assert ds.train_targets.tolist() == batches["train"][b"fine_labels"]
     x, y = ds.test.__getitems__([0, 1])
-    torch.testing.assert_close(x, _expected_images(batches["test"][b"data"][:2], cifar.CIFAR100_MEAN, cifar.CIFAR100_STD))
+    expected = _expected_images(batches["test"][b"data"][:2], cifar.CIFAR100_MEAN, cifar.CIFAR100_STD)
+    torch.testing.assert_close(x, expected)
     assert y.tolist() == batches["test"][b"fine_labels"][:2]
 
 
@@ -224,7 +234,8 @@ def test_imagefolder_loads(tmp_path, small_crops):
     assert x.dtype == torch.float32 and x.shape == (3, 16, 16) and y == 1
     x, y = ds.test[4]  # eval transform: a uniform image stays uniform, normalized per channel
     assert y == 2
-    expected = (torch.full((3,), 120 / 255) - torch.tensor(imagefolder.IMAGENET_MEAN)) / torch.tensor(imagefolder.IMAGENET_STD)
+    mean, std = torch.tensor(imagefolder.IMAGENET_MEAN), torch.tensor(imagefolder.IMAGENET_STD)
+    expected = (torch.full((3,), 120 / 255) - mean) / std
     torch.testing.assert_close(x, expected.view(3, 1, 1).expand(3, 16, 16), atol=1e-2, rtol=0)
 
 
