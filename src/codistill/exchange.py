@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import time
+
 from .accounting import CommCounter
 from .flat import FlatState
 from .topology import Topology
@@ -76,12 +78,20 @@ class Exchanger:
         # Background transfers land in staging buffers, so the teachers in use stay untouched.
         self.staging = {j: FlatState(m) for j, m in teachers.modules.items()} if delay else None
         self._pending: tuple[int, list] | None = None  # (source step, async works)
+        self.blocked_seconds = 0.0  # wall time this worker spent inside the exchange (stall)
 
     def should_start(self, step: int) -> bool:
         return step % self.every == 0
 
     def maybe_exchange(self, step: int) -> bool:
         """Call at the start of every step; returns True when teachers changed."""
+        t0 = time.perf_counter()
+        try:
+            return self._maybe_exchange(step)
+        finally:
+            self.blocked_seconds += time.perf_counter() - t0
+
+    def _maybe_exchange(self, step: int) -> bool:
         changed = False
         if self._pending is not None and step >= self._pending[0] + self.delay:
             self.finish()

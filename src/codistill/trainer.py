@@ -138,6 +138,7 @@ class Trainer:
             "alpha": s.alpha(self.step - 1),
             "staleness": self.teachers.staleness(self.step - 1) if len(self.teachers) else 0,
             "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
+            "exchange_blocked_s": self.exchanger.blocked_seconds if self.exchanger else 0.0,
             "samples_per_s": self._window_steps * self.model_batch / max(elapsed, 1e-9),
             "param_distance": parameter_distance(self.model, self.initial),
             "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
@@ -204,7 +205,8 @@ class Trainer:
                 "train_loss": self.last_train.get("train/task_loss"),
                 "train_accuracy": self.last_train.get("train/accuracy"),
                 "param_distance": parameter_distance(self.model, self.initial),
-                "counter": self.counter.as_dict()}
+                "counter": self.counter.as_dict(),
+                "blocked": self.exchanger.blocked_seconds if self.exchanger else 0.0}
         everyone = [None] * self.topo.grid.world_size
         dist.all_gather_object(everyone, mine)
         leaders = [everyone[self.topo.grid.rank(m, 0)] for m in range(self.topo.n_models)]
@@ -229,6 +231,7 @@ class Trainer:
             "bytes_per_worker": {"allreduce": mean("allreduce_sent"), "exchange": mean("exchange_sent"),
                                  "exchange_received": mean("exchange_received")},
             "exchanges": counters[0]["exchanges"],
+            "exchange_blocked_fraction": max(e["blocked"] for e in everyone) / max(wall_seconds, 1e-9),
             "wall_seconds": wall_seconds,
             "samples_per_s": self.step * self.model_batch * self.topo.n_models / max(wall_seconds, 1e-9),
         }

@@ -4,3 +4,4 @@ from . import cifar_resnet, small, torchvision_models  # noqa: F401
 from .registry import MODELS, build_model, register_model
 
 __all__ = ["MODELS", "build_model", "register_model"]
+from .. import translation  # noqa: E402,F401  (transformer presets; translation datasets and task)

@@ -62,7 +62,8 @@ class CifarResNet(nn.Module):
                  shortcut: str = "A", zero_init_residual: bool = False):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ConfigError(f"model.options.depth: a CIFAR ResNet has 6n + 2 layers (8, 20, 32, 56, ...), got {depth}")
+            raise ConfigError(f"model.options.depth: a CIFAR ResNet has 6n + 2 layers (8, 20, 32, 56, ...), "
+                              f"got {depth}")
         if shortcut not in ("A", "B"):
             raise ConfigError(f"model.options.shortcut: `A` (zero-padding) or `B` (projection), got {shortcut!r}")
         if width <= 0:

@@ -105,15 +105,22 @@ class Seq2SeqTransformer(nn.Module):
         memory = self.encoder(self._embed(src, table), src_key_padding_mask=src_pad)
         return memory, src_pad
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V). Padding sits after the tokens of each row, so the causal
-        mask alone keeps real positions from seeing it; padded positions' outputs are ignored."""
+    def decoder_states(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
+        """tgt_in (B, T) -> final decoder states (B, T, d). Padding sits after the tokens of each row,
+        so the causal mask alone keeps real positions from seeing it; padded outputs are ignored."""
         length = tgt_in.shape[1]
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=tgt_in.device), diagonal=1)
         table = self.embed if self.share_embeddings else self.tgt_embed
-        h = self.decoder(self._embed(tgt_in, table), memory, tgt_mask=causal, tgt_is_causal=True,
-                         memory_key_padding_mask=src_pad)
-        return F.linear(h, self.output_weight)
+        return self.decoder(self._embed(tgt_in, table), memory, tgt_mask=causal, tgt_is_causal=True,
+                            memory_key_padding_mask=src_pad)
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V)."""
+        return F.linear(self.decoder_states(tgt_in, memory, src_pad), self.output_weight)
+
+    def next_token_logits(self, prefix: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
+        """prefix (B, T) -> logits (B, V) of the token after it (only the last position is projected)."""
+        return F.linear(self.decoder_states(prefix, memory, src_pad)[:, -1], self.output_weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory, src_pad = self.encode(src)
@@ -124,21 +131,103 @@ class Seq2SeqTransformer(nn.Module):
 # Decoding
 
 
+class DecoderState:
+    """Incremental decoding: one new target token per step, attention keys and values cached.
+
+    Recomputing the whole prefix at every step costs O(L^2) decoder passes for L tokens; this
+    computes each position once, with the same weights and the same arithmetic as
+    `Seq2SeqTransformer.decode` in eval mode (no dropout). Rows can be reordered (beam search).
+    """
+
+    def __init__(self, model: Seq2SeqTransformer, memory: torch.Tensor, src_pad: torch.Tensor):
+        self.model, self.length = model, 0
+        self.layers = list(model.decoder.layers)
+        self.heads = self.layers[0].self_attn.num_heads
+        self.attend_src = ~src_pad[:, None, None, :]  # (B, 1, 1, S), True where a key may be attended
+        # Cross-attention keys and values depend on the source only: project them once.
+        self.memory_kv = [self._project(layer.multihead_attn, memory, 1, 3) for layer in self.layers]
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, H, L, d / H)."""
+        b, length, d = x.shape
+        return x.view(b, length, self.heads, d // self.heads).transpose(1, 2)
+
+    def _project(self, mha: nn.MultiheadAttention, x: torch.Tensor, first: int, last: int):
+        """Rows first..last-1 of q, k, v of `mha`'s packed input projection applied to x, split by heads."""
+        d = x.shape[-1]
+        w = mha.in_proj_weight[first * d:last * d]
+        b = mha.in_proj_bias[first * d:last * d] if mha.in_proj_bias is not None else None
+        return tuple(self._heads(t) for t in F.linear(x, w, b).chunk(last - first, dim=-1))
+
+    def _attention(self, mha: nn.MultiheadAttention, q, k, v, mask=None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, d / H)
+        return mha.out_proj(out.transpose(1, 2).flatten(2))
+
+    def _self_attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._project(layer.self_attn, x, 0, 3)
+        if self.self_kv[i] is not None:  # the new position attends to every earlier one and itself
+            k, v = torch.cat([self.self_kv[i][0], k], dim=2), torch.cat([self.self_kv[i][1], v], dim=2)
+        self.self_kv[i] = (k, v)
+        return self._attention(layer.self_attn, q, k, v)
+
+    def _cross_attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        (q,) = self._project(layer.multihead_attn, x, 0, 1)
+        k, v = self.memory_kv[i]
+        return self._attention(layer.multihead_attn, q, k, v, self.attend_src)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at the next position -> logits (B, V) of the token after them."""
+        m = self.model
+        table = m.embed if m.share_embeddings else m.tgt_embed
+        x = table(tokens.unsqueeze(1)) * math.sqrt(m.d_model)  # (B, 1, d)
+        if m.positions is not None:
+            x = x + m.positions.weight[self.length]
+        else:
+            x = x + sinusoids(self.length + 1, m.d_model, x.device, x.dtype)[-1]
+        for i, layer in enumerate(self.layers):
+            ff = lambda h: layer.linear2(layer.activation(layer.linear1(h)))  # noqa: E731
+            if layer.norm_first:
+                x = x + self._self_attention(i, layer, layer.norm1(x))
+                x = x + self._cross_attention(i, layer, layer.norm2(x))
+                x = x + ff(layer.norm3(x))
+            else:
+                x = layer.norm1(x + self._self_attention(i, layer, x))
+                x = layer.norm2(x + self._cross_attention(i, layer, x))
+                x = layer.norm3(x + ff(x))
+        if m.decoder.norm is not None:
+            x = m.decoder.norm(x)
+        self.length += 1
+        return F.linear(x[:, 0], m.output_weight)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (B',) of the batch, in that order (beam search's surviving hypotheses)."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
+        self.memory_kv = [(k[rows], v[rows]) for k, v in self.memory_kv]
+        self.attend_src = self.attend_src[rows]
+
+
+def _never(logits: torch.Tensor, *ids: int) -> torch.Tensor:
+    """Logits with the given tokens (padding, BOS) made impossible to generate."""
+    logits[:, list(ids)] = float("-inf")
+    return logits
+
+
 @torch.no_grad()
 def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int, max_len: int) -> torch.Tensor:
     """(B, S) sources -> (B, L) generated ids (no BOS; EOS then padding after a finished row)."""
-    memory, src_pad = model.encode(src)
+    state = DecoderState(model, *model.encode(src))
     batch = src.shape[0]
-    out = torch.full((batch, 1), bos, dtype=torch.long, device=src.device)
+    nxt = torch.full((batch,), bos, dtype=torch.long, device=src.device)
     done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    out = []
     for _ in range(max_len):
-        logits = model.decode(out, memory, src_pad)[:, -1]
-        nxt = logits.argmax(-1).masked_fill(done, model.pad_idx)
-        out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+        nxt = _never(state.step(nxt), model.pad_idx, bos).argmax(-1).masked_fill(done, model.pad_idx)
+        out.append(nxt)
         done |= nxt.eq(eos)
         if bool(done.all()):
             break
-    return out[:, 1:]
+    return torch.stack(out, dim=1)
 
 
 @torch.no_grad()
@@ -154,15 +243,14 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int
         return greedy_decode(model, src, bos, eos, max_len)
     batch, device, ninf = src.shape[0], src.device, float("-inf")
     memory, src_pad = model.encode(src)
-    memory = memory.repeat_interleave(beam, dim=0)  # (B * beam, S, d)
-    src_pad = src_pad.repeat_interleave(beam, dim=0)
+    state = DecoderState(model, memory.repeat_interleave(beam, dim=0), src_pad.repeat_interleave(beam, dim=0))
     tokens = torch.full((batch * beam, 1), bos, dtype=torch.long, device=device)
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = ninf  # the beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     closed = [False] * batch
     for step in range(1, max_len + 1):
-        logp = F.log_softmax(model.decode(tokens, memory, src_pad)[:, -1].float(), dim=-1)  # (B*beam, V)
+        logp = F.log_softmax(_never(state.step(tokens[:, -1]).float(), model.pad_idx, bos), dim=-1)  # (B*beam, V)
         vocab = logp.shape[-1]
         top, idx = (scores.view(-1, 1) + logp).view(batch, beam * vocab).topk(2 * beam, dim=-1)
         top, idx = top.tolist(), idx.tolist()
@@ -188,8 +276,9 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int
             new_tokens += [model.pad_idx] * (beam - kept)
         if all(closed):
             break
-        tokens = torch.cat([tokens[torch.tensor(rows, device=device)],
-                            torch.tensor(new_tokens, device=device).unsqueeze(1)], dim=1)
+        rows_t = torch.tensor(rows, device=device)
+        state.reorder(rows_t)
+        tokens = torch.cat([tokens[rows_t], torch.tensor(new_tokens, device=device).unsqueeze(1)], dim=1)
         scores = torch.tensor(new_scores, device=device)
     best = [max(f, key=lambda x: x[0])[1] if f else [eos] for f in finished]
     out = torch.full((batch, max(len(s) for s in best)), model.pad_idx, dtype=torch.long, device=device)

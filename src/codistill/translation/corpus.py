@@ -145,12 +145,35 @@ def load_parallel_text(root: str) -> ParallelCorpus:
     return ParallelCorpus(**splits)
 
 
+class TranslationDataset:
+    """A registered loader of a parallel corpus; `task` names the task that trains on it.
+
+    Reading `task` also registers that task (`codistill.translation.register_task`): this package
+    is imported by `codistill.models`, which `codistill.tasks` imports, so it can run while
+    `codistill.tasks` is only half imported, too early to register there; `tasks.task_class` reads
+    `task` before it looks the task up.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, root: str | None = None) -> ParallelCorpus:
+        return self.fn(root)
+
+    @property
+    def task(self) -> str:
+        from . import register_task
+
+        register_task()
+        return "translation"
+
+
 def _translation_dataset(name: str):
     """Register a loader of a parallel corpus under `name`, marked as a translation dataset."""
 
     def decorator(fn):
-        fn.task = "translation"
-        return register_dataset(name)(fn)
+        return register_dataset(name)(TranslationDataset(fn))
 
     return decorator
 

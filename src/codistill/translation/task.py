@@ -1,0 +1,316 @@
+"""`TranslationTask`: the trainer's Task interface (see `codistill.tasks`) for translation.
+
+- Data: a registered parallel corpus (`bible_en_es`, `parallel_text`), reversed with
+  `translation.reverse`, a seeded `data.fraction` of its training pairs, tokenized with the run's
+  shared tokenizer; training pairs longer than `translation.max_len` tokens are dropped.
+- Batches hold at most `translation.max_tokens` source + target tokens, padding included, per
+  worker. Sentences are sorted by length (ties broken by the model's seed) and cut into batches once;
+  each epoch shuffles the batches (seed, epoch) and deals them to the replicas, cut to a count all
+  replicas share. `data.split = disjoint` gives each model its own 1/n of the pairs.
+- forward / teacher_logits flatten (B, T) positions: logits (B*T, V), targets (B*T,) with padding
+  at -100, which `codistillation_loss` leaves out of both its terms. Label smoothing is
+  `train.label_smoothing`, applied by that loss.
+- evaluate: NLL per target token ("loss", without smoothing), token accuracy, perplexity, and on
+  the test split BLEU (sacrebleu, detokenized output of greedy or beam search on
+  `translation.bleu_sentences` sentences); the ensemble averages the models' probabilities.
+
+Batch size and the LR: the trainer's model batch is `data.batch_size x replicas`, used for linear
+LR scaling (`schedule.scale_lr`) and its samples/s. Translation batches by tokens, so either set
+`schedule.scale_lr: false`, or set `data.batch_size` to `translation.max_tokens`: the model batch
+then counts tokens (an upper bound) and `optim.lr` is the LR per `schedule.reference_batch` tokens.
+`data.val_fraction`, `data.eval_batch_size` and `data.num_workers` are not used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Config
+from ..data import load_dataset, model_indices
+from ..errors import ConfigError, DataError
+from ..models import build_model
+from ..models.transformer import beam_search
+from ..topology import Topology
+from .corpus import Bitext, ParallelCorpus
+from .tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+
+FRACTION_SEED = 1236  # fixed: the training subset must not move with the training seed
+IGNORE = -100  # target of padding positions (codistillation_loss's ignore_index)
+
+
+class Batch(NamedTuple):
+    src: torch.Tensor  # (B, S) source ids + EOS, padded
+    tgt_in: torch.Tensor  # (B, T) BOS + target ids, padded
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS, IGNORE at padding
+
+
+class Encoded(NamedTuple):
+    """A tokenized split: src[i] ends with EOS; tgt[i] has neither BOS nor EOS."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+
+    def lengths(self, i: int) -> tuple[int, int]:
+        """(source, decoder) lengths of pair i, as batched (tgt + BOS or EOS)."""
+        return len(self.src[i]), len(self.tgt[i]) + 1
+
+
+def collate(data: Encoded, indices: list[int], pad: int, bos: int, eos: int) -> Batch:
+    s_len = max(len(data.src[i]) for i in indices)
+    t_len = max(len(data.tgt[i]) for i in indices) + 1
+    src = torch.full((len(indices), s_len), pad, dtype=torch.long)
+    tgt_in = torch.full((len(indices), t_len), pad, dtype=torch.long)
+    tgt_out = torch.full((len(indices), t_len), IGNORE, dtype=torch.long)
+    for row, i in enumerate(indices):
+        s, t = data.src[i], data.tgt[i]
+        src[row, : len(s)] = torch.tensor(s)
+        tgt_in[row, : len(t) + 1] = torch.tensor([bos] + t)
+        tgt_out[row, : len(t) + 1] = torch.tensor(t + [eos])
+    return Batch(src, tgt_in, tgt_out)
+
+
+def token_batches(lengths: list[tuple[int, int]], indices: list[int], max_tokens: int,
+                  seed: int | None = None) -> list[list[int]]:
+    """Cut `indices`, sorted by (source, target) length, into batches of at most `max_tokens`
+    padded tokens: len(batch) x (longest source + longest target) <= max_tokens.
+
+    Ties in length are broken by a shuffle with `seed` (None keeps index order). A pair longer than
+    max_tokens on its own gets a batch of its own.
+    """
+    order = list(indices)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+    order.sort(key=lambda i: lengths[i])  # stable: the shuffle decides among equal lengths
+    batches, current, s_max, t_max = [], [], 0, 0
+    for i in order:
+        s, t = lengths[i]
+        s_new, t_new = max(s_max, s), max(t_max, t)
+        if current and (len(current) + 1) * (s_new + t_new) > max_tokens:
+            batches.append(current)
+            current, s_new, t_new = [], s, t
+        current.append(i)
+        s_max, t_max = s_new, t_new
+    if current:
+        batches.append(current)
+    return batches
+
+
+def max_output(source_length: int) -> int:
+    """Longest translation decoded for a source of this many tokens (fairseq's 1.2 x + 10)."""
+    return int(1.2 * source_length) + 10
+
+
+_TOKENIZERS: dict[tuple, bytes] = {}  # in-memory tokenizers of tasks built without a run directory
+
+
+def load_corpus(cfg: Config) -> ParallelCorpus:
+    """The configured corpus: direction and training fraction applied."""
+    corpus = load_dataset(cfg.data.name, cfg.data.root)
+    if not isinstance(corpus, ParallelCorpus):
+        raise ConfigError(f"data.name: {cfg.data.name!r} is not a parallel corpus")
+    if cfg.translation.reverse:
+        corpus = corpus.reversed()
+    if cfg.data.fraction < 1:
+        g = torch.Generator().manual_seed(FRACTION_SEED)
+        keep = torch.randperm(len(corpus.train), generator=g)[: max(1, round(cfg.data.fraction * len(corpus.train)))]
+        corpus = ParallelCorpus(corpus.train.select(sorted(keep.tolist())), corpus.valid, corpus.test)
+    return corpus
+
+
+def build_tokenizer(cfg: Config, corpus: ParallelCorpus | None = None) -> Tokenizer:
+    """Train the run's tokenizer on the training split, both languages together."""
+    corpus = corpus or load_corpus(cfg)
+    return Tokenizer(train_tokenizer(corpus.train.src + corpus.train.tgt, cfg.translation.vocab_size))
+
+
+class TranslationTask:
+    """Sequence-to-sequence translation from a registered parallel corpus."""
+
+    def __init__(self, cfg: Config, device: torch.device, run_dir=None):
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.corpus = load_corpus(cfg)
+        self.tokenizer = self._load_tokenizer()
+        t = cfg.translation
+        train = self.encode(self.corpus.train)
+        keep = [i for i in range(len(train.src))
+                if max(train.lengths(i)) <= t.max_len and sum(train.lengths(i)) <= t.max_tokens]
+        if not keep:
+            raise DataError(f"no training pair of {cfg.data.name!r} fits translation.max_len={t.max_len} "
+                            f"and translation.max_tokens={t.max_tokens}")
+        self.train = Encoded([train.src[i] for i in keep], [train.tgt[i] for i in keep])
+        self._encoded: dict[str, Encoded] = {}
+
+    # -- setup --------------------------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, cfg: Config, run_dir) -> None:
+        """Train the tokenizer into the run directory unless it is there (a resumed run keeps it)."""
+        path = Path(run_dir) / TOKENIZER_FILE
+        if not path.exists():
+            build_tokenizer(cfg).save(path)
+
+    def _load_tokenizer(self) -> Tokenizer:
+        if self.run_dir is not None and (Path(self.run_dir) / TOKENIZER_FILE).exists():
+            return Tokenizer.load(Path(self.run_dir) / TOKENIZER_FILE)
+        # No prepared file (tests, `codistill compare` sizing its arms): training is deterministic,
+        # so an in-memory copy equals the one `prepare` writes.
+        d = self.cfg.data
+        key = (d.name, d.root, d.fraction, self.cfg.translation.vocab_size)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = build_tokenizer(self.cfg, self.corpus).proto
+        return Tokenizer(_TOKENIZERS[key])
+
+    def encode(self, bitext: Bitext) -> Encoded:
+        eos = self.tokenizer.eos_id
+        return Encoded([s + [eos] for s in self.tokenizer.encode(bitext.src)], self.tokenizer.encode(bitext.tgt))
+
+    def encoded(self, split: str) -> Encoded:
+        """A held-out split ("val" or "test"), tokenized once."""
+        if split not in self._encoded:
+            self._encoded[split] = self.encode(self.corpus.split(split))
+        return self._encoded[split]
+
+    def build_model(self, name: str) -> nn.Module:
+        tok = self.tokenizer
+        return build_model(name, tok.vocab_size, (), pad_idx=tok.pad_id, **self.cfg.model.options).to(self.device)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
+        """(iterator of this worker's `Batch`es from global step `start_step` on, steps per epoch)."""
+        d = self.cfg.data
+        indices = model_indices(torch.arange(len(self.train.src)), d.split, topo.model_index, topo.n_models,
+                                self.cfg.train.seed).tolist()
+        lengths = [self.train.lengths(i) for i in range(len(self.train.src))]
+        batches = token_batches(lengths, indices, self.cfg.translation.max_tokens, seed)
+        steps = len(batches) // topo.replicas
+        if steps == 0:
+            raise DataError(f"{len(batches)} batches of translation.max_tokens="
+                            f"{self.cfg.translation.max_tokens} are fewer than the {topo.replicas} replicas")
+        return self._iterate(batches, steps, topo.replicas, topo.replica_index, seed, start_step), steps
+
+    def _iterate(self, batches, steps, replicas, replica, seed, start_step):
+        tok = self.tokenizer
+        epoch, offset = divmod(start_step, steps)
+        while True:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            mine = torch.randperm(len(batches), generator=g)[replica::replicas][:steps].tolist()
+            for j in mine[offset:]:
+                yield collate(self.train, batches[j], tok.pad_id, tok.bos_id, tok.eos_id)
+            epoch, offset = epoch + 1, 0
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return Batch(*(t.to(self.device, non_blocking=True) for t in batch))
+
+    def forward(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        src, tgt_in, tgt_out = self._to_device(batch)
+        logits = module(src, tgt_in)  # (B, T, V)
+        return logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1)
+
+    def teacher_logits(self, teachers, batch: Batch) -> list[torch.Tensor]:
+        src, tgt_in, _ = self._to_device(batch)
+        with torch.no_grad():
+            return [m(src, tgt_in).flatten(0, 1) for m in teachers.modules.values()]
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _shard(self, data: Encoded, indices: list[int], topo: Topology, lengths=None) -> list[list[int]]:
+        """This replica's share of `indices` (sorted by length, dealt round-robin), in token batches."""
+        lengths = lengths or [data.lengths(i) for i in range(len(data.src))]
+        order = sorted(indices, key=lambda i: lengths[i])
+        return token_batches(lengths, order[topo.replica_index::topo.replicas], self.cfg.translation.max_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
+        """Metrics of every model and the ensemble on the split; identical on all ranks.
+
+        As `codistill.evaluation.evaluate`: each column (one worker per model) scores the same shard
+        of sentences batch by batch; summing the models' probabilities over the column gives the
+        ensemble's, and gathering each model's per-token log-likelihood and prediction lets every
+        worker score every model; summing over the row covers the split.
+        """
+        data, n, tok = self.encoded(split), topo.n_models, self.tokenizer
+        stats = torch.zeros(2 * n + 4, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        for idx in self._shard(data, list(range(len(data.src))), topo):
+            src, tgt_in, tgt_out = self._to_device(collate(data, idx, tok.pad_id, tok.bos_id, tok.eos_id))
+            keep = tgt_out != IGNORE
+            y = tgt_out[keep]
+            logp = F.log_softmax(model(src, tgt_in)[keep].float(), dim=-1)  # (N, V)
+            own = torch.stack([logp.gather(1, y.unsqueeze(1)).squeeze(1), logp.argmax(-1).to(logp.dtype)])
+            if n > 1:
+                mean_p = logp.exp()
+                dist.all_reduce(mean_p, group=topo.exchange_group)
+                mean_p /= n
+                gathered = [torch.empty_like(own) for _ in range(n)]
+                dist.all_gather(gathered, own, group=topo.exchange_group)
+                every = torch.stack(gathered)  # (n, 2, N): per model, log p(target) and prediction
+            else:
+                mean_p, every = logp.exp(), own.unsqueeze(0)
+            preds = every[:, 1].long()  # (n, N)
+            for m in range(n):
+                stats[2 * m] -= every[m, 0].sum()
+                stats[2 * m + 1] += (preds[m] == y).sum()
+            stats[2 * n] -= mean_p.gather(1, y.unsqueeze(1)).clamp_min(1e-12).log().sum()
+            stats[2 * n + 1] += (mean_p.argmax(-1) == y).sum()
+            stats[2 * n + 2] += (preds != preds[:1]).any(0).sum()
+            stats[2 * n + 3] += len(y)
+        if topo.replicas > 1:
+            dist.all_reduce(stats, group=topo.model_group)
+        v = stats.cpu().tolist()
+        total = max(v[-1], 1.0)
+        models = [{"loss": v[2 * m] / total, "accuracy": v[2 * m + 1] / total,
+                   "perplexity": math.exp(min(v[2 * m] / total, 700.0))} for m in range(n)]
+        if split == "test":
+            for m, bleu in enumerate(self.bleu(model, topo)):
+                models[m]["bleu"] = bleu
+        model.train(was_training)
+        return {"models": models,
+                "ensemble": {"loss": v[2 * n] / total, "accuracy": v[2 * n + 1] / total},
+                "disagreement": v[2 * n + 2] / total, "count": int(v[-1])}
+
+    def translate(self, model: nn.Module, sentences: Encoded, indices: list[int], topo: Topology) -> dict[int, str]:
+        """{index: detokenized translation} of this replica's share of `indices`."""
+        tok, beam = self.tokenizer, self.cfg.translation.beam
+        # Budget each batch for its source and the longest output it may produce.
+        lengths = [(len(s), max_output(len(s))) for s in sentences.src]
+        out: dict[int, str] = {}
+        for idx in self._shard(sentences, indices, topo, lengths):
+            src = collate(sentences, idx, tok.pad_id, tok.bos_id, tok.eos_id).src.to(self.device)
+            max_len = max_output(src.shape[1])
+            hyps = beam_search(model, src, tok.bos_id, tok.eos_id, max_len, beam=beam)
+            rows = [row[: row.index(tok.eos_id)] if tok.eos_id in row else row for row in hyps.tolist()]
+            out.update(zip(idx, tok.decode(rows)))
+        return out
+
+    def bleu(self, model: nn.Module, topo: Topology) -> list[float]:
+        """Corpus BLEU of every model on the first `translation.bleu_sentences` test sentences."""
+        try:
+            import sacrebleu
+        except ImportError:
+            from ..errors import UserError
+
+            raise UserError("BLEU needs sacrebleu: pip install 'codistill[translation]'") from None
+        test, refs = self.encoded("test"), self.corpus.test.tgt
+        count = self.cfg.translation.bleu_sentences or len(refs)
+        indices = list(range(min(count, len(refs))))
+        mine = self.translate(model, test, indices, topo)
+        if topo.replicas > 1:  # every worker of this model gets all its translations
+            parts = [None] * topo.replicas
+            dist.all_gather_object(parts, mine, group=topo.model_group)
+            mine = {i: h for part in parts for i, h in part.items()}
+        score = sacrebleu.corpus_bleu([mine[i] for i in indices], [[refs[i] for i in indices]]).score
+        if topo.n_models == 1:
+            return [score]
+        scores = [None] * topo.n_models  # the column holds one worker of each model, in model order
+        dist.all_gather_object(scores, score, group=topo.exchange_group)
+        return scores
