@@ -163,7 +163,8 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end; returns the run summary (on every rank)."""
-        start = time.perf_counter()
+        dist.barrier()  # start the clocks together: setup skew is not training time or exchange stall
+        start = self._t0 = self._window_start = time.perf_counter()
         batches, _ = self.task.train_batches(self.topo, self.seed, start_step=self.step)
         bar = self._progress_bar()
         try:
