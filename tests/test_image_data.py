@@ -330,3 +330,17 @@ def test_make_splits_carves_test_when_missing_and_val_zero_uses_test():
     assert torch.bincount(ds.train_targets[sp.val_indices]).tolist() == [4, 4]  # 0.25 of the 16 left
     sp0 = make_splits(ds, val_fraction=0.0)
     assert torch.equal(sp0.val_indices, sp0.test_indices)
+
+
+def test_validation_carved_from_train_is_not_augmented(tmp_path):
+    from codistill.data import load_dataset, make_splits
+
+    write_cifar10(tmp_path)
+    splits = make_splits(load_dataset("cifar10", str(tmp_path)), val_fraction=0.2)
+    idx = splits.val_indices[:8].tolist()
+    first, _ = splits.val.__getitems__(idx)
+    second, _ = splits.val.__getitems__(idx)
+    assert torch.equal(first, second)  # deterministic: no random crop or flip
+    a, _ = splits.train.__getitems__(idx * 20)
+    b, _ = splits.train.__getitems__(idx * 20)
+    assert not torch.equal(a, b)  # the training view is augmented

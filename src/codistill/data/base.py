@@ -51,7 +51,8 @@ class DatasetSplits:
 
     `train_targets` lets the trainer carve class-balanced subsets (validation, data fraction)
     without loading inputs. `test` is None for datasets without an official test split (the trainer
-    then carves one).
+    then carves one). `train_eval` is the training set without augmentation: the validation split
+    carved from the training set reads it (None: the training set has no augmentation).
     """
 
     train: Dataset
@@ -59,3 +60,4 @@ class DatasetSplits:
     test: Dataset | None
     num_classes: int
     input_shape: tuple[int, ...]
+    train_eval: Dataset | None = None

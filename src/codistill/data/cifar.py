@@ -10,9 +10,7 @@ The files are pickles, and unpickling can run arbitrary code, so they are read w
 
 Training batches are augmented as in He et al. (2016): a random 32x32 crop of the image padded by
 4 zero pixels, and a random horizontal flip. The validation split is carved from the training set
-(`data.splits.make_splits` gives it the training dataset object), so it is augmented too: its
-metrics are noisier and slightly pessimistic, identically for every arm. `data.val_fraction=0`
-evaluates on the clean official test set instead.
+and reads it without augmentation (`DatasetSplits.train_eval`).
 """
 
 from __future__ import annotations
@@ -166,7 +164,8 @@ def _load_cifar(root: str | None, name: str, folder: str, train_files: list[str]
 
     train = TensorData(x_train, y_train, augment)
     test = TensorData(torch.from_numpy(x_test.copy()), torch.from_numpy(y_test), normalize)
-    return DatasetSplits(train, train.targets, test, num_classes, (3, 32, 32))
+    train_eval = TensorData(x_train, y_train, normalize)  # same tensors, no augmentation
+    return DatasetSplits(train, train.targets, test, num_classes, (3, 32, 32), train_eval)
 
 
 @register_dataset("cifar10")

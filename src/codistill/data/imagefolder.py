@@ -8,10 +8,8 @@ the dataset has no in-memory `inputs`, so `make_loader` uses the default per-exa
 collate. Train images get the standard ImageNet augmentation (RandomResizedCrop + horizontal flip);
 the `val/` folder (our test split) is resized and center-cropped.
 
-Limitation: `data.splits.make_splits` carves the validation split out of the *training* dataset
-object, so validation images carved from train/ are augmented like training images (random crops
-and flips): noisy, pessimistic metrics. For ImageNet set `data.val_fraction: 0`, which evaluates
-on the val/ folder with the eval transform during training (as the paper reports it).
+A validation split carved from train/ (`data.val_fraction` > 0) reads the same files with the eval
+transform. The paper reports ImageNet's val/ folder; `data.val_fraction: 0` evaluates on it.
 
 `IMAGE_SIZE` and `RESIZE_SIZE` set the crop and the eval resize (224 and 256 for ImageNet); change
 them before loading for smaller images.
@@ -19,6 +17,7 @@ them before loading for smaller images.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -69,4 +68,7 @@ def imagefolder(root: str | None) -> DatasetSplits:
         raise DataError(f"{root_path}: train/ and val/ have different class folders "
                         f"(only in one of them: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
     targets = torch.tensor(train.targets, dtype=torch.long)
-    return DatasetSplits(train, targets, test, len(train.classes), (3, IMAGE_SIZE, IMAGE_SIZE))
+    # The validation split carved from train/ must not be augmented: same files, eval transform.
+    train_eval = copy.copy(train)
+    train_eval.transform = eval_transform(IMAGE_SIZE, RESIZE_SIZE)
+    return DatasetSplits(train, targets, test, len(train.classes), (3, IMAGE_SIZE, IMAGE_SIZE), train_eval)

@@ -46,13 +46,13 @@ def make_splits(ds: DatasetSplits, val_fraction: float, fraction: float = 1.0,
     all_idx = torch.arange(len(ds.train_targets))
     if ds.test is None:
         test_idx, all_idx = balanced_split(ds.train_targets, test_fraction, SPLIT_SEED)
-        test = ds.train
+        test = ds.train_eval or ds.train
     else:
         test, test_idx = ds.test, torch.arange(len(ds.test))
     targets = ds.train_targets[all_idx]
     if val_fraction > 0:
         v, t = balanced_split(targets, val_fraction, SPLIT_SEED + 1)
-        val, val_idx, train_idx = ds.train, all_idx[v], all_idx[t]
+        val, val_idx, train_idx = ds.train_eval or ds.train, all_idx[v], all_idx[t]
     else:
         val, val_idx, train_idx = test, test_idx, all_idx
     if fraction < 1:
