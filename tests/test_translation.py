@@ -259,6 +259,21 @@ def test_beam_search_finds_at_least_the_greedy_likelihood():
     assert bool((_score(model, src, beam) >= _score(model, src, greedy) - 1e-4).all())
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decoding_a_sentence_does_not_depend_on_its_batch(beam):
+    from codistill.models.transformer import beam_search
+
+    model = _tiny(vocab=30).eval()
+    src = torch.randint(4, 30, (3, 8))
+    src[0, 3:] = 0  # a short sentence batched with longer ones
+    limits = torch.tensor([5, 12, 12])
+    together = beam_search(model, src, 2, 3, limits, beam=beam)
+    alone = beam_search(model, src[:1, :3], 2, 3, limits[:1], beam=beam)
+    assert together.shape[1] <= 12 and alone.shape[1] <= 5
+    width = alone.shape[1]
+    assert torch.equal(together[:1, :width], alone) and bool((together[0, width:] == 0).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # The task
 

@@ -1,8 +1,9 @@
-"""Command line: `codistill train | compare | config`."""
+"""Command line: `codistill train | compare | config | bench | reproduce`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -25,10 +26,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, help="start N local workers (ignored under torchrun)")
         p.add_argument("--out", help="run directory (default: runs/<command>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        if name == "train":
+            p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
+                           "(its own config.yaml; --config/--set/--out are not allowed)")
     p = sub.add_parser("config", help="print the resolved config, or every field with --describe")
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
+    p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
+    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "all"))
+    p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
+    p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
+    _add_reproduce(sub)
     return parser
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's findings as experiments: rows, plots, docs/results.md")
+    p.add_argument("names", nargs="*", metavar="NAME", help="F1 ... F7, Beyond, or all (none with --report)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny data and model, few steps, few variants")
+    p.add_argument("--out", help="results directory (default: results; runs/reproduce-quick with --quick)")
+    p.add_argument("--budget", type=float, default=1.0, help="multiply every epoch-valued setting (a reduced run)")
+    p.add_argument("--report", action="store_true", help="only redraw the plots and rewrite the report from the rows")
+    p.add_argument("--doc", help="report path (default: docs/results.md for --out results, else OUT/results.md)")
+
+
+def _reproduce(args) -> int:
+    from .experiments import reproduce
+
+    return reproduce(args.names, seeds=args.seeds, quick=args.quick, out=args.out, budget=args.budget,
+                     report=args.report, doc=args.doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +71,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.command == "reproduce":
+        return _reproduce(args)
+    if args.command == "bench":
+        from .bench import run_benchmarks
+
+        run_benchmarks(args.name, quick=args.quick, out=args.out)
+        return 0
     from . import config as config_mod
 
     if args.command == "config" and args.describe:
         print(config_mod.describe())
+        return 0
+    if getattr(args, "resume", None):
+        if args.config or args.overrides or args.out:
+            raise UserError("--resume continues a run with its own config.yaml; drop --config, --set and --out")
+        from .launch import resume_config, train
+
+        cfg, world = resume_config(args.resume)
+        summary = train(cfg, args.resume, nproc=world, resume=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: {summary['steps']} steps; run directory {args.resume}")
         return 0
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.command == "config":
@@ -60,7 +104,7 @@ def _run(args) -> int:
         from .launch import train
 
         summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
-        if summary:
+        if summary and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
             accs = ", ".join(f"{100 * m['val_accuracy']:.2f}%" for m in summary["models"])
             print(f"done: {summary['steps']} steps, val accuracy {accs}; run directory {out}")
         return 0

@@ -127,6 +127,11 @@ class TrainConfig:
     """Model i is initialized and shuffled with seed + i."""
     progress: bool = True
     """Show a progress bar on the first worker."""
+    checkpoint_every: int = 0
+    """Save the full run state every this many steps (0: only at the end)."""
+    nonfinite: str = "stop"
+    """On a NaN or infinite loss: `stop` (error naming step, model and rank; the last good checkpoint
+    stays) or `skip` (that update is skipped on every replica and counted)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("goyal", "cosine", "constant"),
     "dist.backend": ("auto", "gloo", "nccl"),
+    "train.nonfinite": ("stop", "skip"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized")
 
@@ -370,6 +376,7 @@ def validate(cfg: Config) -> None:
         positive("train.steps", t.steps)
     positive("train.eval_every", t.eval_every, strict=False)
     positive("train.log_every", t.log_every)
+    positive("train.checkpoint_every", t.checkpoint_every, strict=False)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     positive("dist.nproc", cfg.dist.nproc)

@@ -60,7 +60,6 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
         if missing:
             raise UserError(f"not under torchrun (missing {', '.join(missing)}); launch with torchrun "
                             "or pass --nproc N to start local workers")
-        init_method = "env://"
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
     local_rank = rank if local_rank is None else local_rank
@@ -72,9 +71,28 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
         device = torch.device("cpu")
         torch.set_num_threads(threads)  # several workers per machine: one thread each by default
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if init_method is None:
+            dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timeout)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this restart attempt.
+
+    After `torchrun --max-restarts` restarts the workers, the store still holds the gloo addresses
+    the dead attempt published; without a per-attempt prefix the new workers read those and fail
+    with "connectFullMesh ... Connection refused" (seen with torch 2.14).
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"codistill/attempt_{attempt}", store)
 
 
 def shutdown() -> None:

@@ -155,12 +155,33 @@ class Exchanger:
         self._pending = None
 
     def state_dict(self) -> dict:
-        return {"versions": dict(self.teachers.versions),
-                "teachers": {j: {str(dt): b.clone() for dt, b in f.buffers.items()}
-                             for j, f in self.teachers.flats.items()}}
+        """Teachers, their age, and a transfer still waiting to be swapped in (completed first)."""
+        state = {"versions": {str(j): v for j, v in self.teachers.versions.items()},
+                 "teachers": _flats_state(self.teachers.flats), "pending_step": -1}
+        if self._pending is not None:
+            step, works = self._pending
+            for w in works:
+                w.wait()
+            self._pending = (step, [])
+            state["pending_step"] = step
+            state["staging"] = _flats_state(self.staging) if self._into_staging else None
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        for j, flat in self.teachers.flats.items():
-            for dt, buf in flat.buffers.items():
-                buf.copy_(state["teachers"][j][str(dt)])
+        _load_flats(self.teachers.flats, state["teachers"])
         self.teachers.versions.update({int(j): v for j, v in state["versions"].items()})
+        if state["pending_step"] >= 0:
+            self._into_staging = state.get("staging") is not None
+            if self._into_staging:
+                _load_flats(self.staging, state["staging"])
+            self._pending = (state["pending_step"], [])
+
+
+def _flats_state(flats: dict[int, FlatState]) -> dict:
+    return {str(j): {str(dt): b.clone() for dt, b in f.buffers.items()} for j, f in flats.items()}
+
+
+def _load_flats(flats: dict[int, FlatState], state: dict) -> None:
+    for j, flat in flats.items():
+        for dt, buf in flat.buffers.items():
+            buf.copy_(state[str(j)][str(dt)])

@@ -7,7 +7,10 @@ is a sequence of named steps: maybe_exchange, train_step, maybe_log, maybe_eval.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,15 +19,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import checkpoint as ckpt
 from .accounting import CommCounter, counting_allreduce_hook
-from .config import Config, check_world_size, to_dict
+from .config import Config, check_world_size
 from .distributed import DistContext
 from .errors import UserError
 from .evaluation import parameter_distance
 from .exchange import Exchanger, Teachers
 from .losses import codistillation_loss
 from .recipe import build_optimizer, build_schedules
-from .run_log import RunLog, write_json
+from .run_log import RunLog, atomic_write_text, write_json
 from .schedules import apply_to_optimizer
 from .tasks import make_task
 from .topology import build_topology
@@ -34,14 +38,42 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite."""
 
 
+class PeerError(UserError):
+    """A peer stopped answering (timeout) or disconnected."""
+
+
+def peer_error(e: RuntimeError, rank: int, step: int, timeout_s: float) -> PeerError | None:
+    """A one-line error for collective failures caused by a hung or dead peer, else None."""
+    text = str(e).lower()
+    if "timed out" in text or "timeout" in text:
+        return PeerError(f"rank {rank} waited more than dist.timeout_s={timeout_s:g} s for its peers at step "
+                         f"{step}: a peer hung or died; the last checkpoint is kept")
+    if "connection closed" in text or "connection reset" in text or "broken pipe" in text:
+        return PeerError(f"rank {rank} lost its connection to a peer at step {step}: a peer died; "
+                         "the last checkpoint is kept")
+    return None
+
+
+def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
+    """CODISTILL_FAULT="kind@rank:step" (kind: raise, hang, kill, nan): fault injection for tests."""
+    if not spec:
+        return None
+    kind, _, where = spec.partition("@")
+    rank, _, step = where.partition(":")
+    if kind not in ("raise", "hang", "kill", "nan") or not rank.isdigit() or not step.isdigit():
+        raise UserError(f"CODISTILL_FAULT must be kind@rank:step with kind raise|hang|kill|nan, got {spec!r}")
+    return kind, int(rank), int(step)
+
+
 def every(step: int, period: int) -> bool:
     """True on steps period, 2 * period, ... (step counts completed updates)."""
     return period > 0 and step % period == 0
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, run_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: str | Path | None = None, resume: bool = False):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.fault = parse_fault(os.environ.get("CODISTILL_FAULT"))
         self.run_dir = Path(run_dir) if run_dir is not None else None
         check_world_size(cfg, ctx.world_size)
         self.topo = topo = build_topology(cfg.codistill.n_models)
@@ -69,14 +101,17 @@ class Trainer:
         self.total_steps = self.schedules.total_steps
         self.eval_every = cfg.train.eval_every or max(1, self.total_steps // 10)
 
-        leader_dir = self.run_dir / f"model_{topo.model_index}" if self.run_dir and topo.is_model_leader else None
-        self.log = RunLog(leader_dir)
         self.step = 0
+        self.skipped_steps = 0
         self._window = torch.zeros(5, dtype=torch.float64, device=self.device)  # task, distill, total, correct, n
         self._window_start = self._t0 = time.perf_counter()
         self._window_steps = 0
         self.last_train: dict = {}
         self.last_eval: dict = {}
+        self.leader_dir = self.run_dir / f"model_{topo.model_index}" if self.run_dir and topo.is_model_leader else None
+        if resume:
+            self.load_checkpoint()
+        self.log = RunLog(self.leader_dir)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -101,8 +136,16 @@ class Trainer:
         teacher_logits = self.task.teacher_logits(self.teachers, batch) if alpha > 0 and len(self.teachers) else []
         out = codistillation_loss(logits, teacher_logits, targets, alpha=alpha, kind=c.loss,
                                   temperature=c.temperature, label_smoothing=self.cfg.train.label_smoothing)
+        if self.fault and self.fault[0] == "nan" and self.fault[1:] == (self.topo.rank, self.step):
+            out["total"] = out["total"] * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         out["total"].backward()
+        if self.cfg.train.nonfinite == "skip" and not self._grads_finite():
+            # Gradients are averaged over the model group, so every replica skips together.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.step += 1
+            return out
         self.optimizer.step()
         with torch.no_grad():
             real = targets != -100  # padding positions of sequence tasks
@@ -115,6 +158,19 @@ class Trainer:
         self.step += 1
         return out
 
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+
+    def _inject_fault(self) -> None:
+        if not self.fault or self.fault[1:] != (self.topo.rank, self.step) or self.fault[0] == "nan":
+            return
+        if self.fault[0] == "raise":
+            raise RuntimeError(f"injected fault at step {self.step} on rank {self.topo.rank}")
+        if self.fault[0] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10**6)  # hang: peers must time out
+
     def maybe_exchange(self) -> None:
         if self.exchanger is not None:
             self.exchanger.maybe_exchange(self.step)
@@ -122,14 +178,7 @@ class Trainer:
     def maybe_log(self) -> None:
         if not (every(self.step, self.cfg.train.log_every) or self.step == self.total_steps):
             return
-        window = self._window.clone()
-        if self.topo.replicas > 1:
-            dist.all_reduce(window, group=self.topo.model_group)
-        task, distill, total, correct, n = (window / window[4]).tolist()[:4] + [window[4].item()]
-        if not all(math.isfinite(v) for v in (task, distill, total)):
-            raise NonFiniteLossError(
-                f"non-finite loss (task {task}, distill {distill}) at step {self.step} in model "
-                f"{self.topo.model_index} (rank {self.topo.rank}); lower optim.lr or check the data")
+        task, distill, total, correct = self._window_means()
         elapsed = time.perf_counter() - self._window_start
         s = self.schedules
         self.last_train = {
@@ -139,6 +188,7 @@ class Trainer:
             "staleness": self.teachers.staleness(self.step - 1) if len(self.teachers) else 0,
             "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
             "exchange_blocked_s": self.exchanger.blocked_seconds if self.exchanger else 0.0,
+            "skipped_steps": self.skipped_steps,
             "samples_per_s": self._window_steps * self.model_batch / max(elapsed, 1e-9),
             "param_distance": parameter_distance(self.model, self.initial),
             "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
@@ -146,6 +196,21 @@ class Trainer:
         self.log.log(self.step, {"model": self.topo.model_index, **self.last_train})
         self._window.zero_()
         self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def _window_means(self) -> list[float]:
+        """Mean task, distill, total loss and accuracy since the last log, over the model group;
+        raises NonFiniteLossError (before anything is logged or saved) if a loss is not finite."""
+        window = self._window.clone()
+        if self.topo.replicas > 1:
+            dist.all_reduce(window, group=self.topo.model_group)
+        means = (window[:4] / window[4].clamp_min(1)).tolist()
+        task, distill, total, _ = means
+        if not all(math.isfinite(v) for v in (task, distill, total)):
+            raise NonFiniteLossError(
+                f"non-finite loss (task {task}, distill {distill}) before step {self.step} in model "
+                f"{self.topo.model_index} (rank {self.topo.rank}); the last good checkpoint is kept "
+                "(train.nonfinite=skip skips such updates instead)")
+        return means
 
     def maybe_eval(self, force: bool = False) -> None:
         if not (force or every(self.step, self.eval_every) or self.step == self.total_steps):
@@ -163,6 +228,17 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end; returns the run summary (on every rank)."""
+        try:
+            return self._fit()
+        except RuntimeError as e:  # collectives fail this way when a peer hangs or dies
+            error = peer_error(e, self.topo.rank, self.step, self.cfg.dist.timeout_s)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            self.log.close()
+
+    def _fit(self) -> dict:
         dist.barrier()  # start the clocks together: setup skew is not training time or exchange stall
         start = self._t0 = self._window_start = time.perf_counter()
         batches, _ = self.task.train_batches(self.topo, self.seed, start_step=self.step)
@@ -173,6 +249,8 @@ class Trainer:
                 self.train_step(next(batches))
                 self.maybe_log()
                 self.maybe_eval()
+                self.maybe_checkpoint()
+                self._inject_fault()
                 if bar is not None:
                     bar.update(1)
                     if self.last_eval and every(self.step, self.cfg.train.log_every):
@@ -180,12 +258,10 @@ class Trainer:
                                         val_acc=f"{self.last_eval['models'][0]['accuracy']:.3f}")
             if self.exchanger is not None:
                 self.exchanger.finish()
-            summary = self.summarize(time.perf_counter() - start)
+            return self.summarize(time.perf_counter() - start)
         finally:
             if bar is not None:
                 bar.close()
-            self.log.close()
-        return summary
 
     def _progress_bar(self):
         if self.topo.rank != 0 or not self.cfg.train.progress:
@@ -194,6 +270,61 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.mode} W={self.topo.grid.world_size}",
                     unit="step", dynamic_ncols=True)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def maybe_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        if every(self.step, self.cfg.train.checkpoint_every) or self.step == self.total_steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Every file of this step, then the manifest; never a checkpoint of a diverged model."""
+        self._window_means()  # raises on a non-finite loss, so the last good checkpoint stays
+        directory = ckpt.step_dir(self.run_dir, self.step)
+        hashes = {}
+        if self.topo.is_model_leader:
+            state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "exchanger": self.exchanger.state_dict() if self.exchanger else {},
+                     "initial": self.initial}
+            name = f"model_{self.topo.model_index}.pt"
+            hashes[name] = ckpt.save_file(state, directory / name)
+        elif self.exchanger is not None:
+            self.exchanger.state_dict()  # completes a pending transfer, as on the leader
+        rank_state = {"rng": ckpt.rng_state(self.device), "counter": self.counter.as_dict(),
+                      "skipped_steps": self.skipped_steps, "window": self._window.cpu(),
+                      "window_steps": self._window_steps}
+        hashes[f"rank_{self.topo.rank}.pt"] = ckpt.save_file(rank_state, directory / f"rank_{self.topo.rank}.pt")
+        everyone = [None] * self.topo.grid.world_size
+        dist.all_gather_object(everyone, hashes)
+        if self.topo.rank == 0:
+            ckpt.commit(self.run_dir, self.step, {k: v for h in everyone for k, v in h.items()},
+                        self.topo.grid.world_size)
+        dist.barrier()
+
+    def load_checkpoint(self) -> None:
+        manifest = ckpt.read_latest(self.run_dir)
+        if manifest is None:
+            raise ckpt.CheckpointError(f"nothing to resume: {self.run_dir} has no checkpoint")
+        if manifest.get("world_size", self.topo.grid.world_size) != self.topo.grid.world_size:
+            raise ckpt.CheckpointError(f"checkpoint was written by {manifest['world_size']} workers, "
+                                       f"this run has {self.topo.grid.world_size}")
+        state = ckpt.load_entry(self.run_dir, manifest, f"model_{self.topo.model_index}.pt")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.exchanger is not None:
+            self.exchanger.load_state_dict(state["exchanger"])
+        self.initial = [t.to(self.device) for t in state["initial"]]
+        self.step = state["step"]
+        mine = ckpt.load_entry(self.run_dir, manifest, f"rank_{self.topo.rank}.pt")
+        ckpt.set_rng_state(mine["rng"], self.device)
+        self.counter.load(mine["counter"])
+        self.skipped_steps = mine["skipped_steps"]
+        self._window = mine["window"].to(self.device)
+        self._window_steps = mine["window_steps"]
+        if self.leader_dir is not None:  # drop what the interrupted run logged after the checkpoint
+            truncate_metrics(self.leader_dir / "metrics.jsonl", self.step)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -241,7 +372,14 @@ class Trainer:
         return summary
 
 
-def run_worker(rank: int, world_size: int, init_method: str | None, cfg: Config, run_dir: str | None) -> dict:
+def truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def run_worker(rank: int, world_size: int, init_method: str | None, cfg: Config, run_dir: str | None,
+               resume: bool = False) -> dict:
     """Entry point of one worker (spawned locally, or called under torchrun with init_method None)."""
     from .distributed import init_distributed, shutdown
 
@@ -249,9 +387,9 @@ def run_worker(rank: int, world_size: int, init_method: str | None, cfg: Config,
     ctx = init_distributed(d.backend, d.threads, d.timeout_s, init_method=init_method,
                            rank=rank if init_method else None, world_size=world_size if init_method else None)
     try:
-        return Trainer(cfg, ctx, run_dir).fit()
+        return Trainer(cfg, ctx, run_dir, resume=resume).fit()
     finally:
         shutdown()
 
 
-__all__ = ["Trainer", "run_worker", "NonFiniteLossError", "to_dict"]
+__all__ = ["Trainer", "run_worker", "NonFiniteLossError", "PeerError"]

@@ -53,8 +53,10 @@ class ShardBatchSampler(Sampler[list[int]]):
 def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0) -> DataLoader:
     """A DataLoader over index batches; in-memory datasets fetch each batch in one indexing op."""
     batched = hasattr(dataset, "__getitems__") and hasattr(dataset, "inputs")
+    # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run
+    # would see different dropout masks than the uninterrupted one.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      collate_fn=(lambda b: b) if batched else None)
+                      collate_fn=(lambda b: b) if batched else None, generator=torch.Generator())
 
 
 def eval_batches(indices: torch.Tensor, batch_size: int, replicas: int = 1, replica: int = 0) -> list[list[int]]:

@@ -213,31 +213,45 @@ def _never(logits: torch.Tensor, *ids: int) -> torch.Tensor:
     return logits
 
 
+def _limits(max_len: int | torch.Tensor, batch: int) -> list[int]:
+    """Per-sentence length limits: one int for all, or one per row (so that a sentence's output
+    does not depend on which other sentences share its batch)."""
+    if isinstance(max_len, torch.Tensor):
+        return [int(v) for v in max_len.tolist()]
+    return [int(max_len)] * batch
+
+
 @torch.no_grad()
-def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int, max_len: int) -> torch.Tensor:
-    """(B, S) sources -> (B, L) generated ids (no BOS; EOS then padding after a finished row)."""
+def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int,
+                  max_len: int | torch.Tensor) -> torch.Tensor:
+    """(B, S) sources -> (B, L) generated ids (no BOS; after EOS or the row's max_len: padding).
+
+    max_len: the longest output, for all rows or per row (B,).
+    """
     state = DecoderState(model, *model.encode(src))
-    batch = src.shape[0]
-    nxt = torch.full((batch,), bos, dtype=torch.long, device=src.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    batch, device = src.shape[0], src.device
+    limits = torch.tensor(_limits(max_len, batch), device=device)
+    nxt = torch.full((batch,), bos, dtype=torch.long, device=device)
+    done = limits.le(0)
     out = []
-    for _ in range(max_len):
+    for step in range(int(limits.max())):
         nxt = _never(state.step(nxt), model.pad_idx, bos).argmax(-1).masked_fill(done, model.pad_idx)
         out.append(nxt)
-        done |= nxt.eq(eos)
+        done |= nxt.eq(eos) | limits.le(step + 1)
         if bool(done.all()):
             break
-    return torch.stack(out, dim=1)
+    return torch.stack(out, dim=1) if out else torch.full((batch, 1), model.pad_idx, device=device)
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int, max_len: int,
-                beam: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
+def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int,
+                max_len: int | torch.Tensor, beam: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
     """(B, S) sources -> (B, L) best hypotheses by log-probability / length^length_penalty.
 
     Each step extends every live hypothesis by every token and keeps the `beam` best that do not
     end; those ending (EOS, or reaching max_len) are set aside. A sentence is done once it has
-    `beam` finished hypotheses (fairseq's stopping rule). beam = 1 is greedy decoding.
+    `beam` finished hypotheses (fairseq's stopping rule). beam = 1 is greedy decoding. max_len: the
+    longest output, for all sentences or per sentence (B,).
     """
     if beam <= 1:
         return greedy_decode(model, src, bos, eos, max_len)
@@ -248,8 +262,9 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = ninf  # the beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    closed = [False] * batch
-    for step in range(1, max_len + 1):
+    limits = _limits(max_len, batch)
+    closed = [limit <= 0 for limit in limits]
+    for step in range(1, max(limits) + 1):
         logp = F.log_softmax(_never(state.step(tokens[:, -1]).float(), model.pad_idx, bos), dim=-1)  # (B*beam, V)
         vocab = logp.shape[-1]
         top, idx = (scores.view(-1, 1) + logp).view(batch, beam * vocab).topk(2 * beam, dim=-1)
@@ -261,7 +276,7 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int
                 if closed[b] or s == ninf or kept == beam:
                     break
                 origin, token = divmod(i, vocab)
-                if token == eos or step == max_len:
+                if token == eos or step >= limits[b]:
                     seq = tokens[b * beam + origin, 1:].tolist() + [token]
                     finished[b].append((s / len(seq) ** length_penalty, seq))
                     closed[b] = len(finished[b]) >= beam

@@ -5,8 +5,9 @@
   shared tokenizer; training pairs longer than `translation.max_len` tokens are dropped.
 - Batches hold at most `translation.max_tokens` source + target tokens, padding included, per
   worker. Sentences are sorted by length (ties broken by the model's seed) and cut into batches once;
-  each epoch shuffles the batches (seed, epoch) and deals them to the replicas, cut to a count all
-  replicas share. `data.split = disjoint` gives each model its own 1/n of the pairs.
+  each epoch shuffles the batches (seed, epoch) and deals them to the replicas, cut to a count every
+  replica of every model shares (so all workers take the same steps). `data.split = disjoint` gives
+  each model its own 1/n of the pairs. Resuming at step s yields exactly the batches from step s on.
 - forward / teacher_logits flatten (B, T) positions: logits (B*T, V), targets (B*T,) with padding
   at -100, which `codistillation_loss` leaves out of both its terms. Label smoothing is
   `train.label_smoothing`, applied by that loss.
@@ -146,7 +147,9 @@ class TranslationTask:
             raise DataError(f"no training pair of {cfg.data.name!r} fits translation.max_len={t.max_len} "
                             f"and translation.max_tokens={t.max_tokens}")
         self.train = Encoded([train.src[i] for i in keep], [train.tgt[i] for i in keep])
+        self._lengths = [self.train.lengths(i) for i in range(len(self.train.src))]
         self._encoded: dict[str, Encoded] = {}
+        self._plans: dict[tuple, list[list[int]]] = {}
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -184,17 +187,28 @@ class TranslationTask:
 
     # -- training -----------------------------------------------------------------------------
 
+    def batch_plan(self, model: int, n_models: int, seed: int) -> list[list[int]]:
+        """Model `model`'s training batches (pair indices), fixed for the run; shuffled per epoch."""
+        key = (model, n_models, seed)
+        if key not in self._plans:
+            indices = model_indices(torch.arange(len(self.train.src)), self.cfg.data.split, model, n_models,
+                                    self.cfg.train.seed).tolist()
+            self._plans[key] = token_batches(self._lengths, indices, self.cfg.translation.max_tokens, seed)
+        return self._plans[key]
+
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
-        """(iterator of this worker's `Batch`es from global step `start_step` on, steps per epoch)."""
-        d = self.cfg.data
-        indices = model_indices(torch.arange(len(self.train.src)), d.split, topo.model_index, topo.n_models,
-                                self.cfg.train.seed).tolist()
-        lengths = [self.train.lengths(i) for i in range(len(self.train.src))]
-        batches = token_batches(lengths, indices, self.cfg.translation.max_tokens, seed)
-        steps = len(batches) // topo.replicas
+        """(iterator of this worker's `Batch`es from global step `start_step` on, steps per epoch).
+
+        `seed` is this model's (train.seed + model index, as the trainer passes it). Steps per epoch
+        is the smallest batch count of any model over the replicas: every model and every replica
+        then take the same number of steps (models' counts differ slightly, as their batches do).
+        """
+        counts = [len(self.batch_plan(m, topo.n_models, seed - topo.model_index + m)) for m in range(topo.n_models)]
+        steps = min(counts) // topo.replicas
         if steps == 0:
-            raise DataError(f"{len(batches)} batches of translation.max_tokens="
+            raise DataError(f"{min(counts)} batches of translation.max_tokens="
                             f"{self.cfg.translation.max_tokens} are fewer than the {topo.replicas} replicas")
+        batches = self.batch_plan(topo.model_index, topo.n_models, seed)
         return self._iterate(batches, steps, topo.replicas, topo.replica_index, seed, start_step), steps
 
     def _iterate(self, batches, steps, replicas, replica, seed, start_step):
@@ -286,8 +300,8 @@ class TranslationTask:
         out: dict[int, str] = {}
         for idx in self._shard(sentences, indices, topo, lengths):
             src = collate(sentences, idx, tok.pad_id, tok.bos_id, tok.eos_id).src.to(self.device)
-            max_len = max_output(src.shape[1])
-            hyps = beam_search(model, src, tok.bos_id, tok.eos_id, max_len, beam=beam)
+            limits = torch.tensor([max_output(len(sentences.src[i])) for i in idx])
+            hyps = beam_search(model, src, tok.bos_id, tok.eos_id, limits, beam=beam)
             rows = [row[: row.index(tok.eos_id)] if tok.eos_id in row else row for row in hyps.tolist()]
             out.update(zip(idx, tok.decode(rows)))
         return out

@@ -1,0 +1,55 @@
+"""Performance benchmarks: `codistill bench NAME [--quick] [--out DIR]` (docs/performance.md).
+
+    step_overhead  a codistillation step vs its floor (own step + (n-1) teacher forwards), one process
+    bytes          bytes per worker per step, all-reduce vs codistillation: counters beside formulas
+    slow_network   time to accuracy on two emulated machines joined by a shaped link (root, iproute2)
+    stall          fraction of training time blocked in the exchange, synchronous vs asynchronous
+
+Each prints a markdown table and writes `<name>.md` and `<name>.json` in the output directory.
+`--quick` runs a tiny version that checks the benchmark produces its table, not its speed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from .common import Result, write_result
+
+NAMES = ("step_overhead", "bytes", "slow_network", "stall")
+
+
+def _runner(name: str) -> Callable[..., Result]:
+    """The benchmark's run function (imported on demand: each pulls in different machinery)."""
+    if name == "step_overhead":
+        from .step_overhead import run
+
+        return lambda quick, out: run(quick)
+    if name == "bytes":
+        from .comm_bytes import run
+    elif name == "slow_network":
+        from .slow_network import run
+    elif name == "stall":
+        from .stall import run
+    else:
+        raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}, all")
+    return run
+
+
+def run_benchmarks(name: str, quick: bool = False, out: str | Path | None = None) -> list[Result]:
+    """Run one benchmark, or all of them in turn (`all`); print and save each table."""
+    names = list(NAMES) if name == "all" else [name]
+    out = Path(out) if out else Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    results = []
+    for n in names:
+        print(f"== bench {n}{' (quick)' if quick else ''}", flush=True)
+        result = _runner(n)(quick, out)
+        write_result(out, result)
+        print(result.markdown(), flush=True)
+        results.append(result)
+    print(f"wrote {', '.join(f'{r.name}.md' for r in results)} and .json in {out}", flush=True)
+    return results
+
+
+__all__ = ["NAMES", "Result", "run_benchmarks"]

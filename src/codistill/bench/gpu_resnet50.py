@@ -1,0 +1,255 @@
+"""ResNet-50 on GPU: images/s of an all-reduce worker vs a codistillation worker, and step efficiency.
+
+The prepared script for the ResNet-50 row of docs/performance.md, on CUDA with NCCL, channels_last
+and bf16 autocast (AMP), on synthetic ImageNet-shaped data (224x224, 1000 classes: the input
+pipeline is not what is measured):
+
+    python -m codistill.bench.gpu_resnet50 --doc docs/performance.md          # one GPU
+    torchrun --nproc-per-node 8 -m codistill.bench.gpu_resnet50 --doc docs/performance.md
+
+With W GPUs: the all-reduce worker is DDP over all W; the codistillation worker is DDP over its
+model group of W / n and runs the n - 1 teachers (`Teachers`: frozen, no autograd, eval mode) on
+its batch. With one GPU both groups have one worker, so the comparison is compute only. Timed
+variants, interleaved over repeats (medians):
+
+    allreduce         fwd + bwd + step, DDP over all W workers            -> images/s per worker
+    own               fwd + bwd + step, DDP over the model group          (floor, part 1)
+    teacher           one teacher's forward                               (floor, part 2)
+    codistill         own + teachers' logits + codistillation_loss        (the teachers on the same stream)
+    codistill_stream  the same with the teachers on their own CUDA stream (overlapping the student)
+
+    efficiency = (own + (n - 1) * teacher) / codistill                    (target >= 0.9)
+
+Without a GPU it prints why nothing was measured and exits with status 2; `--allow-cpu` runs the
+same code on CPU with gloo, in fp32, as a dry run of the script's logic (not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NO_GPU = ("gpu_resnet50: no CUDA device is visible. This benchmark measures ResNet-50 on a GPU (NCCL, "
+          "channels_last, bf16 autocast); nothing was measured, and the ResNet-50 row of docs/performance.md "
+          "stays 'to be measured'. Run it on a machine with a GPU (--allow-cpu: a dry run of the logic only).")
+BEGIN, END = "<!-- gpu-resnet50:begin -->", "<!-- gpu-resnet50:end -->"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m codistill.bench.gpu_resnet50", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=128, help="images per GPU")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--n-models", type=int, default=2, help="n: codistilled models (teachers = n - 1)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--iters", type=int, default=10, help="steps per timed block")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", default="runs/bench-gpu-resnet50", help="directory for gpu_resnet50.md/.json")
+    p.add_argument("--doc", help="replace the ResNet-50 section of this markdown file (between its markers)")
+    p.add_argument("--allow-cpu", action="store_true", help="dry run on CPU with gloo (not a measurement)")
+    return p.parse_args(argv)
+
+
+def init(cpu: bool):
+    """(rank, world, device): torchrun's environment, or one process on its own."""
+    import torch
+    import torch.distributed as dist
+
+    backend = "gloo" if cpu else "nccl"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rendezvous = Path(tempfile.mkdtemp(prefix="gpu_resnet50_")) / "rendezvous"
+        dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1)
+        local = 0
+    if cpu:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def model_group(n: int, world: int, rank: int):
+    """This rank's row of the grid (rank = model * replicas + replica); the whole world if W < n."""
+    import torch.distributed as dist
+
+    if world < n or world % n:
+        return None, 1
+    replicas = world // n
+    mine = None
+    for m in range(n):
+        g = dist.new_group(list(range(m * replicas, (m + 1) * replicas)))
+        if m == rank // replicas:
+            mine = g
+    return mine, replicas
+
+
+def measure(args, rank: int, world: int, device) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ..config import load_config
+    from ..exchange import Teachers
+    from ..losses import codistillation_loss
+    from ..models import build_model
+    from ..recipe import build_optimizer
+
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    shape = (3, args.image_size, args.image_size)
+    cfg = load_config(None, [])
+    n = args.n_models
+
+    def student():
+        m = build_model(args.model, args.classes, shape).to(device).to(memory_format=fmt)
+        return m
+
+    torch.manual_seed(rank)
+    ids = [device.index] if cuda else None
+    allreduce_net = student()
+    allreduce = DDP(allreduce_net, device_ids=ids)  # the all-reduce worker: DDP over all W
+    group, replicas = model_group(n, world, rank)
+    own_net = student()
+    own = DDP(own_net, device_ids=ids, process_group=group)
+    opt_ar, opt_own = build_optimizer(allreduce_net, cfg), build_optimizer(own_net, cfg)
+    for opt in (opt_ar, opt_own):
+        for g in opt.param_groups:
+            g["lr"], g["weight_decay"] = 1e-3, 1e-4
+    # Teachers as the trainer holds them: bound to flat (NCHW) buffers that the exchange fills.
+    teachers = Teachers({j: build_model(args.model, args.classes, shape).to(device) for j in range(1, n)}, "eval")
+    one_teacher = next(iter(teachers.modules.values()))
+    x = torch.randn(args.batch, *shape, device=device).to(memory_format=fmt)
+    y = torch.randint(args.classes, (args.batch,), device=device)
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def step(ddp, opt, teacher_logits=None):
+        with amp():
+            logits = ddp(x)
+        t = teacher_logits() if teacher_logits else []
+        out = codistillation_loss(logits.float(), [z.float() for z in t], y, alpha=1.0)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+
+    def teachers_same_stream():
+        with amp():
+            return teachers.logits(x)
+
+    def codistill_stream():
+        side.wait_stream(torch.cuda.current_stream())  # x and the teachers' weights are ready
+        with torch.cuda.stream(side), amp():
+            t = teachers.logits(x)
+        with amp():
+            logits = own(x)
+        torch.cuda.current_stream().wait_stream(side)
+        for z in t:
+            z.record_stream(torch.cuda.current_stream())
+        out = codistillation_loss(logits.float(), [z.float() for z in t], y, alpha=1.0)
+        opt_own.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt_own.step()
+
+    def teacher_forward():
+        with torch.no_grad(), amp():
+            one_teacher(x)
+
+    fns = {"allreduce": lambda: step(allreduce, opt_ar), "own": lambda: step(own, opt_own),
+           "teacher": teacher_forward, "codistill": lambda: step(own, opt_own, teachers_same_stream)}
+    if cuda:
+        fns["codistill_stream"] = codistill_stream
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
+    names = list(fns)
+    times = {k: [] for k in names}
+    for r in range(args.repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            dist.barrier()  # every rank times the same variant together (DDP variants communicate)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                fns[k]()
+            sync()
+            times[k].append((time.perf_counter() - t0) / args.iters)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    eff = sorted((times["own"][r] + (n - 1) * times["teacher"][r]) / times["codistill"][r]
+                 for r in range(args.repeats))[args.repeats // 2]
+    best = min(med["codistill"], med.get("codistill_stream", float("inf")))
+    return {"world": world, "n_models": n, "replicas": replicas, "batch": args.batch, "model": args.model,
+            "median_s": med, "efficiency": eff,
+            "efficiency_stream": (med["own"] + (n - 1) * med["teacher"]) / best,
+            "images_per_s": {k: args.batch / v for k, v in med.items() if k != "teacher"},
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu (dry run)", "torch": torch.__version__}
+
+
+def markdown(r: dict) -> str:
+    ips = r["images_per_s"]
+    head = ("| model | device | W | n x workers | batch/GPU | all-reduce img/s/worker | codistill img/s/worker "
+            "(same stream / own stream) | own step (ms) | teacher fwd (ms) | codistill step (ms) | efficiency |")
+    m = r["median_s"]
+    stream = f"{ips['codistill_stream']:.0f}" if "codistill_stream" in ips else "-"
+    row = (f"| {r['model']} | {r['device']} | {r['world']} | {r['n_models']} x {r['replicas']} | {r['batch']} | "
+           f"{ips['allreduce']:.0f} | {ips['codistill']:.0f} / {stream} | {1e3 * m['own']:.1f} | "
+           f"{1e3 * m['teacher']:.1f} | {1e3 * m['codistill']:.1f} | {r['efficiency']:.3f} |")
+    return "\n".join([head, "|" + "---|" * 11, row]) + (
+        f"\n\ntorch {r['torch']}, {'channels_last, bf16 autocast, NCCL' if r['device'] != 'cpu (dry run)' else
+                                 'CPU dry run: fp32, gloo, NOT a measurement'}; efficiency = (own + (n-1) teacher) / "
+        f"codistill step, median over interleaved repeats; with the teachers on their own stream: "
+        f"{r['efficiency_stream']:.3f}.\n")
+
+
+def update_doc(path: Path, text: str) -> None:
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"gpu_resnet50: {path} has no {BEGIN} ... {END} section to replace")
+    new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}{END}", doc, flags=re.S)
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print(NO_GPU, file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    rank, world, device = init(cpu=not torch.cuda.is_available())
+    try:
+        result = measure(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        text = markdown(result)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_resnet50.md").write_text(text)
+        (out / "gpu_resnet50.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(text)
+        if args.doc and device.type == "cuda":  # a dry run never writes into the doc
+            update_doc(Path(args.doc), text)
+            print(f"updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

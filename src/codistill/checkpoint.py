@@ -1,0 +1,115 @@
+"""Checkpoints: the full run state, written atomically with checksums, loaded without unpickling code.
+
+Layout in the run directory:
+
+    checkpoints/step_000100/model_0.pt   model, optimizer, teachers + their age, initial parameters
+                                         (written by the first rank of model group 0, and so on)
+    checkpoints/step_000100/rank_3.pt    that rank's RNG states and byte counters
+    checkpoints/latest.json              {"step": 100, "dir": "step_000100", "sha256": {file: hex}}
+
+Files are written to a temporary name, fsynced and renamed; `latest.json` is replaced only after
+every file of the step is complete, so a crash at any point leaves the previous checkpoint intact.
+Loading verifies each file's SHA-256 and uses `torch.load(weights_only=True)`, which refuses
+anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .run_log import atomic_write_text
+
+KEEP = 2  # checkpoints kept on disk; older ones are removed once a newer one is complete
+
+
+class CheckpointError(UserError):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_file(obj, path: Path) -> str:
+    """torch.save atomically; returns the SHA-256 of the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_file(path: Path, expected_sha256: str | None = None):
+    """Verify and load one checkpoint file (tensors and plain containers only)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise CheckpointError(f"checkpoint file {path} is corrupt (SHA-256 mismatch)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
+        raise CheckpointError(f"cannot load checkpoint file {path}: {str(e).splitlines()[0]}") from None
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / "checkpoints" / f"step_{step:06d}"
+
+
+def read_latest(run_dir: Path) -> dict | None:
+    """The manifest of the newest complete checkpoint, or None if the run has none."""
+    path = run_dir / "checkpoints" / "latest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["step"], manifest["dir"], manifest["sha256"]  # noqa: B018 - required keys
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt") from None
+    return manifest
+
+
+def commit(run_dir: Path, step: int, hashes: dict[str, str], world_size: int) -> None:
+    """Publish a complete checkpoint (after every file is written) and prune old ones."""
+    manifest = {"step": step, "dir": step_dir(run_dir, step).name, "world_size": world_size, "sha256": hashes}
+    atomic_write_text(run_dir / "checkpoints" / "latest.json", json.dumps(manifest, indent=2) + "\n")
+    dirs = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    for old in dirs[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_entry(run_dir: Path, manifest: dict, name: str):
+    if name not in manifest["sha256"]:
+        raise CheckpointError(f"checkpoint {manifest['dir']} has no {name} "
+                              "(was it written by a different number of workers or models?)")
+    return load_file(run_dir / "checkpoints" / manifest["dir"] / name, manifest["sha256"][name])
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,128 @@
+"""One PNG per experiment, drawn from its result rows only (F1's curves are stored in its rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .results import METRICS, aggregate  # noqa: E402
+from .suite import Experiment  # noqa: E402
+
+CURVE_PANELS = (("train/task_loss", "training loss (task)"), ("val/accuracy", "validation accuracy"),
+                ("param_distance", "||theta_t - theta_0||"))
+
+
+def plot_experiment(experiment: Experiment, rows: list[dict], path: str | Path) -> Path | None:
+    """Writes `path` and returns it; None when there are no rows to draw."""
+    if not rows:
+        return None
+    draw = {"curves": _curves, "lines": _lines, "bars": _bars}[experiment.plot]
+    fig = draw(experiment, rows)
+    fig.suptitle(f"{experiment.name}: {experiment.title}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _order(experiment: Experiment, names) -> list[str]:
+    known = [v.name for v in experiment.variants]
+    return [n for n in known if n in names] + sorted(n for n in names if n not in known)
+
+
+def _bars_on(ax, experiment: Experiment, rows: list[dict], metric: str) -> None:
+    stats = aggregate(rows, metric)
+    names = _order(experiment, stats)
+    means = [stats[n].mean for n in names]
+    errs = [stats[n].std or 0.0 for n in names]
+    ax.bar(range(len(names)), means, yerr=errs, capsize=3, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(METRICS[metric].header, fontsize=8)
+    if means:
+        low, high = min(m - e for m, e in zip(means, errs)), max(m + e for m, e in zip(means, errs))
+        pad = max(0.05 * (high - low), 0.1)
+        ax.set_ylim(low - 4 * pad, high + pad)  # differences matter, not the distance from zero
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _bars(experiment: Experiment, rows: list[dict]):
+    metrics = experiment.metrics
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        _bars_on(ax, experiment, rows, metric)
+    return fig
+
+
+def _lines(experiment: Experiment, rows: list[dict]):
+    metric = experiment.metrics[0]
+    stats = aggregate(rows, metric)
+    panels = list(dict.fromkeys(v.panel for v in experiment.variants if v.x is not None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        series: dict[str, list] = {}
+        for v in experiment.variants:
+            if v.name not in stats:
+                continue
+            if v.x is None:  # a reference: one horizontal line
+                s = stats[v.name]
+                ax.axhline(s.mean, ls="--", color="gray", label=f"{v.name} (reference)")
+                if s.std:
+                    ax.axhspan(s.mean - s.std, s.mean + s.std, color="gray", alpha=0.15)
+            elif v.panel == panel:
+                series.setdefault(v.series or v.arm, []).append((v.x, stats[v.name]))
+        for name, points in series.items():
+            points.sort(key=lambda p: p[0])
+            ax.errorbar([p[0] for p in points], [p[1].mean for p in points],
+                        yerr=[p[1].std or 0.0 for p in points], marker="o", capsize=3, label=name)
+        if experiment.xlog:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(panel or experiment.xlabel, fontsize=8)
+        ax.set_ylabel(METRICS[metric].header, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _curves(experiment: Experiment, rows: list[dict]):
+    """Model 0's curves of the full-budget variants (one line per seed), then accuracy per budget."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    variants = {v.name: v for v in experiment.variants}
+    first_seed = min(r["seed"] for r in rows)
+    colors: dict[str, str] = {}
+    for row in rows:
+        variant = variants.get(row["variant"])
+        if variant is None or variant.scale or not row.get("curve"):  # scaled: a shorter budget
+            continue
+        color = colors.setdefault(row["variant"], f"C{len(colors)}")
+        for ax, (key, label) in zip(axes, CURVE_PANELS):
+            points = row["curve"].get(key) or []
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.8,
+                    label=row["variant"] if row["seed"] == first_seed else None)
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+    for ax in axes[:3]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    stats = aggregate(rows, "test_acc0")
+    steps = {r["variant"]: r["steps"] for r in rows}
+    by_arm: dict[str, list] = {}
+    for name in _order(experiment, stats):
+        by_arm.setdefault(variants[name].arm if name in variants else name, []).append((steps[name], stats[name]))
+    ax = axes[3]
+    for arm, points in by_arm.items():
+        points.sort(key=lambda p: p[0])
+        ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[p[1].std or 0.0 for p in points],
+                    marker="o", capsize=3, label=arm)
+    ax.set_xlabel(experiment.xlabel, fontsize=8)
+    ax.set_ylabel(METRICS["test_acc0"].header, fontsize=8)
+    ax.grid(alpha=0.3)
+    if by_arm:
+        ax.legend(fontsize=7)
+    return fig

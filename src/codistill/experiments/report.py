@@ -1,0 +1,199 @@
+"""`docs/results.md` from the result rows: per finding the paper's claim, our setting, the command,
+a table (mean ± std over seeds), the plot and the verdict. Every number comes from a row."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..run_log import atomic_write_text
+from . import results as res
+from .plots import plot_experiment
+from .runner import base_config, load_rows
+from .suite import EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant
+from .verdicts import ACC_FLOOR, NLL_FLOOR, NOT_RUN, Table, judge
+
+
+def rows_for_report(rows: list[dict]) -> tuple[list[dict], float | None]:
+    """The rows of one budget: the suite's own (1.0) when present, else the largest run."""
+    budgets = sorted({r.get("budget", 1.0) for r in rows})
+    if not budgets:
+        return [], None
+    budget = 1.0 if 1.0 in budgets else budgets[-1]
+    return [r for r in rows if r.get("budget", 1.0) == budget], budget
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def describe_variant(v: Variant) -> str:
+    parts = []
+    scale = dict(v.scale)
+    epoch_factors = {scale.pop(k) for k in EPOCH_FIELDS if k in scale}
+    if len(epoch_factors) == 1:
+        parts.append(f"budget and every epoch-valued setting x {_fmt_value(epoch_factors.pop())}")
+    parts += [f"{k}={_fmt_value(x)}" for k, x in v.set.items()]
+    parts += [f"{k} x {_fmt_value(x)}" for k, x in scale.items()]
+    parts += [f"{k}={_fmt_value(x)} (after deriving the arm)" for k, x in v.after.items()]
+    return f"`{v.name}`: arm `{v.arm}`" + (f", {', '.join(parts)}" if parts else "")
+
+
+def _arm_line(c: dict, name: str) -> str:
+    n, r = c["n_models"], c["replicas"]
+    return (f"{name} {n} x {r} (batch {c['model_batch']} per model, {c['batch_per_worker']} per worker, "
+            f"peak LR {c['peak_lr']:g})")
+
+
+def describe_setting(experiment: Experiment, rows: list[dict], quick: bool) -> str:
+    """Model, data, workers, steps, T and recipe: from the rows when there are any, else from the
+    experiment's base config (steps are then fixed at run time by the epochs)."""
+    ar = next((r for r in rows if r["config"]["n_models"] == 1), None)
+    cd = next((r for r in rows if r["config"]["n_models"] > 1), None)
+    if ar is None and cd is None:
+        cfg = base_config(experiment, quick)
+        world = cfg.dist.nproc
+        from ..config import replace
+
+        ar_c = res.config_values(replace(cfg, codistill__n_models=1), world)
+        cd_c = res.config_values(cfg, world)
+        steps = f"{cfg.train.steps} updates" if cfg.train.steps else \
+            f"{cfg.train.epochs:g} all-reduce epochs of updates (the count is fixed at run time)"
+    else:
+        ar_c = ar["config"] if ar else None
+        cd_c = cd["config"] if cd else None
+        first = (ar or cd)
+        steps = f"{first['steps']} updates"
+        if ar:
+            steps += f" ({ar['epochs_run']:.2f} all-reduce epochs)"
+        steps += " in the base variant"
+    c = ar_c or cd_c
+    data = f"{c['data']}" + (f" (training fraction {c['fraction']:g})" if c["fraction"] != 1 else "")
+    options = f" {_fmt_value(c['model_options'])}" if c["model_options"] else ""
+    arms = "; ".join(x for x in (_arm_line(ar_c, "all-reduce") if ar_c else "",
+                                 _arm_line(cd_c, "codistillation") if cd_c else "") if x)
+    wd = c["weight_decay"]
+    lines = [f"model `{_fmt_value(c['model'])}`{options}; data `{data}`; W = {c['world_size']} workers: {arms}",
+             f"{steps}; {c['optimizer']} base LR {c['lr']:g}, schedule `{c['schedule']}`"
+             + (f" (milestones at {_fmt_value(c['milestones'])} "
+                f"{'all-reduce' if c is ar_c else 'codistillation'} epochs)" if c["milestones"] else "")
+             + f", weight decay {_fmt_value(wd)}, label smoothing {c['label_smoothing']:g}"]
+    if cd_c:
+        lines.append(f"T = {cd_c['exchange_every']} steps, alpha = {cd_c['alpha']:g}, distillation loss "
+                     f"`{cd_c['distill_loss']}`")
+    return "; ".join(lines) + "."
+
+
+def results_table(experiment: Experiment, rows: list[dict], selected: str | None) -> str:
+    columns = [res.METRICS[c] for c in experiment.columns]
+    head = "| variant | seeds | steps | " + " | ".join(m.header for m in columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
+    names = [v.name for v in experiment.variants]
+    for name in names + sorted({r["variant"] for r in rows} - set(names)):
+        mine = [r for r in rows if r["variant"] == name]
+        if not mine:
+            lines.append(f"| `{name}` | 0 | – | " + " | ".join("–" for _ in columns) + " |")
+            continue
+        cells = []
+        for key, m in zip(experiment.columns, columns):
+            s = res.aggregate(mine, key).get(name)
+            cells.append(s.fmt(m.digits) if s else "–")
+        steps = sorted({r["steps"] for r in mine})
+        label = f"`{name}`" + (" (selected on val)" if name == selected else "")
+        lines.append(f"| {label} | {len(mine)} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def command_for(experiment: Experiment, quick: bool, out: str, budget: float | None = None) -> str:
+    cmd = f"codistill reproduce {experiment.name}"
+    cmd += " --quick" if quick else " --seeds 3"
+    if budget not in (None, 1.0):
+        cmd += f" --budget {budget:g}"
+    return cmd + (f" --out {out}" if out != "results" else "")
+
+
+def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Path, quick: bool,
+            out_arg: str) -> tuple[str, str]:
+    """(markdown section, verdict); draws the experiment's plot from the same rows."""
+    rows, budget = rows_for_report(all_rows)
+    verdict, reason = judge(experiment, rows)
+    table = Table(experiment, rows)
+    selected = table.selected() if rows and experiment.select else None
+    rel = lambda p: os.path.relpath(p, doc_dir)  # noqa: E731
+    plot = plot_experiment(experiment, rows, out / f"{experiment.name}.png") if rows else None
+    variants = "\n".join(f"- {describe_variant(v)}" for v in experiment.variants)
+    lines = [f"## {experiment.name}: {experiment.title}", "",
+             f"**The paper's claim.** {experiment.claim}", "",
+             f"**Our setting.** {describe_setting(experiment, rows, quick)}", "",
+             f"Variants (seed k trains with train.seed = 100k; model i of a run starts from train.seed + i):\n\n{variants}", "",
+             "**Command.**", "", "```bash", command_for(experiment, quick, out_arg), "```", ""]
+    if rows:
+        seeds = sorted({r["seed"] for r in rows})
+        note = f"Rows: [`{rel(res.results_file(out, experiment.name))}`]({rel(res.results_file(out, experiment.name))})" \
+               f", {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
+        if budget != 1.0:
+            note += (f" **Reduced budget:** these rows were made with `--budget {budget:g}` (every epoch-valued "
+                     f"setting x {budget:g}), by `{command_for(experiment, quick, out_arg, budget)}`; they are "
+                     "not the suite's measurement.")
+        lines += [note, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
+                  results_table(experiment, rows, selected), ""]
+        if plot is not None:
+            lines += [f"![{experiment.name}]({rel(plot)})", ""]
+    else:
+        lines += ["No rows yet.", ""]
+    lines += [f"**Verdict: {verdict}.** {reason}", ""]
+    return "\n".join(lines), verdict
+
+
+INTRO = """# Reproduction of Sodhani et al., "A Closer Look at Codistillation for Distributed Training"
+
+Generated by `codistill reproduce --report{out_flag}` from the result rows in `{out}/` (one JSON line per
+finished run: its config, the summary numbers and its run directory). Do not edit by hand: rerun the
+generator. {quick_note}
+
+- Run everything: `codistill reproduce all{seeds}{out_flag}` (resumes: finished rows are skipped; a
+  run identical to one already recorded, such as the all-reduce baseline shared by F1, F2, F3, F6, F7
+  and Beyond, reuses its row). Each experiment alone: the command in its section.
+- Every comparison is at the same number of workers and of updates (`codistill.compare.arm_configs`):
+  all-reduce trains one model on all W workers, codistillation n = 2 models on W/2 workers each, with
+  every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
+- Regularization settings are chosen on the validation split (10% of the training set, held out);
+  test numbers are final. Model 0 is the model the paper reports ("model 1").
+- Two means are called different when they are further apart than the larger of
+  {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
+  otherwise similar. A verdict from one seed is marked provisional.
+
+| finding | verdict |
+|---|---|
+{summary}
+"""
+
+
+def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg: str = "results") -> Path:
+    out, doc = Path(out), Path(doc)
+    doc_dir = doc.parent.resolve()
+    sections, summary = [], []
+    for e in EXPERIMENTS.values():
+        rows = load_rows(out, e)
+        text, verdict = section(e, rows, out.resolve(), doc_dir, quick, out_arg)
+        sections.append(text)
+        summary.append(f"| [{e.name}: {e.title}](#{_anchor(e)}) | {verdict} |")
+    quick_note = ("**These rows come from `--quick` (the smoke test: tiny models, a few steps, one seed); "
+                  "they check the machinery and measure nothing.**" if quick else "")
+    out_flag = (" --quick" if quick else "") + (f" --out {out_arg}" if out_arg != "results" else "")
+    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note,
+                         seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR, summary="\n".join(summary))
+    atomic_write_text(doc, intro + "\n" + "\n".join(sections))
+    return doc
+
+
+def _anchor(e: Experiment) -> str:
+    text = f"{e.name}: {e.title}".lower()
+    return "".join(ch for ch in text.replace(" ", "-") if ch.isalnum() or ch in "-_")
+
+
+__all__ = ["write_report", "NOT_RUN"]

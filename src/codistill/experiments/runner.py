@@ -1,0 +1,193 @@
+"""Run the suite: each (experiment, variant, seed) is one `train(...)` call and one row.
+
+A row already present is skipped, so an interrupted suite resumes. A run whose resolved config
+(and world size) equals one already recorded in any results file under `out` is not trained again:
+its row is copied with `reused_from` naming the original (the all-reduce baseline at the base
+budget is shared by F1, F2, F3, F6, F7 and Beyond).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compare import arm_configs
+from ..config import Config, dump_yaml, load_config, replace, to_dict
+from ..errors import UserError
+from . import results as res
+from .suite import BASES, EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant, seed_of
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: Experiment
+    variant: Variant
+    seed: int  # seed number: 0, 1, 2, ...
+    cfg: Config  # the arm's resolved config
+    world: int
+
+
+def _dunder(overrides: dict) -> dict:
+    return {key.replace(".", "__"): value for key, value in overrides.items()}
+
+
+def _scaled(value, factor: float):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_scaled(v, factor) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"cannot scale the non-numeric value {value!r}")
+    if isinstance(value, int):
+        return max(1, round(value * factor))
+    return value * factor
+
+
+def base_config(experiment: Experiment, quick: bool) -> Config:
+    """The experiment's base config (before any variant)."""
+    overrides = {**BASES[(experiment.family, quick)], **(experiment.quick_base if quick else experiment.base)}
+    return replace(load_config(), **_dunder(overrides))
+
+
+def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: bool,
+                   budget: float = 1.0) -> tuple[Config, int]:
+    """The arm's config and world size: base < variant.set < variant.scale (and the `budget` factor
+    on every epoch-valued setting) < seed, then the arms are derived by
+    `codistill.compare.arm_configs` (matched workers and updates), then variant.after."""
+    cfg = base_config(experiment, quick)
+    if variant.set:
+        cfg = replace(cfg, **_dunder(variant.set))
+    factors = dict(variant.scale)
+    for key in EPOCH_FIELDS if budget != 1.0 else ():
+        factors[key] = factors.get(key, 1.0) * budget
+    tree = to_dict(cfg)
+    scaled = {}
+    for key, factor in factors.items():
+        section, name = key.split(".")
+        scaled[key] = _scaled(tree[section][name], factor)
+    if "train.epochs" in factors and cfg.train.steps is not None:  # a budget given in steps
+        scaled["train.steps"] = _scaled(cfg.train.steps, factors["train.epochs"])
+    cfg = replace(cfg, **_dunder({**scaled, "train.seed": seed_of(seed)}))
+    world = cfg.dist.nproc
+    arms = dict(arm_configs(replace(cfg, compare__arms=[variant.arm]), world))
+    arm = arms[variant.arm]
+    if variant.after:
+        arm = replace(arm, **_dunder(variant.after))
+    return arm, world
+
+
+def config_hash(cfg: Config, world: int) -> str:
+    """Identity of a run: the resolved config without what does not change training."""
+    tree = to_dict(cfg)
+    tree.pop("compare")  # only used to derive the arms, already applied
+    tree["train"].pop("progress")
+    return hashlib.sha256(f"{dump_yaml_tree(tree)}\nworld={world}".encode()).hexdigest()[:16]
+
+
+def dump_yaml_tree(tree: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(tree, sort_keys=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def select(names: list[str]) -> list[Experiment]:
+    if not names:
+        raise UserError("name experiments to run (" + ", ".join(EXPERIMENTS) + ") or `all`")
+    if "all" in names:
+        return list(EXPERIMENTS.values())
+    lookup = {name.lower(): e for name, e in EXPERIMENTS.items()}
+    unknown = [n for n in names if n.lower() not in lookup]
+    if unknown:
+        raise UserError(f"unknown experiment {unknown[0]!r}; allowed: all, {', '.join(EXPERIMENTS)}")
+    return [lookup[n.lower()] for n in dict.fromkeys(names)]
+
+
+def variants_of(experiment: Experiment, quick: bool) -> list[Variant]:
+    return [v for v in experiment.variants if v.quick or not quick]
+
+
+class Suite:
+    """Runs experiments into `out`: rows in `<out>/<name>.jsonl`, run directories in `<out>/runs/`."""
+
+    def __init__(self, out: str | Path, quick: bool = False, command: str = "", budget: float = 1.0):
+        if budget <= 0:
+            raise UserError(f"--budget must be > 0, got {budget}")
+        self.out, self.quick, self.command, self.budget = Path(out), quick, command, budget
+        self.failures: list[str] = []
+        self._by_hash: dict[str, dict] = {}
+        for path in sorted(self.out.glob("*.jsonl")):
+            for row in res.read_rows(path):
+                if row.get("config_hash") and not row.get("reused_from"):
+                    self._by_hash.setdefault(row["config_hash"], row)
+
+    def run(self, experiments: list[Experiment], seeds: int) -> int:
+        """Runs what is missing; returns the number of rows written."""
+        written = 0
+        for experiment in experiments:
+            path = res.results_file(self.out, experiment.name)
+            done = {res.row_key(r) for r in res.read_rows(path) if r.get("budget", 1.0) == self.budget}
+            for seed in range(seeds):
+                for variant in variants_of(experiment, self.quick):
+                    if (experiment.name, variant.name, seed) in done:
+                        continue
+                    label = f"{experiment.name}/{variant.name}/s{seed}"
+                    try:
+                        row = self.run_one(experiment, variant, seed, label)
+                    except UserError as e:
+                        print(f"[{label}] failed: {e}", flush=True)
+                        self.failures.append(f"{label}: {e}")
+                        continue
+                    res.append_row(path, row)
+                    written += 1
+        return written
+
+    def run_one(self, experiment: Experiment, variant: Variant, seed: int, label: str) -> dict:
+        from ..launch import train  # late: spawning workers needs the full stack
+
+        cfg, world = variant_config(experiment, variant, seed, self.quick, self.budget)
+        digest = config_hash(cfg, world)
+        row = {"experiment": experiment.name, "variant": variant.name, "arm": variant.arm, "seed": seed,
+               "quick": self.quick, "budget": self.budget, "config_hash": digest,
+               "config": res.config_values(cfg, world)}
+        original = self._by_hash.get(digest)
+        if original is not None:
+            print(f"[{label}] same run as {original['experiment']}/{original['variant']}/s{original['seed']}; "
+                  "reusing its row", flush=True)
+            kept = {k: v for k, v in original.items() if k not in row and k not in ("command", "time", "git")}
+            row.update(kept, reused_from=f"{original['experiment']}/{original['variant']}/s{original['seed']}")
+            row.update(command=self.command, time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
+            return row
+        budget = "" if self.budget == 1.0 else f"-budget{self.budget:g}"
+        run_dir = self.out / "runs" / experiment.name / variant.name.replace("/", "_") / f"s{seed}{budget}"
+        n = cfg.codistill.n_models
+        print(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
+              f"{cfg.train.steps} steps -> {run_dir}", flush=True)
+        start = time.perf_counter()
+        summary = train(cfg, run_dir, overwrite=True, nproc=world)
+        row.update(res.summary_values(summary))
+        row["total_seconds"] = time.perf_counter() - start
+        if experiment.plot == "curves":
+            row["curve"] = res.read_curve(run_dir)
+        row.update(run_dir=str(run_dir), reused_from=None, command=self.command,
+                   time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
+        self._by_hash[digest] = row
+        acc = row.get("test_accuracy") or []
+        print(f"[{label}] done in {row['total_seconds']:.0f} s: test accuracy "
+              + ", ".join(f"{100 * a:.2f}%" for a in acc if a is not None), flush=True)
+        return row
+
+
+def load_rows(out: str | Path, experiment: Experiment) -> list[dict]:
+    return res.read_rows(res.results_file(out, experiment.name))

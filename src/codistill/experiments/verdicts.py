@@ -1,0 +1,238 @@
+"""Verdicts: each finding's claim checked against the rows, with the reason spelled out.
+
+Two numbers "differ" when their means are further apart than the larger of a floor (0.5 accuracy
+points, 0.02 nats) and the combined standard deviation over seeds; otherwise they are "similar".
+With one seed there is no standard deviation, only the floor, and the verdict says it is
+provisional. Regularization settings are chosen on the validation split (`Experiment.select`);
+the test numbers decide the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .results import Stat, aggregate
+from .suite import Experiment
+
+ACC_FLOOR, NLL_FLOOR = 0.5, 0.02
+NOT_RUN = "not yet run"
+
+
+class Missing(Exception):
+    """A variant the verdict needs has no rows."""
+
+
+def margin(a: Stat, b: Stat, floor: float) -> float:
+    return max(floor, math.hypot(a.std or 0.0, b.std or 0.0))
+
+
+def compare(a: Stat, b: Stat, floor: float) -> int:
+    """-1, 0 or 1: a below, similar to, or above b."""
+    d = a.mean - b.mean
+    return 0 if abs(d) <= margin(a, b, floor) else (1 if d > 0 else -1)
+
+
+class Table:
+    """Stats of one experiment's rows, by metric and variant."""
+
+    def __init__(self, experiment: Experiment, rows: list[dict]):
+        self.experiment, self.rows = experiment, rows
+        self._cache: dict[str, dict[str, Stat]] = {}
+
+    def get(self, metric: str, variant: str) -> Stat:
+        if metric not in self._cache:
+            self._cache[metric] = aggregate(self.rows, metric)
+        if variant not in self._cache[metric]:
+            raise Missing(variant)
+        return self._cache[metric][variant]
+
+    def has(self, variant: str) -> bool:
+        return any(r["variant"] == variant for r in self.rows)
+
+    def selected(self) -> str | None:
+        """The variant of `experiment.select` best on the validation metric (None: none ran)."""
+        e = self.experiment
+        present = [v for v in e.select if self.has(v)]
+        if not present:
+            return None
+        from .results import METRICS
+
+        sign = 1 if METRICS[e.select_by].higher_is_better else -1
+        return max(present, key=lambda v: sign * self.get(e.select_by, v).mean)
+
+
+def pts(s: Stat) -> str:
+    return f"{s.mean:.2f}" + (f" ± {s.std:.2f}" if s.std is not None else "")
+
+
+def judge(experiment: Experiment, rows: list[dict]) -> tuple[str, str]:
+    """(verdict, reason) for one experiment."""
+    if not rows:
+        return NOT_RUN, "no results yet; run the command above."
+    table = Table(experiment, rows)
+    try:
+        verdict, reason = JUDGES[experiment.name](table)
+    except Missing as e:
+        return NOT_RUN, f"incomplete: variant `{e.args[0]}` has no rows yet (run the full experiment)."
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["variant"]] = counts.get(r["variant"], 0) + 1
+    if min(counts.values()) < 2:
+        verdict += " (provisional: 1 seed)"
+    if any(r.get("quick") for r in rows):
+        verdict += " (smoke-test settings, not a measurement)"
+    return verdict, reason
+
+
+def _f1(t: Table):
+    ar, cd = t.get("test_acc0", "allreduce"), t.get("test_acc0", "codistill")
+    lower = compare(cd, ar, ACC_FLOOR) < 0
+    loss_ar, loss_cd = t.get("train_loss", "allreduce"), t.get("train_loss", "codistill")
+    higher_loss = compare(loss_cd, loss_ar, 0.01) > 0
+    d_ar, d_cd = t.get("param_distance", "allreduce"), t.get("param_distance", "codistill")
+    closer = compare(d_cd, d_ar, 0.01 * d_ar.mean) < 0
+    held = sum((lower, higher_loss, closer))
+    parts = [f"test accuracy {pts(cd)} vs {pts(ar)} (all-reduce): {'lower' if lower else 'not lower'}",
+             f"training loss {loss_cd.mean:.4f} vs {loss_ar.mean:.4f}: {'higher' if higher_loss else 'not higher'}",
+             f"||theta - theta_0|| {d_cd.mean:.2f} vs {d_ar.mean:.2f}: {'smaller' if closer else 'not smaller'}"]
+    if t.has("allreduce-short") and t.has("codistill-short"):
+        short = t.get("test_acc0", "codistill-short").mean - t.get("test_acc0", "allreduce-short").mean
+        parts.append(f"gap at a third of the budget {short:+.2f} points vs {cd.mean - ar.mean:+.2f} at the full budget")
+    verdict = "reproduced" if held == 3 else ("partly" if held else "not reproduced")
+    return verdict, "; ".join(parts) + "."
+
+
+def _closes_gap(t: Table, constant: str):
+    ar = t.get("test_acc0", "allreduce")
+    chosen = t.selected()
+    if chosen is None:
+        raise Missing(t.experiment.select[-1])
+    reg, const = t.get("test_acc0", chosen), t.get("test_acc0", constant)
+    closes = compare(reg, ar, ACC_FLOOR) >= 0
+    contrast = compare(const, ar, ACC_FLOOR) < 0
+    better = compare(reg, const, ACC_FLOOR) > 0
+    reason = (f"`{chosen}` (chosen on validation) reaches {pts(reg)}% test accuracy vs {pts(ar)}% for "
+              f"all-reduce and {pts(const)}% with constant weight decay")
+    if closes and contrast:
+        return "reproduced", reason + ": the gap closes, and constant weight decay stays worse."
+    if closes:
+        return "partly", reason + ": on par with all-reduce, but constant weight decay is on par too, so there " \
+                                  "is no gap to close at this scale."
+    if better:
+        return "partly", reason + ": the recipe helps but does not close the gap."
+    return "not reproduced", reason + ": the recipe does not beat constant weight decay."
+
+
+def _f2(t: Table):
+    return _closes_gap(t, "codistill-constant-wd")
+
+
+def _f4(t: Table):
+    ar = t.get("test_acc0", "allreduce")
+    reg, const = t.get("test_acc0", "regularized-shifted"), t.get("test_acc0", "codistill-constant-wd")
+    reason = (f"cosine schedule: regularized-shifted {pts(reg)}%, constant weight decay {pts(const)}%, "
+              f"all-reduce {pts(ar)}% test accuracy")
+    if compare(reg, ar, ACC_FLOOR) >= 0:
+        return "reproduced", reason + ": codistillation matches all-reduce."
+    if compare(reg, const, ACC_FLOOR) > 0:
+        return "partly", reason + ": the recipe helps but a gap remains."
+    return "not reproduced", reason + ": codistillation stays behind all-reduce."
+
+
+def _f3(t: Table):
+    verdicts, parts = [], []
+    for arm in ("allreduce", "codistill"):
+        base = t.get("test_acc0", f"{arm}-batch-x1")
+        for k in (2, 4):
+            s = t.get("test_acc0", f"{arm}-batch-x{k}")
+            same = compare(s, base, ACC_FLOOR) == 0 or s.mean > base.mean
+            verdicts.append((k, same))
+            parts.append(f"{arm} x{k}: {pts(s)}% vs {pts(base)}% at x1 ({'similar' if same else 'worse'})")
+    if all(ok for _, ok in verdicts):
+        v = "reproduced"
+    elif all(ok for k, ok in verdicts if k == 2):
+        v = "partly"
+    else:
+        v = "not reproduced"
+    return v, "; ".join(parts) + "."
+
+
+def _f5(t: Table):
+    ar = t.get("val_loss0", "allreduce")
+    chosen = t.selected()
+    if chosen is None:
+        raise Missing(t.experiment.select[0])
+    cd = t.get("val_loss0", chosen)
+    reason = f"validation NLL of `{chosen}` (chosen on validation) {cd.mean:.4f} vs {ar.mean:.4f} for all-reduce"
+    try:
+        reason += (f"; test NLL {t.get('test_loss0', chosen).mean:.4f} vs {t.get('test_loss0', 'allreduce').mean:.4f}"
+                   f", test BLEU {t.get('test_bleu0', chosen).mean:.2f} vs {t.get('test_bleu0', 'allreduce').mean:.2f}")
+    except Missing:
+        pass
+    if compare(cd, ar, NLL_FLOOR) <= 0:
+        return "reproduced", reason + ": codistillation reaches all-reduce's NLL."
+    base = t.get("val_loss0", "codistill-ls0.1-drop0.1") if t.has("codistill-ls0.1-drop0.1") else None
+    if base is not None and compare(cd, base, NLL_FLOOR) < 0:
+        return "partly", reason + ": reducing the regularization helps but does not close the gap."
+    return "not reproduced", reason + "."
+
+
+def _f6(t: Table):
+    gaps = {}
+    for k in (1, 2, 4, 8):
+        if t.has(f"allreduce-data-1/{k}") and t.has(f"codistill-data-1/{k}"):
+            a, c = t.get("test_acc0", f"allreduce-data-1/{k}"), t.get("test_acc0", f"codistill-data-1/{k}")
+            gaps[k] = (c.mean - a.mean, margin(a, c, ACC_FLOOR))
+    if 1 not in gaps or len(gaps) < 2:
+        raise Missing("allreduce-data-1/1" if 1 not in gaps else "allreduce-data-1/8")
+    smallest = max(gaps)
+    grows = gaps[smallest][0] - gaps[1][0] > max(gaps[smallest][1], gaps[1][1])
+    ahead = gaps[smallest][0] > gaps[smallest][1]
+    reason = "codistill minus all-reduce test accuracy: " + ", ".join(
+        f"{g:+.2f} at 1/{k}" for k, (g, _) in sorted(gaps.items()))
+    if grows and ahead:
+        return "reproduced", reason + ": the gap grows in codistillation's favour as data shrinks."
+    if grows or ahead:
+        return "partly", reason + (": the gap moves in codistillation's favour but it does not overtake."
+                                   if grows else ": codistillation is ahead on little data but the gap does not grow.")
+    return "not reproduced", reason + "."
+
+
+def _f7(t: Table):
+    base = t.get("test_acc0", "codistill-T-x1")
+    parts, t_robust = [], True
+    for m in (0.25, 0.5, 2, 4):
+        s = t.get("test_acc0", f"codistill-T-x{m:g}")
+        parts.append(f"T x{m:g}: {pts(s)}%")
+        if m >= 0.5:  # the paper's range; 0.25x is reported, not judged
+            t_robust &= compare(s, base, ACC_FLOOR) >= 0
+    lr1, lr2, lr4 = (t.get("test_acc0", f"codistill-lr-x{m}") for m in (1, 2, 4))
+    lr_little = compare(lr2, lr1, ACC_FLOOR) == 0
+    lr_hurts = compare(lr4, lr1, ACC_FLOOR) < 0
+    parts.append(f"T x1 = LR x1: {pts(base)}%; LR x2: {pts(lr2)}%; LR x4: {pts(lr4)}%")
+    score = sum((t_robust, lr_little, lr_hurts))
+    verdict = "reproduced" if score == 3 else ("partly" if score else "not reproduced")
+    notes = [f"the exchange period {'changes little' if t_robust else 'matters'} over 0.5x-4x",
+             f"LR x2 {'changes little' if lr_little else 'changes the result'}",
+             f"LR x4 {'hurts' if lr_hurts else 'does not hurt'}"]
+    return verdict, "; ".join(parts) + ". In short: " + ", ".join(notes) + "."
+
+
+def _beyond(t: Table):
+    cd_ens, ind_ens = t.get("ens_test_acc", "codistill"), t.get("ens_test_acc", "independent")
+    cd_agree, ind_agree = t.get("agreement", "codistill"), t.get("agreement", "independent")
+    cd_gain, ind_gain = t.get("ens_gain", "codistill"), t.get("ens_gain", "independent")
+    agrees_more = compare(cd_agree, ind_agree, ACC_FLOOR) > 0
+    gains_less = cd_gain.mean < ind_gain.mean
+    ens = compare(cd_ens, ind_ens, ACC_FLOOR)
+    reason = (f"ensemble test accuracy {pts(cd_ens)}% (codistilled) vs {pts(ind_ens)}% (independent, alpha = 0): "
+              f"{['lower', 'similar', 'higher'][ens + 1]}; agreement {cd_agree.mean:.2f}% vs {ind_agree.mean:.2f}%; "
+              f"ensemble gain over the mean model {cd_gain.mean:+.2f} vs {ind_gain.mean:+.2f} points")
+    if agrees_more and gains_less:
+        return "confirmed", reason + ": codistilled models agree more and their ensemble gains less."
+    if agrees_more or gains_less:
+        return "partly", reason + "."
+    return "not confirmed", reason + "."
+
+
+JUDGES = {"F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond}

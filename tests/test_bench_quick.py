@@ -1,0 +1,95 @@
+"""Every benchmark's quick mode runs through the real command line and produces its table.
+
+These check that the benchmarks work, not the speeds they measure (the targets live in the
+benchmarks' own output, docs/performance.md). The slow-network benchmark needs root and iproute2:
+it creates network namespaces. CI runs as root, so a missing privilege or tool is a failure with a
+message saying what is missing, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEADERS = {
+    "step_overhead": "| model | n | own step (ms) | teacher fwd (ms) | floor (ms) | codistill step (ms) | efficiency |",
+    "bytes": "| W | mode | models x workers | real run | all-reduce B/step: counted / formula |",
+    "slow_network": "| link | arm | models x workers | updates | s/step |",
+    "stall": "| exchange_delay D | steps | exchanges | blocked, whole run | blocked, steady state |",
+}
+
+
+def bench(name: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "codistill.cli", "bench", name, "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def check_table(name: str, proc: subprocess.CompletedProcess, out: Path) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert HEADERS[name] in proc.stdout, proc.stdout[-3000:]
+    md = (out / f"{name}.md").read_text()
+    assert HEADERS[name] in md and "Machine: " in md and "Command: `codistill bench" in md
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["name"] == name and result["machine"]["nproc"] >= 1
+    return result
+
+
+def test_step_overhead_quick(tmp_path):
+    result = check_table("step_overhead", bench("step_overhead", tmp_path, 120), tmp_path)
+    for r in result["data"]["results"].values():
+        assert set(r["efficiency"]) == {"2", "4"} and all(e > 0 for e in r["efficiency"].values())
+
+
+def test_bytes_quick_counters_agree_with_formulas(tmp_path):
+    result = check_table("bytes", bench("bytes", tmp_path, 240), tmp_path)
+    runs = result["data"]["runs"]
+    assert {(r["world"], r["n_models"]) for r in runs} == {(4, 1), (4, 2)}
+    assert result["data"]["agree"] and all(r["agree"] for r in runs)  # exact, not a speed
+
+
+def test_stall_quick(tmp_path):
+    result = check_table("stall", bench("stall", tmp_path, 240), tmp_path)
+    delays = [r["delay"] for r in result["data"]["runs"]]
+    assert delays[0] == 0 and len(delays) >= 2
+    assert all(0 <= r["whole_run"] < 1 for r in result["data"]["runs"])
+
+
+def test_slow_network_quick(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("bench slow_network creates network namespaces: run the tests as root (CI does)")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: install the Debian package iproute2")
+    result = check_table("slow_network", bench("slow_network", tmp_path, 300), tmp_path)
+    runs = result["data"]["runs"]
+    assert {r["arm"] for r in runs} == {"allreduce", "codistill"}
+    assert len({r["steps"] for r in runs}) == 1  # matched updates
+    assert all(r["link_bytes"] > 0 for r in runs)  # traffic really crossed the emulated link
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "cdbench0" not in listed and "cdbench1" not in listed  # the benchmark removed its namespaces
+
+
+def test_gpu_resnet50_script(tmp_path):
+    import torch
+
+    script = [sys.executable, "-m", "codistill.bench.gpu_resnet50"]
+    if not torch.cuda.is_available():  # says why nothing was measured, and fails the command
+        proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert "no CUDA device is visible" in proc.stderr and "nothing was measured" in proc.stderr
+    tiny = ["--model", "resnet8", "--image-size", "32", "--classes", "10", "--batch", "4", "--repeats", "2",
+            "--iters", "1", "--warmup", "1"]
+    # The script's logic at toy size (on CPU: a gloo dry run, never written into the doc).
+    proc = subprocess.run([*script, *tiny, "--allow-cpu", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| model | device | W | n x workers |" in proc.stdout
+    result = json.loads((tmp_path / "gpu_resnet50.json").read_text())
+    assert result["efficiency"] > 0 and result["images_per_s"]["allreduce"] > 0
