@@ -56,6 +56,13 @@ class CodistillConfig:
     """Number of models n. 1 is the all-reduce baseline: every worker trains one model."""
     exchange_every: int = 50
     """T: teachers are refreshed with the other models' weights every T optimizer steps."""
+    exchange: str = "collective"
+    """How teachers travel: `collective` (broadcast over the exchange groups of one job) or `storage`
+    (files in exchange_dir; each model group runs as its own job, see model_index)."""
+    exchange_dir: str | None = None
+    """Shared directory for exchange=storage."""
+    model_index: int | None = None
+    """For exchange=storage: which of the n_models models this job trains (0 .. n_models-1)."""
     exchange_delay: int = 0
     """0: teachers are refreshed synchronously at steps 0, T, 2T, ... D in 1..T: the transfer runs in
     the background while training goes on, and the new teachers are swapped in D steps later."""
@@ -194,10 +201,16 @@ class Config:
     def mode(self) -> str:
         return "allreduce" if self.codistill.n_models == 1 else "codistill"
 
+    @property
+    def job_models(self) -> int:
+        """Models trained by this job: all of them, or one with exchange through storage."""
+        return 1 if self.codistill.exchange == "storage" else self.codistill.n_models
+
 
 CHOICES = {
     "data.split": ("shared", "disjoint"),
     "codistill.loss": ("kl", "mse", "ce"),
+    "codistill.exchange": ("collective", "storage"),
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
     "optim.name": ("sgd", "adamw"),
@@ -341,6 +354,14 @@ def validate(cfg: Config) -> None:
     c, d, o, s, t = cfg.codistill, cfg.data, cfg.optim, cfg.schedule, cfg.train
     positive("codistill.n_models", c.n_models)
     positive("codistill.exchange_every", c.exchange_every)
+    if c.exchange == "storage":
+        if c.exchange_dir is None or c.model_index is None:
+            raise ConfigError("codistill.exchange=storage needs codistill.exchange_dir (a shared directory) "
+                              "and codistill.model_index (which model this job trains)")
+        if not 0 <= c.model_index < c.n_models:
+            raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
+        if c.exchange_delay:
+            raise ConfigError("codistill.exchange_delay applies to exchange=collective only")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
@@ -402,8 +423,8 @@ def _check_registries(cfg: Config) -> None:
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:
-    """W = n_models x replicas; returns replicas."""
-    n = cfg.codistill.n_models
+    """W = n_models x replicas (one model per job with exchange through storage); returns replicas."""
+    n = cfg.job_models
     if world_size % n != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by codistill.n_models={n}; "

@@ -52,14 +52,20 @@ class Teachers:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def available(self) -> dict[int, nn.Module]:
+        """Teachers that have received weights (exchange through storage may not have any yet)."""
+        return {j: m for j, m in self.modules.items() if self.versions[j] >= 0}
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's output on the student's own batch."""
-        return [m(x) for m in self.modules.values()]
+        """Each available teacher's output on the student's own batch."""
+        return [m(x) for m in self.available().values()]
 
     def staleness(self, step: int) -> int:
-        """Steps since the oldest teacher's weights were current (0 right after an exchange)."""
-        return step - min(self.versions.values()) if self.versions else 0
+        """Steps since the oldest teacher's weights were current (0 right after an exchange);
+        -1 while no teacher has weights yet."""
+        versions = [v for v in self.versions.values() if v >= 0]
+        return step - min(versions) if versions else -1
 
 
 class Exchanger:

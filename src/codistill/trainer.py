@@ -76,23 +76,25 @@ class Trainer:
         self.fault = parse_fault(os.environ.get("CODISTILL_FAULT"))
         self.run_dir = Path(run_dir) if run_dir is not None else None
         check_world_size(cfg, ctx.world_size)
-        self.topo = topo = build_topology(cfg.codistill.n_models)
+        c = cfg.codistill
+        self.topo = topo = build_topology(cfg.job_models)
+        # This worker's model among all n (a job trains one of them with exchange through storage).
+        self.model_index = c.model_index if c.exchange == "storage" else topo.model_index
+        peers = [j for j in range(c.n_models) if j != self.model_index]
         self.task = make_task(cfg, self.device, self.run_dir)
         self.names = cfg.model_names()
-        self.seed = cfg.train.seed + topo.model_index
+        self.seed = cfg.train.seed + self.model_index
 
         torch.manual_seed(self.seed)
-        self.model = self.task.build_model(self.names[topo.model_index])
+        self.model = self.task.build_model(self.names[self.model_index])
         self.initial = [p.detach().float().clone() for p in self.model.parameters()]
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
-            teachers = {j: self.task.build_model(self.names[j]) for j in topo.peers()}
+            teachers = {j: self.task.build_model(self.names[j]) for j in peers}
         self.teachers = Teachers(teachers, cfg.codistill.teacher_mode)
 
         self.counter = CommCounter()
         self.ddp = self.wrap(self.model)
-        c = cfg.codistill
-        self.exchanger = (Exchanger(self.model, self.teachers, topo, c.exchange_every, c.exchange_delay,
-                                    counter=self.counter) if topo.n_models > 1 else None)
+        self.exchanger = self.make_exchanger() if peers else None
         self.optimizer = build_optimizer(self.model, cfg)
 
         _, steps_per_epoch = self.task.train_batches(topo, self.seed)
@@ -108,12 +110,22 @@ class Trainer:
         self._window_steps = 0
         self.last_train: dict = {}
         self.last_eval: dict = {}
-        self.leader_dir = self.run_dir / f"model_{topo.model_index}" if self.run_dir and topo.is_model_leader else None
+        self.leader_dir = self.run_dir / f"model_{self.model_index}" if self.run_dir and topo.is_model_leader else None
         if resume:
             self.load_checkpoint()
         self.log = RunLog(self.leader_dir)
 
     # -- construction -------------------------------------------------------------------------
+
+    def make_exchanger(self):
+        c = self.cfg.codistill
+        if c.exchange == "storage":
+            from .storage_exchange import StorageExchanger
+
+            return StorageExchanger(self.model, self.teachers, self.topo, self.model_index, c.exchange_every,
+                                    c.exchange_dir, counter=self.counter)
+        return Exchanger(self.model, self.teachers, self.topo, c.exchange_every, c.exchange_delay,
+                         counter=self.counter)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica."""
@@ -133,7 +145,7 @@ class Trainer:
         alpha = s.alpha(self.step)
         logits, targets = self.task.forward(self.ddp, batch)
         # Teachers only cost compute when their term counts (alpha = 0: burn-in, independent runs).
-        teacher_logits = self.task.teacher_logits(self.teachers, batch) if alpha > 0 and len(self.teachers) else []
+        teacher_logits = self.task.teacher_logits(self.teachers, batch) if alpha > 0 and self.teachers.available() else []
         out = codistillation_loss(logits, teacher_logits, targets, alpha=alpha, kind=c.loss,
                                   temperature=c.temperature, label_smoothing=self.cfg.train.label_smoothing)
         if self.fault and self.fault[0] == "nan" and self.fault[1:] == (self.topo.rank, self.step):
@@ -193,7 +205,7 @@ class Trainer:
             "param_distance": parameter_distance(self.model, self.initial),
             "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
         }
-        self.log.log(self.step, {"model": self.topo.model_index, **self.last_train})
+        self.log.log(self.step, {"model": self.model_index, **self.last_train})
         self._window.zero_()
         self._window_start, self._window_steps = time.perf_counter(), 0
 
@@ -208,7 +220,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in (task, distill, total)):
             raise NonFiniteLossError(
                 f"non-finite loss (task {task}, distill {distill}) before step {self.step} in model "
-                f"{self.topo.model_index} (rank {self.topo.rank}); the last good checkpoint is kept "
+                f"{self.model_index} (rank {self.topo.rank}); the last good checkpoint is kept "
                 "(train.nonfinite=skip skips such updates instead)")
         return means
 
@@ -219,7 +231,7 @@ class Trainer:
         result["step"] = self.step
         self.last_eval = result
         mine = result["models"][self.topo.model_index]
-        self.log.log(self.step, {"model": self.topo.model_index,
+        self.log.log(self.step, {"model": self.model_index,
                                  **{f"val/{k}": v for k, v in mine.items()},
                                  "val/ensemble_accuracy": result["ensemble"]["accuracy"],
                                  "val/ensemble_loss": result["ensemble"]["loss"],
@@ -288,7 +300,7 @@ class Trainer:
             state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "exchanger": self.exchanger.state_dict() if self.exchanger else {},
                      "initial": self.initial}
-            name = f"model_{self.topo.model_index}.pt"
+            name = f"model_{self.model_index}.pt"
             hashes[name] = ckpt.save_file(state, directory / name)
         elif self.exchanger is not None:
             self.exchanger.state_dict()  # completes a pending transfer, as on the leader
@@ -310,7 +322,7 @@ class Trainer:
         if manifest.get("world_size", self.topo.grid.world_size) != self.topo.grid.world_size:
             raise ckpt.CheckpointError(f"checkpoint was written by {manifest['world_size']} workers, "
                                        f"this run has {self.topo.grid.world_size}")
-        state = ckpt.load_entry(self.run_dir, manifest, f"model_{self.topo.model_index}.pt")
+        state = ckpt.load_entry(self.run_dir, manifest, f"model_{self.model_index}.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.exchanger is not None:
@@ -333,7 +345,7 @@ class Trainer:
             self.maybe_eval(force=True)
         val = self.last_eval
         test = self.task.evaluate(self.model, "test", self.topo)
-        mine = {"index": self.topo.model_index, "name": self.names[self.topo.model_index],
+        mine = {"index": self.model_index, "name": self.names[self.model_index],
                 "train_loss": self.last_train.get("train/task_loss"),
                 "train_accuracy": self.last_train.get("train/accuracy"),
                 "param_distance": parameter_distance(self.model, self.initial),
@@ -344,7 +356,7 @@ class Trainer:
         leaders = [everyone[self.topo.grid.rank(m, 0)] for m in range(self.topo.n_models)]
         models = []
         for m, info in enumerate(leaders):
-            models.append({"index": m, "name": info["name"],
+            models.append({"index": info["index"], "name": info["name"],
                            **{f"val_{k}": v for k, v in val["models"][m].items()},
                            **{f"test_{k}": v for k, v in test["models"][m].items()},
                            "train_loss": info["train_loss"], "train_accuracy": info["train_accuracy"],
@@ -352,10 +364,12 @@ class Trainer:
         counters = [e["counter"] for e in everyone]
         mean = lambda key: sum(c[key] for c in counters) / len(counters)  # noqa: E731
         summary = {
-            "mode": self.cfg.mode, "n_models": self.topo.n_models, "world_size": self.topo.grid.world_size,
+            "mode": self.cfg.mode, "n_models": self.cfg.codistill.n_models, "job_models": self.topo.n_models,
+            "exchange": self.cfg.codistill.exchange, "world_size": self.topo.grid.world_size,
             "replicas": self.topo.replicas, "steps": self.step, "steps_per_epoch": self.schedules.steps_per_epoch,
             "epochs": self.step / self.schedules.steps_per_epoch, "model_batch": self.model_batch,
-            "exchange_every": self.cfg.codistill.exchange_every if self.topo.n_models > 1 else None,
+            "exchange_every": self.cfg.codistill.exchange_every if self.exchanger else None,
+            "teacher_steps": dict(self.teachers.versions), "final_staleness": self.teachers.staleness(self.step),
             "models": models,
             "ensemble_val_accuracy": val["ensemble"]["accuracy"], "ensemble_val_loss": val["ensemble"]["loss"],
             "ensemble_test_accuracy": test["ensemble"]["accuracy"],

@@ -283,7 +283,8 @@ def torchrun_train(link: TwoMachines, cli_args: list[str], log_dir: Path, timeou
             time.sleep(0.2)
         codes = [p.poll() for p in procs]
         if codes != [0, 0]:
-            tail = (log_dir / f"node{codes.index(next(c for c in codes if c != 0))}.log").read_text()[-3000:]
+            failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), 0)
+            tail = (log_dir / f"node{failed}.log").read_text()[-3000:]
             raise RuntimeError(f"torchrun launch failed (exit codes {codes}); logs in {log_dir}:\n{tail}")
         return time.perf_counter() - start
     finally:

@@ -39,22 +39,23 @@ def settings(quick: bool) -> dict:
     netns = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
     return {"network": "netns" if netns else "loopback", "world": 4, "period": 50, "delays": [0, 10, 25],
             "rate_mbit": 100,
-            "overrides": ["data.name=fashion_mnist", "model.name=cnn", "data.batch_size=64", "train.steps=400",
-                          "train.log_every=10", "train.eval_every=400"]}
+            "overrides": ["data.name=fashion_mnist", "model.name=cnn", "data.batch_size=64", "train.steps=150",
+                          "train.log_every=10", "train.eval_every=150"]}
 
 
-def steady_fraction(run_dir: Path, n_models: int) -> tuple[float | None, float | None]:
-    """(blocked fraction without step 0's exchange, mean teacher staleness) from the leaders' logs."""
-    fractions, staleness = [], []
+def steady_state(run_dir: Path, n_models: int) -> dict:
+    """From the model leaders' logs, without step 0's exchange: the blocked fraction and blocked
+    seconds (the larger over models), and the mean teacher staleness."""
+    fractions, blocked, staleness = [], [], []
     for m in range(n_models):
         rows = [r for r in read_jsonl(run_dir / f"model_{m}" / "metrics.jsonl") if "exchange_blocked_s" in r]
         if len(rows) >= 2:
             first, last = rows[0], rows[-1]
-            fractions.append((last["exchange_blocked_s"] - first["exchange_blocked_s"]) /
-                             max(last["time"] - first["time"], 1e-9))
+            blocked.append(last["exchange_blocked_s"] - first["exchange_blocked_s"])
+            fractions.append(blocked[-1] / max(last["time"] - first["time"], 1e-9))
         staleness += [r["staleness"] for r in rows]
-    return (max(fractions) if fractions else None,
-            sum(staleness) / len(staleness) if staleness else None)
+    return {"fraction": max(fractions) if fractions else None, "blocked_s": max(blocked) if blocked else None,
+            "staleness": sum(staleness) / len(staleness) if staleness else None}
 
 
 def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
@@ -72,18 +73,22 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
     rows, records = [], []
     for (name, cfg), d in zip(runs, st["delays"]):
         s = summaries[name]
-        steady, stale = steady_fraction(out / name, s["n_models"])
+        ss = steady_state(out / name, s["n_models"])
+        steady = ss["fraction"]
+        per_exchange = ss["blocked_s"] / (s["exchanges"] - 1) if ss["blocked_s"] is not None and s["exchanges"] > 1 else None
         records.append({"delay": d, "whole_run": s["exchange_blocked_fraction"], "steady_state": steady,
-                        "mean_staleness": stale, "wall_seconds": s["wall_seconds"], "steps": s["steps"],
-                        "exchanges": s["exchanges"], "val_accuracy": s["models"][0]["val_accuracy"]})
+                        "blocked_per_exchange_s": per_exchange, "mean_staleness": ss["staleness"],
+                        "wall_seconds": s["wall_seconds"], "steps": s["steps"], "exchanges": s["exchanges"],
+                        "val_accuracy": s["models"][0]["val_accuracy"]})
         rows.append([f"{d} ({'synchronous' if d == 0 else 'asynchronous'})", s["steps"], s["exchanges"],
                      f"{100 * s['exchange_blocked_fraction']:.2f}%",
                      "-" if steady is None else f"{100 * steady:.2f}%",
-                     "-" if stale is None else f"{stale:.1f}", f"{s['wall_seconds']:.1f}",
-                     f"{100 * s['models'][0]['val_accuracy']:.2f}"])
+                     "-" if per_exchange is None else f"{1e3 * per_exchange:.1f}",
+                     "-" if ss["staleness"] is None else f"{ss['staleness']:.1f}",
+                     f"{s['wall_seconds'] / s['steps']:.3f}", f"{100 * s['models'][0]['val_accuracy']:.2f}"])
     table = markdown_table(["exchange_delay D", "steps", "exchanges", "blocked, whole run",
-                            "blocked, steady state", "mean teacher staleness (steps)", "training (s)",
-                            "val acc model 0 (%)"], rows)
+                            "blocked, steady state", "blocked per exchange after step 0 (ms)",
+                            "mean teacher staleness (steps)", "s/step", "val acc model 0 (%)"], rows)
     best = min((r for r in records if r["delay"] > 0), key=lambda r: r["steady_state"] or 0.0)
     sync = records[0]
     where = (f"two emulated machines, {st['rate_mbit']} Mbit/s link (one model per machine)"

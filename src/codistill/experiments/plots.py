@@ -85,7 +85,8 @@ def _lines(experiment: Experiment, rows: list[dict]):
         ax.set_xlabel(panel or experiment.xlabel, fontsize=8)
         ax.set_ylabel(METRICS[metric].header, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return fig
 
 

@@ -121,6 +121,8 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     """(markdown section, verdict); draws the experiment's plot from the same rows."""
     rows, budget = rows_for_report(all_rows)
     verdict, reason = judge(experiment, rows)
+    if rows and budget != 1.0 and verdict != NOT_RUN:
+        verdict += f" (reduced budget x{budget:g})"
     table = Table(experiment, rows)
     selected = table.selected() if rows and experiment.select else None
     rel = lambda p: os.path.relpath(p, doc_dir)  # noqa: E731
@@ -135,10 +137,11 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
         seeds = sorted({r["seed"] for r in rows})
         note = f"Rows: [`{rel(res.results_file(out, experiment.name))}`]({rel(res.results_file(out, experiment.name))})" \
                f", {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
+        commands = sorted({r["command"] for r in rows if r.get("command")})
+        note += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
         if budget != 1.0:
-            note += (f" **Reduced budget:** these rows were made with `--budget {budget:g}` (every epoch-valued "
-                     f"setting x {budget:g}), by `{command_for(experiment, quick, out_arg, budget)}`; they are "
-                     "not the suite's measurement.")
+            note += (f" **Reduced budget:** every epoch-valued setting x {budget:g} (`--budget {budget:g}`); "
+                     "these rows are not the suite's measurement.")
         lines += [note, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
                   results_table(experiment, rows, selected), ""]
         if plot is not None:

@@ -181,7 +181,7 @@ METRICS: dict[str, Metric] = {
     "test_loss0": Metric("test NLL, model 0", _first("test_loss"), 4, False),
     "test_bleu0": Metric("test BLEU, model 0", _first("test_bleu"), 2),
     "ens_val_loss": Metric("ensemble val NLL", _ensemble("ensemble_val_loss"), 4, False),
-    "wall": Metric("wall (s)", lambda r: r.get("wall_seconds"), 0, False),
+    "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),
     "steps": Metric("steps", lambda r: r.get("steps"), 0),
 }
 

@@ -111,7 +111,7 @@ def select(names: list[str]) -> list[Experiment]:
     unknown = [n for n in names if n.lower() not in lookup]
     if unknown:
         raise UserError(f"unknown experiment {unknown[0]!r}; allowed: all, {', '.join(EXPERIMENTS)}")
-    return [lookup[n.lower()] for n in dict.fromkeys(names)]
+    return list({lookup[n.lower()].name: lookup[n.lower()] for n in names}.values())
 
 
 def variants_of(experiment: Experiment, quick: bool) -> list[Variant]:

@@ -1,0 +1,147 @@
+"""The reproduction suite: its grids resolve to matched arms, rows append and resume, and the quick
+smoke run of every experiment through the real command line writes rows, plots and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from codistill.experiments import results as res
+from codistill.experiments.report import write_report
+from codistill.experiments.runner import config_hash, select, variant_config, variants_of
+from codistill.experiments.suite import EXPERIMENTS
+from codistill.experiments.verdicts import NOT_RUN, judge
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond"]
+
+
+def codistill(*args, timeout):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "codistill.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def all_rows(out: Path) -> list[dict]:
+    return [r for name in SECTIONS for r in res.read_rows(res.results_file(out, name))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts: grids, rows, report without rows
+
+
+def test_every_finding_has_an_experiment_with_a_quick_variant():
+    assert list(EXPERIMENTS) == SECTIONS
+    for e in EXPERIMENTS.values():
+        names = [v.name for v in e.variants]
+        assert len(names) == len(set(names)), e.name
+        assert variants_of(e, quick=True), e.name
+        assert set(e.select) <= set(names), e.name
+
+
+@pytest.mark.timeout(120)
+def test_quick_variants_resolve_to_matched_arms():
+    f1 = EXPERIMENTS["F1"]
+    ar, world = variant_config(f1, f1.variant("allreduce"), 0, quick=True)
+    cd, _ = variant_config(f1, f1.variant("codistill"), 0, quick=True)
+    assert (ar.codistill.n_models, cd.codistill.n_models, world) == (1, 2, 2)
+    assert ar.train.steps == cd.train.steps  # same updates
+    beyond = EXPERIMENTS["Beyond"]
+    independent, _ = variant_config(beyond, beyond.variant("independent"), 0, quick=True)
+    assert independent.codistill.alpha == 0.0
+    # Identical runs are recognised across experiments (they are trained once), different ones are not.
+    same, _ = variant_config(beyond, beyond.variant("codistill"), 0, quick=True)
+    assert config_hash(same, world) == config_hash(cd, world) != config_hash(independent, world)
+    other_seed, _ = variant_config(f1, f1.variant("codistill"), 1, quick=True)
+    assert config_hash(other_seed, world) != config_hash(cd, world)
+    f6 = EXPERIMENTS["F6"]
+    quarter, _ = variant_config(f6, f6.variant("codistill-data-1/4"), 0, quick=True)
+    assert quarter.data.fraction == 0.25 and quarter.train.epochs == pytest.approx(4 * cd.train.epochs)
+
+
+def test_select_names_and_errors():
+    assert [e.name for e in select(["all"])] == SECTIONS
+    assert [e.name for e in select(["f2", "F1", "F2"])] == ["F2", "F1"]
+    from codistill.errors import UserError
+
+    with pytest.raises(UserError, match="unknown experiment 'F9'"):
+        select(["F9"])
+    with pytest.raises(UserError, match="name experiments"):
+        select([])
+
+
+def test_rows_append_durably_and_skip_a_torn_line(tmp_path):
+    path = tmp_path / "F1.jsonl"
+    res.append_row(path, {"experiment": "F1", "variant": "a", "seed": 0})
+    with open(path, "a") as f:
+        f.write('{"experiment": "F1", "vari')  # a write cut short by a crash
+    res.append_row(path, {"experiment": "F1", "variant": "b", "seed": 0})
+    assert [r["variant"] for r in res.read_rows(path)] == ["a", "b"]
+
+
+def test_mean_and_std_over_seeds():
+    s = res.stat([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert res.stat([0.5]).std is None and res.stat([None]) is None
+    assert s.fmt(2) == "2.00 ± 1.00"
+
+
+def test_report_without_rows_has_eight_sections_not_yet_run(tmp_path):
+    doc = write_report(tmp_path / "out", tmp_path / "results.md", quick=True, out_arg=str(tmp_path / "out"))
+    text = doc.read_text()
+    assert [line[3:].split(":")[0] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
+    assert text.count(f"**Verdict: {NOT_RUN}.**") == 8
+    assert judge(EXPERIMENTS["F1"], []) [0] == NOT_RUN
+
+
+# ---------------------------------------------------------------------------------------------
+# The smoke run of the whole suite, through the real command line
+
+
+@pytest.mark.timeout(900)
+def test_reproduce_all_quick_writes_rows_plots_report_and_resumes(tmp_path):
+    out = tmp_path / "results"
+    start = time.perf_counter()
+    proc = codistill("reproduce", "all", "--quick", "--out", str(out), timeout=840)
+    first = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = all_rows(out)
+    for name in SECTIONS:  # every experiment wrote its quick variants, one seed each
+        e = EXPERIMENTS[name]
+        mine = [r for r in rows if r["experiment"] == name]
+        assert sorted(r["variant"] for r in mine) == sorted(v.name for v in variants_of(e, quick=True)), name
+        assert (out / f"{name}.png").is_file(), name
+    trained = [r for r in rows if not r["reused_from"]]
+    assert len(trained) < len(rows)  # shared runs were trained once
+    for r in trained:
+        assert Path(r["run_dir"], "summary.json").is_file()
+        assert r["steps"] > 0 and r["wall_seconds"] > 0 and r["config"]["world_size"] == 2
+    for r in rows:
+        assert r["test_accuracy"] and all(0 <= a <= 1 for a in r["test_accuracy"])
+        assert r["seed"] == 0 and r["quick"] and r["command"].startswith("codistill reproduce all --quick")
+    f5 = [r for r in rows if r["experiment"] == "F5"]
+    assert f5[0]["val_loss"][0] > 0 and f5[0]["test_bleu"] is not None  # translation: NLL and BLEU
+    f1 = [r for r in rows if r["experiment"] == "F1"]
+    assert all(r["curve"]["param_distance"] for r in f1 if not r["reused_from"])
+    # The report: eight sections, every one with a table from the rows and a verdict.
+    text = (out / "results.md").read_text()
+    headings = [line[3:].split(":")[0] for line in text.splitlines() if line.startswith("## ")]
+    assert headings == SECTIONS
+    assert text.count("**Verdict: ") == 8 and "| variant | seeds |" in text
+
+    # Resume: every row is present, so nothing trains and nothing is appended.
+    before = {name: res.results_file(out, name).read_bytes() for name in SECTIONS}
+    start = time.perf_counter()
+    proc = codistill("reproduce", "all", "--quick", "--out", str(out), timeout=300)
+    again = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 new row(s)" in proc.stdout and "training" not in proc.stdout
+    assert {name: res.results_file(out, name).read_bytes() for name in SECTIONS} == before
+    assert again < max(60.0, first / 3), (again, first)
+    print(json.dumps({"quick_suite_s": round(first, 1), "resume_s": round(again, 1)}))
