@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from . import checkpoint as ckpt
 from .accounting import CommCounter, counting_allreduce_hook
 from .config import Config, check_world_size
 from .distributed import DistContext
-from .errors import UserError
+from .faults import NonFiniteLossError, PeerError, inject_fault, parse_fault, peer_error
 from .evaluation import parameter_distance
 from .exchange import Exchanger, Teachers
 from .losses import codistillation_loss
@@ -32,37 +31,6 @@ from .run_log import RunLog, atomic_write_text, write_json
 from .schedules import apply_to_optimizer
 from .tasks import make_task
 from .topology import build_topology
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite."""
-
-
-class PeerError(UserError):
-    """A peer stopped answering (timeout) or disconnected."""
-
-
-def peer_error(e: RuntimeError, rank: int, step: int, timeout_s: float) -> PeerError | None:
-    """A one-line error for collective failures caused by a hung or dead peer, else None."""
-    text = str(e).lower()
-    if "timed out" in text or "timeout" in text:
-        return PeerError(f"rank {rank} waited more than dist.timeout_s={timeout_s:g} s for its peers at step "
-                         f"{step}: a peer hung or died; the last checkpoint is kept")
-    if "connection closed" in text or "connection reset" in text or "broken pipe" in text:
-        return PeerError(f"rank {rank} lost its connection to a peer at step {step}: a peer died; "
-                         "the last checkpoint is kept")
-    return None
-
-
-def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
-    """CODISTILL_FAULT="kind@rank:step" (kind: raise, hang, kill, nan): fault injection for tests."""
-    if not spec:
-        return None
-    kind, _, where = spec.partition("@")
-    rank, _, step = where.partition(":")
-    if kind not in ("raise", "hang", "kill", "nan") or not rank.isdigit() or not step.isdigit():
-        raise UserError(f"CODISTILL_FAULT must be kind@rank:step with kind raise|hang|kill|nan, got {spec!r}")
-    return kind, int(rank), int(step)
 
 
 def every(step: int, period: int) -> bool:
@@ -174,15 +142,6 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
-    def _inject_fault(self) -> None:
-        if not self.fault or self.fault[1:] != (self.topo.rank, self.step) or self.fault[0] == "nan":
-            return
-        if self.fault[0] == "raise":
-            raise RuntimeError(f"injected fault at step {self.step} on rank {self.topo.rank}")
-        if self.fault[0] == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10**6)  # hang: peers must time out
-
     def maybe_exchange(self) -> None:
         if self.exchanger is not None:
             self.exchanger.maybe_exchange(self.step)
@@ -262,7 +221,7 @@ class Trainer:
                 self.maybe_log()
                 self.maybe_eval()
                 self.maybe_checkpoint()
-                self._inject_fault()
+                inject_fault(self.fault, self.topo.rank, self.step)
                 if bar is not None:
                     bar.update(1)
                     if self.last_eval and every(self.step, self.cfg.train.log_every):

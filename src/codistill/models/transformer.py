@@ -69,7 +69,8 @@ class Seq2SeqTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform matrices, N(0, d^-1/2) embeddings (fairseq's), zero padding row."""
+        """Xavier-uniform matrices; N(0, d^-1/2) token and position embeddings (fairseq's), with a
+        zero padding row."""
         for name, p in self.named_parameters():
             if p.dim() > 1 and "embed" not in name and "positions" not in name:
                 nn.init.xavier_uniform_(p)
@@ -77,6 +78,8 @@ class Seq2SeqTransformer(nn.Module):
             nn.init.normal_(emb.weight, mean=0.0, std=self.d_model ** -0.5)
             with torch.no_grad():
                 emb.weight[self.pad_idx].zero_()
+        if self.positions is not None:
+            nn.init.normal_(self.positions.weight, mean=0.0, std=self.d_model ** -0.5)
 
     def embeddings(self) -> list[nn.Embedding]:
         return [self.embed] if self.share_embeddings else [self.src_embed, self.tgt_embed]
@@ -117,10 +120,6 @@ class Seq2SeqTransformer(nn.Module):
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
         """tgt_in (B, T) -> logits (B, T, V)."""
         return F.linear(self.decoder_states(tgt_in, memory, src_pad), self.output_weight)
-
-    def next_token_logits(self, prefix: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
-        """prefix (B, T) -> logits (B, V) of the token after it (only the last position is projected)."""
-        return F.linear(self.decoder_states(prefix, memory, src_pad)[:, -1], self.output_weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory, src_pad = self.encode(src)
