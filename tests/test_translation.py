@@ -87,6 +87,20 @@ def test_sword_missing_module_directory(tmp_path):
         read_verses(tmp_path / "nope")
 
 
+@pytest.mark.skipif(not Path("/usr/share/sword/modules/texts/ztext/spaRV1909eb").is_dir(),
+                    reason="Debian packages sword-text-kjv and sword-text-sparv not installed")
+def test_bible_corpus_from_the_debian_modules():
+    from codistill.translation.corpus import load_bible
+
+    corpus = load_bible()
+    assert 28_000 < len(corpus.train) < 31_000 and 500 < len(corpus.valid) == len(corpus.test) < 700
+    pairs = dict(zip(corpus.train.src + corpus.valid.src + corpus.test.src,
+                     corpus.train.tgt + corpus.valid.tgt + corpus.test.tgt))
+    assert pairs["In the beginning God created the heaven and the earth."] == \
+        "EN el principio crió Dios los cielos y la tierra."
+    assert not any("<" in s or ">" in s for s in corpus.train.src[:2000] + corpus.train.tgt[:2000])
+
+
 # ---------------------------------------------------------------------------------------------
 # Corpora
 

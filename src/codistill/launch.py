@@ -12,15 +12,24 @@ from .checkpoint import load_entry, read_latest
 from .config import Config, check_world_size, dump_yaml, load_config
 from .distributed import init_distributed, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
+from .faults import parse_fault
 from .run_log import atomic_write_text, prepare_run_dir
 from .trainer import Trainer, run_worker
 
 
-def check_data(cfg: Config) -> None:
-    """Open the dataset once before starting workers, so a missing file is one clear error."""
+def check_data(cfg: Config, world_size: int) -> None:
+    """Open the dataset once before starting workers, so a missing file or a batch larger than the
+    data is one clear error (and an existing run directory is not touched)."""
+    import torch
+
     from .data import load_dataset
+    from .tasks import ClassificationTask, task_class
+    from .topology import Grid, Topology
 
     load_dataset(cfg.data.name, cfg.data.root)
+    if task_class(cfg) is ClassificationTask:
+        topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
+        ClassificationTask(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:
@@ -50,7 +59,8 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
         return _train_torchrun(cfg, Path(out), overwrite, resume)
     world = nproc if nproc is not None else cfg.dist.nproc
     check_world_size(cfg, world)
-    check_data(cfg)
+    parse_fault(os.environ.get("CODISTILL_FAULT"))
+    check_data(cfg, world)
     if resume:
         run_dir = Path(out)
     else:
@@ -75,7 +85,7 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool) -> di
         error = [None]
         if ctx.rank == 0 and not resume:
             try:
-                check_data(cfg)
+                check_data(cfg, ctx.world_size)
                 prepare_run_dir(out, overwrite)
                 atomic_write_text(out / "config.yaml", dump_yaml(cfg))
                 prepare_task(cfg, out)

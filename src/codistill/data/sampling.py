@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigError
+
 
 class ShardBatchSampler(Sampler[list[int]]):
     """Yields this replica's batches for one model, epoch after epoch, forever.
@@ -23,9 +25,9 @@ class ShardBatchSampler(Sampler[list[int]]):
         self.replicas, self.replica, self.seed = replicas, replica, seed
         self.steps_per_epoch = len(indices) // (replicas * batch_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(indices)} training examples are fewer than one step needs "
-                f"({replicas} replicas x batch {batch_size})")
+            raise ConfigError(
+                f"data.batch_size={batch_size} is too large: {len(indices)} training examples are fewer "
+                f"than one step of {replicas} replica(s) needs")
         self.start_step = 0
 
     def set_start_step(self, step: int) -> None:
