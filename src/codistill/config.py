@@ -48,6 +48,8 @@ class ModelConfig:
     per model (codistilling different architectures)."""
     options: dict = field(default_factory=dict)
     """Keyword arguments passed to the model constructor (e.g. {width: 32})."""
+    channels_last: bool = False
+    """Convolutional nets on GPU: channels_last memory format for models and image batches."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class CodistillConfig:
     """K for `burnin` and `ramp`."""
     teacher_mode: str = "eval"
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
+    teacher_precision: str = "fp32"
+    """`fp32`, or `bf16`: teacher forward passes under bf16 autocast (cheaper; measure its effect)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class TrainConfig:
     """Model i is initialized and shuffled with seed + i."""
     progress: bool = True
     """Show a progress bar on the first worker."""
+    amp: bool = False
+    """Student forward pass under bf16 autocast (for GPUs; parameters and optimizer stay fp32)."""
     checkpoint_every: int = 0
     """Save the full run state every this many steps (0: only at the end)."""
     nonfinite: str = "stop"
@@ -213,6 +219,7 @@ CHOICES = {
     "codistill.exchange": ("collective", "storage"),
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
+    "codistill.teacher_precision": ("fp32", "bf16"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("goyal", "cosine", "constant"),
     "dist.backend": ("auto", "gloo", "nccl"),

@@ -39,7 +39,16 @@ class ClassificationTask:
 
     def build_model(self, name: str) -> nn.Module:
         sp = self.splits
-        return build_model(name, sp.num_classes, sp.input_shape, **self.cfg.model.options).to(self.device)
+        model = build_model(name, sp.num_classes, sp.input_shape, **self.cfg.model.options).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    @property
+    def channels_last(self) -> bool:
+        return self.cfg.model.channels_last and len(self.splits.input_shape) == 3
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         d = self.cfg.data
@@ -51,11 +60,11 @@ class ClassificationTask:
 
     def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return module(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        return module(self.inputs(x)), y.to(self.device, non_blocking=True)
 
     def teacher_logits(self, teachers, batch) -> list[torch.Tensor]:
         x, _ = batch
-        return teachers.logits(x.to(self.device, non_blocking=True))
+        return teachers.logits(self.inputs(x))
 
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
         sp = self.splits

@@ -63,6 +63,7 @@ class Trainer:
         self.counter = CommCounter()
         self.ddp = self.wrap(self.model)
         self.exchanger = self.make_exchanger() if peers else None
+        self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.optimizer = build_optimizer(self.model, cfg)
 
         _, steps_per_epoch = self.task.train_batches(topo, self.seed)
@@ -111,11 +112,10 @@ class Trainer:
         s, c = self.schedules, self.cfg.codistill
         apply_to_optimizer(self.optimizer, self.step, s.lr, s.weight_decay)
         alpha = s.alpha(self.step)
-        logits, targets = self.task.forward(self.ddp, batch)
-        # Teachers only cost compute when their term counts (alpha = 0: burn-in, independent runs).
-        teacher_logits = self.task.teacher_logits(self.teachers, batch) if alpha > 0 and self.teachers.available() else []
-        out = codistillation_loss(logits, teacher_logits, targets, alpha=alpha, kind=c.loss,
-                                  temperature=c.temperature, label_smoothing=self.cfg.train.label_smoothing)
+        logits, targets, teacher_logits = self.forward_all(batch, alpha)
+        out = codistillation_loss(logits.float(), [t.float() for t in teacher_logits], targets, alpha=alpha,
+                                  kind=c.loss, temperature=c.temperature,
+                                  label_smoothing=self.cfg.train.label_smoothing)
         if self.fault and self.fault[0] == "nan" and self.fault[1:] == (self.topo.rank, self.step):
             out["total"] = out["total"] * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
@@ -127,16 +127,45 @@ class Trainer:
             self.step += 1
             return out
         self.optimizer.step()
-        with torch.no_grad():
+        with torch.no_grad():  # tensors only: no host sync per step
             real = targets != -100  # padding positions of sequence tasks
-            n = float(real.sum())
-            correct = ((logits.argmax(-1) == targets) & real).sum()
-            self._window += torch.stack([out["task"].detach() * n, out["distill"].detach() * n,
-                                         out["total"].detach() * n, correct.to(torch.float64),
-                                         torch.tensor(n, device=self.device)]).to(torch.float64)
+            n = real.sum().to(torch.float64)
+            correct = ((logits.argmax(-1) == targets) & real).sum().to(torch.float64)
+            losses = torch.stack([out["task"], out["distill"], out["total"]]).detach().to(torch.float64)
+            self._window += torch.cat([losses * n, correct.view(1), n.view(1)])
         self._window_steps += 1
         self.step += 1
         return out
+
+    def forward_all(self, batch, alpha: float):
+        """Student logits, targets and (when alpha > 0) the available teachers' logits.
+
+        On CUDA the teachers run on their own stream, overlapping the student's forward pass;
+        `train.amp` runs the student under bf16 autocast, `codistill.teacher_precision=bf16` the
+        teachers (their effect on accuracy is measured in docs/performance.md, not assumed).
+        """
+        use_teachers = alpha > 0 and bool(self.teachers.available())
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp)
+        teacher_amp = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                     enabled=self.cfg.codistill.teacher_precision == "bf16")
+        if self.device.type != "cuda" or not use_teachers:
+            teacher_logits = []
+            if use_teachers:
+                with teacher_amp:
+                    teacher_logits = self.task.teacher_logits(self.teachers, batch)
+            with amp:
+                logits, targets = self.task.forward(self.ddp, batch)
+            return logits, targets, teacher_logits
+        main = torch.cuda.current_stream(self.device)
+        self.teacher_stream.wait_stream(main)  # the batch was copied on the main stream
+        with torch.cuda.stream(self.teacher_stream), teacher_amp:
+            teacher_logits = self.task.teacher_logits(self.teachers, batch)
+        with amp:
+            logits, targets = self.task.forward(self.ddp, batch)
+        main.wait_stream(self.teacher_stream)
+        for t in teacher_logits:
+            t.record_stream(main)  # allocated on the side stream, used on the main one
+        return logits, targets, teacher_logits
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -209,9 +209,10 @@ def markdown(r: dict) -> str:
     row = (f"| {r['model']} | {r['device']} | {r['world']} | {r['n_models']} x {r['replicas']} | {r['batch']} | "
            f"{ips['allreduce']:.0f} | {ips['codistill']:.0f} / {stream} | {1e3 * m['own']:.1f} | "
            f"{1e3 * m['teacher']:.1f} | {1e3 * m['codistill']:.1f} | {r['efficiency']:.3f} |")
+    how = ("CPU dry run: fp32, gloo, NOT a measurement" if r["device"] == "cpu (dry run)"
+           else "channels_last, bf16 autocast, NCCL")
     return "\n".join([head, "|" + "---|" * 11, row]) + (
-        f"\n\ntorch {r['torch']}, {'channels_last, bf16 autocast, NCCL' if r['device'] != 'cpu (dry run)' else
-                                 'CPU dry run: fp32, gloo, NOT a measurement'}; efficiency = (own + (n-1) teacher) / "
+        f"\n\ntorch {r['torch']}, {how}; efficiency = (own + (n-1) teacher) / "
         f"codistill step, median over interleaved repeats; with the teachers on their own stream: "
         f"{r['efficiency_stream']:.3f}.\n")
 

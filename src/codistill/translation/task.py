@@ -230,9 +230,10 @@ class TranslationTask:
         return logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1)
 
     def teacher_logits(self, teachers, batch: Batch) -> list[torch.Tensor]:
+        """Logits (B*T, V) of each teacher that has weights (`Teachers.available`)."""
         src, tgt_in, _ = self._to_device(batch)
         with torch.no_grad():
-            return [m(src, tgt_in).flatten(0, 1) for m in teachers.modules.values()]
+            return [m(src, tgt_in).flatten(0, 1) for m in teachers.available().values()]
 
     # -- evaluation ---------------------------------------------------------------------------
 
