@@ -24,9 +24,7 @@ def _runner(name: str) -> Callable[..., Result]:
     """The benchmark's run function (imported on demand: each pulls in different machinery)."""
     if name == "step_overhead":
         from .step_overhead import run
-
-        return lambda quick, out: run(quick)
-    if name == "bytes":
+    elif name == "bytes":
         from .comm_bytes import run
     elif name == "slow_network":
         from .slow_network import run
@@ -40,7 +38,7 @@ def _runner(name: str) -> Callable[..., Result]:
 def run_benchmarks(name: str, quick: bool = False, out: str | Path | None = None) -> list[Result]:
     """Run one benchmark, or all of them in turn (`all`); print and save each table."""
     names = list(NAMES) if name == "all" else [name]
-    out = Path(out) if out else Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = (Path(out) if out else Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
     results = []
     for n in names:
         print(f"== bench {n}{' (quick)' if quick else ''}", flush=True)

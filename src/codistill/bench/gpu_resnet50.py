@@ -49,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--n-models", type=int, default=2, help="n: codistilled models (teachers = n - 1)")
+    p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="bf16",
+                   help="teachers under bf16 autocast or not (codistill.teacher_precision)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=10, help="steps per timed block")
     p.add_argument("--warmup", type=int, default=10)
@@ -109,6 +111,7 @@ def measure(args, rank: int, world: int, device) -> dict:
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    teacher_amp = amp if args.teacher_precision == "bf16" else contextlib.nullcontext
     shape = (3, args.image_size, args.image_size)
     cfg = load_config(None, [])
     n = args.n_models
@@ -130,6 +133,8 @@ def measure(args, rank: int, world: int, device) -> dict:
             g["lr"], g["weight_decay"] = 1e-3, 1e-4
     # Teachers as the trainer holds them: bound to flat (NCHW) buffers that the exchange fills.
     teachers = Teachers({j: build_model(args.model, args.classes, shape).to(device) for j in range(1, n)}, "eval")
+    for j in teachers.versions:  # as after the first exchange: every teacher takes part
+        teachers.versions[j] = 0
     one_teacher = next(iter(teachers.modules.values()))
     x = torch.randn(args.batch, *shape, device=device).to(memory_format=fmt)
     y = torch.randint(args.classes, (args.batch,), device=device)
@@ -145,12 +150,12 @@ def measure(args, rank: int, world: int, device) -> dict:
         opt.step()
 
     def teachers_same_stream():
-        with amp():
+        with teacher_amp():
             return teachers.logits(x)
 
     def codistill_stream():
         side.wait_stream(torch.cuda.current_stream())  # x and the teachers' weights are ready
-        with torch.cuda.stream(side), amp():
+        with torch.cuda.stream(side), teacher_amp():
             t = teachers.logits(x)
         with amp():
             logits = own(x)
@@ -163,7 +168,7 @@ def measure(args, rank: int, world: int, device) -> dict:
         opt_own.step()
 
     def teacher_forward():
-        with torch.no_grad(), amp():
+        with torch.no_grad(), teacher_amp():
             one_teacher(x)
 
     fns = {"allreduce": lambda: step(allreduce, opt_ar), "own": lambda: step(own, opt_own),
@@ -194,6 +199,7 @@ def measure(args, rank: int, world: int, device) -> dict:
                  for r in range(args.repeats))[args.repeats // 2]
     best = min(med["codistill"], med.get("codistill_stream", float("inf")))
     return {"world": world, "n_models": n, "replicas": replicas, "batch": args.batch, "model": args.model,
+            "teacher_precision": args.teacher_precision,
             "median_s": med, "efficiency": eff,
             "efficiency_stream": (med["own"] + (n - 1) * med["teacher"]) / best,
             "images_per_s": {k: args.batch / v for k, v in med.items() if k != "teacher"},
@@ -210,7 +216,7 @@ def markdown(r: dict) -> str:
            f"{ips['allreduce']:.0f} | {ips['codistill']:.0f} / {stream} | {1e3 * m['own']:.1f} | "
            f"{1e3 * m['teacher']:.1f} | {1e3 * m['codistill']:.1f} | {r['efficiency']:.3f} |")
     how = ("CPU dry run: fp32, gloo, NOT a measurement" if r["device"] == "cpu (dry run)"
-           else "channels_last, bf16 autocast, NCCL")
+           else f"channels_last, bf16 autocast (student), {r['teacher_precision']} teachers, NCCL")
     return "\n".join([head, "|" + "---|" * 11, row]) + (
         f"\n\ntorch {r['torch']}, {how}; efficiency = (own + (n-1) teacher) / "
         f"codistill step, median over interleaved repeats; with the teachers on their own stream: "

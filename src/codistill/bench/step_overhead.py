@@ -1,41 +1,41 @@
 """Step overhead: a codistillation worker's optimizer step against its floor, in one process.
 
-    floor      = t(forward + backward + optimizer step of the worker's own model)
+    floor      = t(optimizer step of an all-reduce worker: forward + backward + step of its own model)
                  + (n - 1) * t(forward of one teacher, no autograd, eval mode)
-    measured   = t(one codistillation step: student forward, the n - 1 teachers' logits
-                 (`Teachers.logits`), `codistillation_loss`, backward, optimizer step)
+    measured   = t(optimizer step of a codistillation worker with n - 1 teachers)
     efficiency = floor / measured          (target >= 0.9)
 
-Everything is the library's own code: `build_model`, `Teachers` (frozen copies bound to flat
-buffers, exactly as the trainer holds them), `codistillation_loss`, `build_optimizer`. The floor's
-own step is what an all-reduce worker does (`codistillation_loss` with no teachers). No
-communication is involved: the exchange is measured by `bench bytes` and `bench stall`.
+Both steps are the library's own `Trainer.train_step` (schedules, teachers' logits, the loss, backward,
+optimizer step, the metric window), on one fixed Fashion-MNIST-shaped batch, in one process: a
+single-process gloo group, so no DDP and no communication (the exchange is `bench bytes` and `bench
+stall`). The codistillation worker is the trainer of one model group whose n - 1 teachers hold
+weights (exchange through storage, so that one process can hold a model group of its own; the
+exchange itself is never called). The teacher forward of the floor is one of its `Teachers`' modules
+under no_grad.
 
-Timings are interleaved: each repeat times a block of iterations of every variant, in an order
-that rotates between repeats, so slow drifts of a shared machine hit every variant alike. The
-efficiency is computed within each repeat (side by side) and the median over repeats reported.
-One intra-op thread, as each training worker uses on CPU (`dist.threads`).
+Timings are interleaved: each repeat times a block of steps of every variant, in an order that
+rotates between repeats, so slow drifts of a shared machine hit every variant alike. The efficiency
+is computed within each repeat (side by side) and the median over repeats reported. One intra-op
+thread, as each training worker uses on CPU (`dist.threads`).
 
 A second table times the n - 1 teachers' forward three ways, for the choices the issue leaves
 open: one after the other (what `Teachers.logits` does), batched into one vectorized call
-(torch.func.vmap over their stacked weights), and under bf16 autocast.
+(torch.func.vmap over their stacked weights), and under bf16 autocast (`codistill.teacher_precision`).
+The full mode also trains two short real runs, fp32 and bf16 teachers, to measure bf16's effect
+on accuracy rather than assume it.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from ..config import load_config
 from ..exchange import Teachers
-from ..losses import codistillation_loss
-from ..models import build_model
-from ..recipe import build_optimizer
 from .common import Result, fmt, machine_info, markdown_table, median
-
-INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
-NUM_CLASSES = 10
 
 
 def _block(fn, iters: int) -> float:
@@ -46,44 +46,50 @@ def _block(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def measure_model(name: str, ns: list[int], batch: int, repeats: int, iters: int, warmup: int = 2,
-                  variants: bool = True) -> dict:
-    """Median seconds of every variant, and the per-repeat efficiencies, for one model."""
-    torch.manual_seed(0)
-    cfg = load_config(None, [])
-    student = build_model(name, NUM_CLASSES, INPUT_SHAPE)
-    optimizer = build_optimizer(student, cfg)
-    for g in optimizer.param_groups:  # what the trainer's schedules set before each step
-        g["lr"], g["weight_decay"] = 0.01, 5e-4 if g.get("decay", True) else 0.0
-    teachers = {n: Teachers({j: build_model(name, NUM_CLASSES, INPUT_SHAPE) for j in range(1, n)}, "eval")
-                for n in ns}
-    one_teacher = next(iter(teachers[min(ns)].modules.values()))
-    x = torch.randn(batch, *INPUT_SHAPE)
-    y = torch.randint(NUM_CLASSES, (batch,))
-    student.train()
+def _trainer(ctx, model: str, data: str, batch: int, n: int, exchange_dir: str, precision: str = "fp32"):
+    """A real Trainer of one model group of one worker; its n - 1 teachers marked as holding weights."""
+    from ..trainer import Trainer
 
-    def own_step():
-        out = codistillation_loss(student(x), [], y)
-        optimizer.zero_grad(set_to_none=True)
-        out["total"].backward()
-        optimizer.step()
+    sets = [f"model.name={model}", f"data.name={data}", f"data.batch_size={batch}", f"codistill.n_models={n}",
+            "train.progress=false", f"codistill.teacher_precision={precision}", "train.steps=1000000"]
+    if n > 1:
+        sets += ["codistill.exchange=storage", f"codistill.exchange_dir={exchange_dir}", "codistill.model_index=0"]
+    trainer = Trainer(load_config(None, sets), ctx, None)
+    for j in trainer.teachers.versions:  # as after the first exchange: every teacher takes part
+        trainer.teachers.versions[j] = 0
+    return trainer
+
+
+def measure_model(name: str, ns: list[int], batch: int, repeats: int, iters: int, warmup: int = 2,
+                  data: str = "fashion_mnist") -> dict:
+    """Median seconds of every variant, and the per-repeat efficiencies, for one model."""
+    from ..distributed import init_distributed, shutdown
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="codistill_bench_") as tmp:
+        ctx = init_distributed("gloo", threads=1, init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            own = _trainer(ctx, name, data, batch, 1, tmp)
+            workers = {n: _trainer(ctx, name, data, batch, n, tmp) for n in ns}
+            bf16 = _trainer(ctx, name, data, batch, min(ns), tmp, precision="bf16")
+            return _time_variants(own, workers, bf16, ns, repeats, iters, warmup)
+        finally:
+            shutdown()
+
+
+def _time_variants(own, workers: dict, bf16, ns: list[int], repeats: int, iters: int, warmup: int) -> dict:
+    batch_xy = next(iter(own.task.train_batches(own.topo, 0)[0]))
+    x = own.task.inputs(batch_xy[0])
+    one_teacher = next(iter(workers[min(ns)].teachers.modules.values()))
 
     def teacher_forward():
         with torch.no_grad():
             one_teacher(x)
 
-    def codistill_step(t: Teachers):
-        logits = student(x)
-        out = codistillation_loss(logits, t.logits(x), y, alpha=1.0, kind="kl", temperature=1.0)
-        optimizer.zero_grad(set_to_none=True)
-        out["total"].backward()
-        optimizer.step()
-
-    fns = {"own": own_step, "teacher": teacher_forward}
-    fns.update({f"codistill_n{n}": (lambda t=teachers[n]: codistill_step(t)) for n in ns})
-    if variants:
-        nmax = max(ns)
-        fns.update(teacher_variants(teachers[nmax], x))
+    fns = {"own": lambda: own.train_step(batch_xy), "teacher": teacher_forward}
+    fns.update({f"codistill_n{n}": (lambda t=workers[n]: t.train_step(batch_xy)) for n in ns})
+    fns[f"codistill_n{min(ns)}_bf16_teachers"] = lambda: bf16.train_step(batch_xy)
+    fns.update(teacher_variants(workers[max(ns)].teachers, x))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         for _ in range(warmup):
@@ -96,7 +102,7 @@ def measure_model(name: str, ns: list[int], batch: int, repeats: int, iters: int
     eff = {n: [(times["own"][r] + (n - 1) * times["teacher"][r]) / times[f"codistill_n{n}"][r]
                for r in range(repeats)] for n in ns}
     return {"median_s": {k: median(v) for k, v in times.items()}, "efficiency": {n: median(e) for n, e in eff.items()},
-            "efficiency_per_repeat": eff, "params": sum(p.numel() for p in student.parameters())}
+            "efficiency_per_repeat": eff, "params": sum(p.numel() for p in own.model.parameters())}
 
 
 def teacher_variants(teachers: Teachers, x: torch.Tensor) -> dict:
@@ -107,7 +113,7 @@ def teacher_variants(teachers: Teachers, x: torch.Tensor) -> dict:
         teachers.logits(x)
 
     def bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             teachers.logits(x)
 
     out = {"teachers_sequential": sequential, "teachers_bf16": bf16}
@@ -116,11 +122,7 @@ def teacher_variants(teachers: Teachers, x: torch.Tensor) -> dict:
 
         params, buffers = stack_module_state(mods)
         base = mods[0]
-
-        def one(p, b, inp):
-            return functional_call(base, (p, b), (inp,))
-
-        batched = torch.vmap(one, in_dims=(0, 0, None))
+        batched = torch.vmap(lambda p, b, inp: functional_call(base, (p, b), (inp,)), in_dims=(0, 0, None))
 
         def vmapped():
             with torch.no_grad():
@@ -136,7 +138,22 @@ def teacher_variants(teachers: Teachers, x: torch.Tensor) -> dict:
     return out
 
 
-def run(quick: bool = False) -> Result:
+def bf16_accuracy_effect(out: Path, steps: int = 400) -> dict:
+    """Two real short runs (n = 2, one worker per model), fp32 vs bf16 teachers: final accuracies."""
+    from .local import run_local
+
+    base = ["data.name=fashion_mnist", "model.name=cnn", "data.batch_size=64", f"train.steps={steps}",
+            "codistill.n_models=2", "codistill.exchange_every=50", "train.progress=false", "dist.threads=1",
+            f"train.eval_every={steps}", "train.log_every=50"]
+    runs = [(p, load_config(None, base + [f"codistill.teacher_precision={p}"])) for p in ("fp32", "bf16")]
+    summaries = run_local(runs, 2, out / "teacher_precision_runs")
+    return {p: {"val_accuracy": [m["val_accuracy"] for m in s["models"]],
+                "test_accuracy": [m["test_accuracy"] for m in s["models"]],
+                "ensemble_test_accuracy": s["ensemble_test_accuracy"], "wall_seconds": s["wall_seconds"],
+                "steps": s["steps"]} for p, s in summaries.items()}
+
+
+def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
     torch.set_num_threads(1)
     models = ["cnn_tiny"] if quick else ["cnn", "resnet20"]  # quick: checks the table, not the speed
     ns = [2, 4]
@@ -156,33 +173,37 @@ def run(quick: bool = False) -> Result:
             e = r["efficiency"][n]
             rows.append([name, n, f"{1e3 * m['own']:.1f}", f"{1e3 * m['teacher']:.1f}", f"{1e3 * floor:.1f}",
                          f"{1e3 * m[f'codistill_n{n}']:.1f}", f"{e:.3f}", "yes" if e >= 0.9 else "no"])
-        nmax = max(ns)
-        seq = m.get("teachers_sequential")
-        vm = m.get("teachers_vmap")
-        bf = m.get("teachers_bf16")
-        variant_rows.append([name, nmax - 1, fmt(seq and 1e3 * seq, ".1f"), fmt(vm and 1e3 * vm, ".1f", "n/a"),
-                             fmt(vm and seq / vm, ".2f", "n/a"), fmt(bf and 1e3 * bf, ".1f"),
-                             fmt(bf and seq / bf, ".2f")])
+        seq, vm, bf = m["teachers_sequential"], m.get("teachers_vmap"), m["teachers_bf16"]
+        n2, n2bf = m[f"codistill_n{min(ns)}"], m[f"codistill_n{min(ns)}_bf16_teachers"]
+        variant_rows.append([name, max(ns) - 1, f"{1e3 * seq:.1f}", fmt(vm and 1e3 * vm, ".1f", "n/a"),
+                             fmt(vm and seq / vm, ".2f", "n/a"), f"{1e3 * bf:.1f}", f"{seq / bf:.2f}",
+                             f"{1e3 * n2:.1f} / {1e3 * n2bf:.1f}"])
     table = markdown_table(
         ["model", "n", "own step (ms)", "teacher fwd (ms)", "floor (ms)", "codistill step (ms)",
          "efficiency", ">= 0.9"], rows)
     table += f"\n\nForward of the n - 1 teachers, batch {batch}:\n\n" + markdown_table(
-        ["model", "teachers", "sequential (ms)", "vmap-batched (ms)", "speedup", "bf16 autocast (ms)", "speedup"],
-        variant_rows)
+        ["model", "teachers", "sequential (ms)", "vmap-batched (ms)", "speedup", "bf16 autocast (ms)", "speedup",
+         f"n={min(ns)} step, fp32 / bf16 teachers (ms)"], variant_rows)
     effs = [r["efficiency"][n] for r in results.values() for n in ns]
-    notes = [f"batch {batch}, input 1x28x28, one intra-op thread; median over "
+    notes = [f"batch {batch}, input 1x28x28, one intra-op thread; `Trainer.train_step` timed, median over "
              f"{'3' if quick else '15 (cnn) / 9 (resnet20)'} interleaved repeats; efficiency = floor / measured, "
              "computed within each repeat.",
-             f"target efficiency >= 0.9: {'met' if min(effs) >= 0.9 else 'missed'} "
-             f"(lowest {min(effs):.3f})."]
+             f"target efficiency >= 0.9: {'met' if min(effs) >= 0.9 else 'missed'} (lowest {min(effs):.3f})."]
+    data = {"batch": batch, "met": min(effs) >= 0.9,
+            "results": {k: {**v, "efficiency": {str(n): e for n, e in v["efficiency"].items()},
+                            "efficiency_per_repeat": {str(n): e for n, e in v["efficiency_per_repeat"].items()}}
+                        for k, v in results.items()}}
+    if not quick:
+        effect = bf16_accuracy_effect(Path(out))
+        data["bf16_teachers"] = effect
+        table += "\n\nbf16 teachers, accuracy effect (Fashion-MNIST, cnn, n = 2, one worker per model, " \
+                 f"{effect['fp32']['steps']} steps, T = 50, one run each):\n\n" + markdown_table(
+                     ["teachers", "val acc model 0 / 1 (%)", "test acc model 0 / 1 (%)", "ensemble test acc (%)",
+                      "training (s)"],
+                     [[p, " / ".join(f"{100 * a:.2f}" for a in e["val_accuracy"]),
+                       " / ".join(f"{100 * a:.2f}" for a in e["test_accuracy"]),
+                       f"{100 * e['ensemble_test_accuracy']:.2f}", f"{e['wall_seconds']:.0f}"]
+                      for p, e in effect.items()])
     return Result(name="step_overhead", title="Step overhead: codistillation step vs its floor",
                   command=f"codistill bench step_overhead{' --quick' if quick else ''}", table=table, notes=notes,
-                  data={"batch": batch, "results": {k: {**v, "efficiency": {str(n): e for n, e in v["efficiency"].items()},
-                                                          "efficiency_per_repeat": {str(n): e for n, e in
-                                                                                    v["efficiency_per_repeat"].items()}}
-                                                      for k, v in results.items()},
-                        "met": min(effs) >= 0.9},
-                  machine=machine_info())
-
-
-__all__ = ["run", "measure_model"]
+                  data=data, machine=machine_info())

@@ -22,7 +22,8 @@ def plot_experiment(experiment: Experiment, rows: list[dict], path: str | Path) 
         return None
     draw = {"curves": _curves, "lines": _lines, "bars": _bars}[experiment.plot]
     fig = draw(experiment, rows)
-    fig.suptitle(f"{experiment.name}: {experiment.title}", fontsize=10)
+    fig.suptitle(f"{experiment.name}: {experiment.title}" + (" (smoke test)" if rows[0].get("quick") else ""),
+                 fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,14 +92,14 @@ def _lines(experiment: Experiment, rows: list[dict]):
 
 
 def _curves(experiment: Experiment, rows: list[dict]):
-    """Model 0's curves of the full-budget variants (one line per seed), then accuracy per budget."""
+    """Model 0's curves at the longest budget run (one line per seed), then accuracy per budget."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     variants = {v.name: v for v in experiment.variants}
     first_seed = min(r["seed"] for r in rows)
+    longest = max(r["steps"] for r in rows)
     colors: dict[str, str] = {}
     for row in rows:
-        variant = variants.get(row["variant"])
-        if variant is None or variant.scale or not row.get("curve"):  # scaled: a shorter budget
+        if row["steps"] != longest or not row.get("curve"):
             continue
         color = colors.setdefault(row["variant"], f"C{len(colors)}")
         for ax, (key, label) in zip(axes, CURVE_PANELS):

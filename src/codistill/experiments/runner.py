@@ -9,13 +9,14 @@ budget is shared by F1, F2, F3, F6, F7 and Beyond).
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..compare import arm_configs
-from ..config import Config, dump_yaml, load_config, replace, to_dict
+from ..config import Config, load_config, replace, to_dict
 from ..errors import UserError
 from . import results as res
 from .suite import BASES, EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant, seed_of
@@ -46,10 +47,20 @@ def _scaled(value, factor: float):
     return value * factor
 
 
+REPO = Path(__file__).resolve().parents[3]  # src/codistill/experiments/ -> the repository root
+
+
 def base_config(experiment: Experiment, quick: bool) -> Config:
-    """The experiment's base config (before any variant)."""
+    """The experiment's base config (before any variant): its YAML file, if any, < the suite base
+    < the experiment's own base."""
+    path = None
+    if experiment.config is not None:
+        path = REPO / experiment.config
+        if not path.is_file():
+            raise UserError(f"{experiment.name} starts from {experiment.config}, which is not in {REPO}; "
+                            "run from a checkout of the repository")
     overrides = {**BASES[(experiment.family, quick)], **(experiment.quick_base if quick else experiment.base)}
-    return replace(load_config(), **_dunder(overrides))
+    return replace(load_config(path), **_dunder(overrides))
 
 
 def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: bool,
@@ -84,13 +95,8 @@ def config_hash(cfg: Config, world: int) -> str:
     tree = to_dict(cfg)
     tree.pop("compare")  # only used to derive the arms, already applied
     tree["train"].pop("progress")
-    return hashlib.sha256(f"{dump_yaml_tree(tree)}\nworld={world}".encode()).hexdigest()[:16]
-
-
-def dump_yaml_tree(tree: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(tree, sort_keys=True)
+    text = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(f"{text}\nworld={world}".encode()).hexdigest()[:16]
 
 
 def _git_commit() -> str | None:
@@ -145,9 +151,10 @@ class Suite:
                     label = f"{experiment.name}/{variant.name}/s{seed}"
                     try:
                         row = self.run_one(experiment, variant, seed, label)
-                    except UserError as e:
-                        print(f"[{label}] failed: {e}", flush=True)
-                        self.failures.append(f"{label}: {e}")
+                    except Exception as e:  # noqa: BLE001 - one failed run must not end an hours-long suite
+                        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                        print(f"[{label}] failed: {type(e).__name__}: {message}", flush=True)
+                        self.failures.append(f"{label}: {type(e).__name__}: {message}")
                         continue
                     res.append_row(path, row)
                     written += 1
@@ -175,7 +182,9 @@ class Suite:
         print(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
               f"{cfg.train.steps} steps -> {run_dir}", flush=True)
         start = time.perf_counter()
-        summary = train(cfg, run_dir, overwrite=True, nproc=world)
+        # Absolute: the workers meet through a file:// URL in the run directory, and a relative path
+        # there would be read as a host name.
+        summary = train(cfg, run_dir.resolve(), overwrite=True, nproc=world)
         row.update(res.summary_values(summary))
         row["total_seconds"] = time.perf_counter() - start
         if experiment.plot == "curves":

@@ -6,17 +6,14 @@
     task.py       TranslationTask: token batching, forward, NLL / accuracy / BLEU evaluation
 The models are `codistill.models.transformer` (transformer_tiny, _base, _big).
 
-Importing this package registers the datasets and the models, and the task in
-`codistill.tasks.TASKS` whenever `codistill.tasks` is importable at that moment (otherwise the
-datasets' `task` attribute registers it on first use; see `corpus.TranslationDataset`).
+The datasets `bible_en_es` and `parallel_text` are registered in `codistill.data.parallel` with
+`task = "translation"`; `codistill.tasks.task_class` imports this package, which registers
+`TranslationTask` in `codistill.tasks.TASKS`.
 """
 
 from __future__ import annotations
 
-import sys
-
 from ..models import transformer  # noqa: F401  (registers the transformer presets)
-from . import corpus  # noqa: F401  (registers the datasets)
 from .corpus import Bitext, ParallelCorpus, read_aligned
 from .sword import read_verses, strip_osis
 
@@ -37,9 +34,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_tasks = sys.modules.get("codistill.tasks")
-if _tasks is None or hasattr(_tasks, "TASKS"):  # not mid-import
-    register_task()
+register_task()
 
 __all__ = ["Bitext", "ParallelCorpus", "TranslationTask", "read_aligned", "read_verses", "register_task",
            "strip_osis"]

@@ -1,6 +1,6 @@
 """Parallel corpora: aligned text files and the built-in English-Spanish Bible.
 
-Registered datasets (their loaders carry `task = "translation"`, which selects `TranslationTask`):
+The corpora (registered as datasets in `codistill.data.parallel`, with `task = "translation"`):
 
 - `bible_en_es`: King James Version (English) aligned verse by verse with Reina-Valera 1909
   (Spanish), read from the SWORD modules of the Debian packages sword-text-kjv and sword-text-sparv
@@ -23,7 +23,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.registry import register_dataset
 from ..errors import DataError
 from .sword import read_verses
 
@@ -143,51 +142,3 @@ def load_parallel_text(root: str) -> ParallelCorpus:
         if len(bitext) == 0:
             raise DataError(f"{base / SPLIT_FILES[name][0]}: no sentence pairs")
     return ParallelCorpus(**splits)
-
-
-class TranslationDataset:
-    """A registered loader of a parallel corpus; `task` names the task that trains on it.
-
-    Reading `task` also registers that task (`codistill.translation.register_task`): this package
-    is imported by `codistill.models`, which `codistill.tasks` imports, so it can run while
-    `codistill.tasks` is only half imported, too early to register there; `tasks.task_class` reads
-    `task` before it looks the task up.
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, root: str | None = None) -> ParallelCorpus:
-        return self.fn(root)
-
-    @property
-    def task(self) -> str:
-        from . import register_task
-
-        register_task()
-        return "translation"
-
-
-def _translation_dataset(name: str):
-    """Register a loader of a parallel corpus under `name`, marked as a translation dataset."""
-
-    def decorator(fn):
-        return register_dataset(name)(TranslationDataset(fn))
-
-    return decorator
-
-
-@_translation_dataset("bible_en_es")
-def bible_en_es(root: str | None = None) -> ParallelCorpus:
-    """KJV English -> Reina-Valera 1909 Spanish (about 30,000 verse pairs), from the SWORD modules."""
-    return load_bible(root)
-
-
-@_translation_dataset("parallel_text")
-def parallel_text(root: str | None = None) -> ParallelCorpus:
-    """Aligned text files in `data.root`: train/valid/test .src/.tgt."""
-    if root is None:
-        raise DataError("parallel_text needs data.root: a directory with "
-                        + ", ".join(f for pair in SPLIT_FILES.values() for f in pair))
-    return load_parallel_text(str(root))
