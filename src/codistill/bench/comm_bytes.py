@@ -26,7 +26,7 @@ from pathlib import Path
 from ..config import load_config
 from ..data import load_dataset
 from ..models import build_model
-from .common import Result, fmt_bytes, machine_info, markdown_table
+from .common import Result, machine_info, markdown_table
 from .local import run_local
 
 PERIODS = (50, 500, 2500)
@@ -53,6 +53,27 @@ def _agree(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
 
 
+def make_table(records: list[dict], period: int) -> str:
+    """The table of counted vs formula bytes, and codistillation relative to all-reduce."""
+    rows, ratio_rows = [], []
+    for r in records:
+        n, world = r["n_models"], r["world"]
+        rows.append([world, r["mode"], f"{n} x {world // n}",
+                     f"{r['steps']} steps" + (f", T={period}: {r['exchanges']} exchanges" if n > 1 else ""),
+                     f"{r['counted_allreduce_per_step']:,.0f} / {r['formula_allreduce_per_step']:,.0f}",
+                     f"{r['counted_per_exchange']:,.0f} / {r['formula_per_exchange']:,.0f}" if n > 1 else "-",
+                     "yes" if r["agree"] else "**NO**",
+                     *[f"{r['per_step_at_T'][T]:,.0f}" for T in PERIODS]])
+        ref = next(x for x in records if x["world"] == world and x["n_models"] == 1)
+        if n > 1:
+            ratio_rows.append([world, *[f"{r['per_step_at_T'][T] / ref['per_step_at_T'][T]:.3f}" for T in PERIODS]])
+    table = markdown_table(
+        ["W", "mode", "models x workers", "real run", "all-reduce B/step: counted / formula",
+         "exchange B/exchange: counted / formula", "agree", *[f"B/step at T={T}" for T in PERIODS]], rows)
+    return table + "\n\nCodistillation bytes per worker per step relative to all-reduce at the same W:\n\n" + \
+        markdown_table(["W", *[f"T={T}" for T in PERIODS]], ratio_rows)
+
+
 def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
     if quick:
         data, model, batch, worlds, steps, period = "digits", "cnn_tiny", 16, [4], 6, 3
@@ -63,7 +84,7 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
             "schedule.milestones=[]", f"train.eval_every={steps}", f"train.log_every={steps}",
             "train.progress=false", "dist.threads=1"]
     m = model_bytes(model, data)
-    rows, records, all_agree = [], [], True
+    records, all_agree = [], True
     for world in worlds:
         runs = [(f"W{world}_allreduce", load_config(None, base + ["codistill.n_models=1"])),
                 (f"W{world}_codistill", load_config(None, base + ["codistill.n_models=2"]))]
@@ -84,23 +105,8 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
                             "formula_allreduce_per_step": f["allreduce_per_step"],
                             "counted_per_exchange": ex, "formula_per_exchange": f["exchange_per_exchange"],
                             "per_step_at_T": per_t, "agree": agree})
-            rows.append([world, mode, f"{n} x {world // n}",
-                         f"{s['steps']} steps" + (f", T={period}: {s['exchanges']} exchanges" if n > 1 else ""),
-                         f"{fmt_bytes(ar)} / {fmt_bytes(f['allreduce_per_step'])}",
-                         f"{fmt_bytes(ex)} / {fmt_bytes(f['exchange_per_exchange'])}" if n > 1 else "-",
-                         "yes" if agree else "**NO**",
-                         *[fmt_bytes(per_t[T]) for T in PERIODS]])
-    for r in records:  # codistillation per step relative to all-reduce at the same W
-        ref = next(x for x in records if x["world"] == r["world"] and x["n_models"] == 1)
-        r["ratio_to_allreduce"] = {T: r["per_step_at_T"][T] / ref["per_step_at_T"][T] for T in PERIODS}
-    ratio_rows = [[r["world"], *[f"{r['ratio_to_allreduce'][T]:.3f}" for T in PERIODS]]
-                  for r in records if r["n_models"] > 1]
-    table = markdown_table(
-        ["W", "mode", "models x workers", "real run", "all-reduce B/step: counted / formula",
-         "exchange B/exchange: counted / formula", "agree", *[f"B/step at T={T}" for T in PERIODS]], rows)
-    table += "\n\nCodistillation bytes per worker per step relative to all-reduce at the same W:\n\n" + \
-        markdown_table(["W", *[f"T={T}" for T in PERIODS]], ratio_rows)
-    notes = [f"model `{model}` on `{data}`: {m['params']:,} parameters, gradient G = {m['grad']:,} B, "
+    table = make_table(records, period)
+    notes = [f"bytes per worker (B); model `{model}` on `{data}`: {m['params']:,} parameters, gradient G = {m['grad']:,} B, "
              f"state S = {m['state']:,} B (of which buffers {m['buffers']:,} B); batch {batch} per worker.",
              "counted = `summary.json` counters of a real run (mean over workers); formula = 2(k-1)/k G per step "
              "and (n-1) S per exchange, k = workers per model.",

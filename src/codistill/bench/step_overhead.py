@@ -27,6 +27,7 @@ on accuracy rather than assume it.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,11 @@ import torch
 from ..config import load_config
 from ..exchange import Teachers
 from .common import Result, fmt, machine_info, markdown_table, median
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
 
 
 def _block(fn, iters: int) -> float:
@@ -171,8 +177,10 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
         for n in ns:
             floor = m["own"] + (n - 1) * m["teacher"]
             e = r["efficiency"][n]
+            q1, q3 = quartiles(r["efficiency_per_repeat"][n])
             rows.append([name, n, f"{1e3 * m['own']:.1f}", f"{1e3 * m['teacher']:.1f}", f"{1e3 * floor:.1f}",
-                         f"{1e3 * m[f'codistill_n{n}']:.1f}", f"{e:.3f}", "yes" if e >= 0.9 else "no"])
+                         f"{1e3 * m[f'codistill_n{n}']:.1f}", f"{e:.3f}", f"{q1:.2f} - {q3:.2f}",
+                         "yes" if e >= 0.9 else "no"])
         seq, vm, bf = m["teachers_sequential"], m.get("teachers_vmap"), m["teachers_bf16"]
         n2, n2bf = m[f"codistill_n{min(ns)}"], m[f"codistill_n{min(ns)}_bf16_teachers"]
         variant_rows.append([name, max(ns) - 1, f"{1e3 * seq:.1f}", fmt(vm and 1e3 * vm, ".1f", "n/a"),
@@ -180,7 +188,7 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
                              f"{1e3 * n2:.1f} / {1e3 * n2bf:.1f}"])
     table = markdown_table(
         ["model", "n", "own step (ms)", "teacher fwd (ms)", "floor (ms)", "codistill step (ms)",
-         "efficiency", ">= 0.9"], rows)
+         "efficiency", "quartiles over repeats", ">= 0.9"], rows)
     table += f"\n\nForward of the n - 1 teachers, batch {batch}:\n\n" + markdown_table(
         ["model", "teachers", "sequential (ms)", "vmap-batched (ms)", "speedup", "bf16 autocast (ms)", "speedup",
          f"n={min(ns)} step, fp32 / bf16 teachers (ms)"], variant_rows)

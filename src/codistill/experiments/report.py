@@ -25,7 +25,7 @@ def rows_for_report(rows: list[dict]) -> tuple[list[dict], float | None]:
 
 def _fmt_value(v) -> str:
     if isinstance(v, float):
-        return f"{v:g}"
+        return f"{v:.3g}"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_fmt_value(x)}" for k, x in v.items()) + "}"
     return str(v)
@@ -166,6 +166,8 @@ generator. {quick_note}
   every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
 - Regularization settings are chosen on the validation split (10% of the training set, held out);
   test numbers are final. Model 0 is the model the paper reports ("model 1").
+- The full suite, per seed: 26 distinct image runs (about 29 base-budget runs of compute: F1's short and long
+  budgets cost 1/3 and 2) and 4 translation runs; identical runs are trained once.{cost}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
   otherwise similar. A verdict from one seed is marked provisional.
@@ -187,9 +189,19 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
         summary.append(f"| [{e.name}: {e.title}](#{_anchor(e)}) | {verdict} |")
     quick_note = ("**These rows come from `--quick` (the smoke test: tiny models, a few steps, one seed); "
                   "they check the machinery and measure nothing.**" if quick else "")
+    trained = [r for e in EXPERIMENTS.values() for r in load_rows(out, e)
+               if not r.get("reused_from") and r.get("total_seconds")]
+    cost = ""
+    if trained:
+        longest = max(r["steps"] for r in trained)
+        times = [r["total_seconds"] for r in trained if r["steps"] == longest]
+        cost = (f" Measured here: the {len(times)} run(s) of {longest} updates took {min(times):.0f}-"
+                f"{max(times):.0f} s each from start to finish (`total_seconds` in the rows; measured on "
+                "whatever machine made them, possibly shared).")
     out_flag = (" --quick" if quick else "") + (f" --out {out_arg}" if out_arg != "results" else "")
-    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note,
-                         seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR, summary="\n".join(summary))
+    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
+                         seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
+                         summary="\n".join(summary))
     atomic_write_text(doc, intro + "\n" + "\n".join(sections))
     return doc
 
