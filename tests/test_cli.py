@@ -85,8 +85,9 @@ def test_existing_run_directory_is_never_overwritten_without_flag(tmp_path, caps
 
 def test_train_writes_run_directory(tmp_path):
     run = tmp_path / "run"
+    # A relative --out (like the default runs/...) must work: the rendezvous file needs an absolute path.
     proc = codistill("train", *DIGITS, "--set", "train.steps=12", "--set", "train.log_every=4",
-                     "--nproc", "4", "--out", str(run))
+                     "--nproc", "4", "--out", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "codistill" and summary["n_models"] == 2 and summary["world_size"] == 4

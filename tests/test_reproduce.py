@@ -97,7 +97,7 @@ def test_report_without_rows_has_eight_sections_not_yet_run(tmp_path):
     text = doc.read_text()
     assert [line[3:].split(":")[0] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
     assert text.count(f"**Verdict: {NOT_RUN}.**") == 8
-    assert judge(EXPERIMENTS["F1"], []) [0] == NOT_RUN
+    assert judge(EXPERIMENTS["F1"], [])[0] == NOT_RUN
 
 
 # ---------------------------------------------------------------------------------------------

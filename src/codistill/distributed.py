@@ -115,7 +115,7 @@ def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), thre
 
     If any worker fails, the others are stopped; a worker's user error exits this process with 2.
     """
-    init_file = Path(rendezvous_dir) / ".rendezvous"
+    init_file = Path(rendezvous_dir).resolve() / ".rendezvous"  # file:// URLs need an absolute path
     init_file.unlink(missing_ok=True)  # a stale file from a crashed run would break the rendezvous
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:

@@ -1,8 +1,8 @@
 """ResNet-50 on GPU: images/s of an all-reduce worker vs a codistillation worker, and step efficiency.
 
 The prepared script for the ResNet-50 row of docs/performance.md, on CUDA with NCCL, channels_last
-and bf16 autocast (AMP), on synthetic ImageNet-shaped data (224x224, 1000 classes: the input
-pipeline is not what is measured):
+and bf16 autocast (AMP; the teachers too unless --teacher-precision fp32), on synthetic
+ImageNet-shaped data (224x224, 1000 classes: the input pipeline is not what is measured):
 
     python -m codistill.bench.gpu_resnet50 --doc docs/performance.md          # one GPU
     torchrun --nproc-per-node 8 -m codistill.bench.gpu_resnet50 --doc docs/performance.md
@@ -66,19 +66,19 @@ def init(cpu: bool):
     import torch.distributed as dist
 
     backend = "gloo" if cpu else "nccl"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rendezvous = Path(tempfile.mkdtemp(prefix="gpu_resnet50_")) / "rendezvous"
-        dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1)
-        local = 0
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local = int(os.environ.get("LOCAL_RANK", 0)) if under_torchrun else 0
     if cpu:
         device = torch.device("cpu")
-    else:
+    else:  # the device first, so that NCCL binds this process to it
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    if under_torchrun:
+        dist.init_process_group(backend)
+    else:
+        rendezvous = Path(tempfile.mkdtemp(prefix="gpu_resnet50_")) / "rendezvous"
+        dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), device
 
 

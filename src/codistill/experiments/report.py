@@ -80,11 +80,14 @@ def describe_setting(experiment: Experiment, rows: list[dict], quick: bool) -> s
     lines = [f"model `{_fmt_value(c['model'])}`{options}; data `{data}`; W = {c['world_size']} workers: {arms}",
              f"{steps}; {c['optimizer']} base LR {c['lr']:g}, schedule `{c['schedule']}`"
              + (f" (milestones at {_fmt_value(c['milestones'])} "
-                f"{'all-reduce' if c is ar_c else 'codistillation'} epochs)" if c["milestones"] else "")
+                f"{'all-reduce' if c is ar_c else 'codistillation'} epochs)"
+                if c["milestones"] and (c["schedule"] == "goyal" or isinstance(wd, list)) else "")
              + f", weight decay {_fmt_value(wd)}, label smoothing {c['label_smoothing']:g}"]
     if cd_c:
         lines.append(f"T = {cd_c['exchange_every']} steps, alpha = {cd_c['alpha']:g}, distillation loss "
                      f"`{cd_c['distill_loss']}`")
+    if experiment.family == "translation":
+        lines.append("batches count source + target tokens")
     return "; ".join(lines) + "."
 
 
@@ -131,12 +134,13 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     lines = [f"## {experiment.name}: {experiment.title}", "",
              f"**The paper's claim.** {experiment.claim}", "",
              f"**Our setting.** {describe_setting(experiment, rows, quick)}", "",
-             f"Variants (seed k trains with train.seed = 100k; model i of a run starts from train.seed + i):\n\n{variants}", "",
+             "Variants (seed k trains with train.seed = 100k; model i of a run starts from train.seed + i):",
+             "", variants, "",
              "**Command.**", "", "```bash", command_for(experiment, quick, out_arg), "```", ""]
     if rows:
         seeds = sorted({r["seed"] for r in rows})
-        note = f"Rows: [`{rel(res.results_file(out, experiment.name))}`]({rel(res.results_file(out, experiment.name))})" \
-               f", {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
+        link = rel(res.results_file(out, experiment.name))
+        note = f"Rows: [`{link}`]({link}), {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
         commands = sorted({r["command"] for r in rows if r.get("command")})
         note += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
         if budget != 1.0:

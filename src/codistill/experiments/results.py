@@ -107,8 +107,8 @@ def summary_values(summary: dict) -> dict:
         "val_disagreement": summary.get("val_disagreement"), "test_disagreement": summary.get("test_disagreement"),
         "bytes_allreduce": summary["bytes_per_worker"]["allreduce"],
         "bytes_exchange": summary["bytes_per_worker"]["exchange"],
-        "wall_seconds": summary["wall_seconds"], "steps": summary["steps"], "steps_per_epoch": summary["steps_per_epoch"],
-        "epochs_run": summary["epochs"],
+        "wall_seconds": summary["wall_seconds"], "steps": summary["steps"],
+        "steps_per_epoch": summary["steps_per_epoch"], "epochs_run": summary["epochs"],
     }
 
 
