@@ -50,7 +50,7 @@ def test_step_overhead_quick(tmp_path):
 def test_bytes_quick_counters_agree_with_formulas(tmp_path):
     result = check_table("bytes", bench("bytes", tmp_path, 240), tmp_path)
     runs = result["data"]["runs"]
-    assert {(r["world"], r["n_models"]) for r in runs} == {(4, 1), (4, 2)}
+    assert {(r["world"], r["n_models"]) for r in runs} == {(2, 1), (2, 2)}
     assert result["data"]["agree"] and all(r["agree"] for r in runs)  # exact, not a speed
 
 

@@ -22,12 +22,14 @@ class FlatState:
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None):
         self.names: list[str] = []
-        self.layout: list[tuple[torch.dtype, int, torch.Size]] = []  # (dtype, offset, shape)
+        self.layout: list[tuple[torch.dtype, int, torch.Size, bool]] = []  # (dtype, offset, shape, channels_last)
         sizes: dict[torch.dtype, int] = {}
         for name, t in state_tensors(module):
             offset = sizes.get(t.dtype, 0)
             self.names.append(name)
-            self.layout.append((t.dtype, offset, t.shape))
+            channels_last = (t.dim() == 4 and not t.is_contiguous()
+                             and t.is_contiguous(memory_format=torch.channels_last))
+            self.layout.append((t.dtype, offset, t.shape, channels_last))
             sizes[t.dtype] = offset + t.numel()
         first = next(iter(module.state_dict().values()), torch.empty(0))
         device = device if device is not None else first.device
@@ -38,7 +40,13 @@ class FlatState:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def views(self) -> list[torch.Tensor]:
-        return [self.buffers[dt][off:off + shape.numel()].view(shape) for dt, off, shape in self.layout]
+        """One view per tensor, in the tensor's own memory format (channels_last weights stay so)."""
+        out = []
+        for dt, off, shape, channels_last in self.layout:
+            flat = self.buffers[dt][off:off + shape.numel()]
+            out.append(flat.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+                       if channels_last else flat.view(shape))
+        return out
 
     def pack(self, module: nn.Module) -> None:
         """Copy `module`'s state into the buffers."""

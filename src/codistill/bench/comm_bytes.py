@@ -76,7 +76,7 @@ def make_table(records: list[dict], period: int) -> str:
 
 def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
     if quick:
-        data, model, batch, worlds, steps, period = "digits", "cnn_tiny", 16, [4], 6, 3
+        data, model, batch, worlds, steps, period = "digits", "cnn_tiny", 16, [2], 6, 3  # W = 4, 8: full mode
     else:
         data, model, batch, worlds, steps, period = "fashion_mnist", "cnn", 64, [4, 8], 20, 5
     base = [f"data.name={data}", f"model.name={model}", f"data.batch_size={batch}", f"train.steps={steps}",

@@ -10,9 +10,10 @@ shaped with tc tbf (100 Mbit/s, 1 Gbit/s); each machine's loopback stays fast. `
   on machine 1, so gradients stay on each machine and only the exchange (every T steps) and the
   evaluation's gathered predictions cross the link.
 
-Measured per arm: wall time (training clock of metrics.jsonl, started after a barrier) until model 0
-first reaches the target validation accuracy, seconds per step, final accuracy at the matched
-number of updates, and the bytes the link really carried (veth counters, TCP/IP included).
+Measured per arm: the training time (metrics.jsonl's clock, started after a barrier, without the
+time spent evaluating; also reported with it) until model 0 first reaches the target validation
+accuracy, seconds per step, final accuracy at the matched number of updates, and the bytes the
+link really carried (veth counters, both directions, TCP/IP included).
 """
 
 from __future__ import annotations
