@@ -138,6 +138,7 @@ def test_two_architectures_codistill_through_flat_states():
         teachers = Teachers({other: copy.deepcopy(teacher_arch)})
         flats[other].pack(students[other])  # what the exchange broadcasts from the other model
         teachers.flats[other].copy_(flats[other])
+        teachers.versions[other] = 0  # what the exchanger records: weights current as of step 0
         (logits,) = teachers.logits(x)
         with torch.no_grad():
             expected = copy.deepcopy(students[other]).eval()(x)
