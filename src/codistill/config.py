@@ -110,9 +110,9 @@ class ScheduleConfig:
     name: str = "goyal"
     """`goyal` (warm-up, then x gamma at each milestone), `cosine` (warm-up, then cosine to 0) or
     `constant`."""
-    warmup_epochs: float = 0.25
+    warmup_epochs: float = 0.2
     """Linear warm-up from the base LR to the scaled LR over this many epochs."""
-    milestones: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    milestones: list[float] = field(default_factory=lambda: [0.9, 1.2])
     """Epochs at which the LR is multiplied by gamma (and the weight-decay stage advances)."""
     gamma: float = 0.1
     """LR factor at each milestone."""
@@ -124,7 +124,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = 2.0
+    epochs: float = 1.5
     """Length of the run, in passes of one model over its training data."""
     steps: int | None = None
     """Length in optimizer steps; overrides epochs when set."""
