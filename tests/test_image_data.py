@@ -17,14 +17,6 @@ from codistill.errors import DataError
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared cores, more threads than free cores make small convs ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 N_BATCH = 6  # images per CIFAR batch file
 
 

@@ -17,14 +17,6 @@ from codistill.models.cifar_resnet import ShortcutA
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared cores, more threads than free cores make small convs ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 GREY, RGB = (1, 28, 28), (3, 32, 32)  # Fashion-MNIST, CIFAR; smaller images keep the deep ones fast
 SMALL = [("resnet8", GREY), ("resnet8", RGB), ("resnet20", RGB), ("resnet32", (3, 16, 16)),
          ("resnet56", (3, 12, 12)), ("resnet_cifar", (1, 12, 12)), ("resnet_cifar_tiny", GREY),
