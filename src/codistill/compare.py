@@ -14,23 +14,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import tasks
 from .config import Config, check_world_size, replace
 from .errors import ConfigError
 from .launch import train
 from .recipe import total_steps
 from .run_log import atomic_write_text, prepare_run_dir, write_json
-from .tasks import make_task
-from .topology import Grid, Topology
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
     """Steps for one model to pass over its training data (matches ShardBatchSampler)."""
-    import torch
-
     check_world_size(cfg, world_size)
-    topo = Topology(Grid(world_size, cfg.codistill.n_models), rank=0, model_group=None, exchange_group=None)
-    _, steps = make_task(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
-    return steps
+    return tasks.steps_per_epoch(cfg, world_size)
 
 
 def regularized_weight_decay(cfg: Config) -> list[float]:

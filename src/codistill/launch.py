@@ -20,16 +20,13 @@ from .trainer import Trainer, run_worker
 def check_data(cfg: Config, world_size: int) -> None:
     """Open the dataset once before starting workers, so a missing file or a batch larger than the
     data is one clear error (and an existing run directory is not touched)."""
-    import torch
-
     from .data import load_dataset
-    from .tasks import ClassificationTask, task_class
-    from .topology import Grid, Topology
+    from .tasks import ClassificationTask, steps_per_epoch, task_class
 
-    load_dataset(cfg.data.name, cfg.data.root)
     if task_class(cfg) is ClassificationTask:
-        topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
-        ClassificationTask(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
+        steps_per_epoch(cfg, world_size)  # loads the data once
+    else:  # translation needs its tokenizer before it can batch: only check the files here
+        load_dataset(cfg.data.name, cfg.data.root)
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:

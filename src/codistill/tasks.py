@@ -89,3 +89,13 @@ def task_class(cfg: Config):
 
 def make_task(cfg: Config, device: torch.device, run_dir=None):
     return task_class(cfg)(cfg, device, run_dir)
+
+
+def steps_per_epoch(cfg: Config, world_size: int) -> int:
+    """Steps for one model to pass over its training data, computed outside any process group
+    (loads the data; raises ConfigError when a batch is larger than the data)."""
+    from .topology import Grid
+
+    topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
+    _, steps = make_task(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
+    return steps
