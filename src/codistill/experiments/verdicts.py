@@ -84,7 +84,7 @@ def judge(experiment: Experiment, rows: list[dict]) -> tuple[str, str]:
     return verdict, reason
 
 
-F1_BUDGETS = (("-short", "a third of the budget"), ("", "the base budget"), ("-long", "twice the budget"))
+F1_BUDGETS = (("-short", "a third of the budget"), ("", "the base budget"), ("-long", "four times the budget"))
 
 
 def _f1(t: Table):
