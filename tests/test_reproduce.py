@@ -100,6 +100,17 @@ def test_report_without_rows_has_eight_sections_not_yet_run(tmp_path):
     assert judge(EXPERIMENTS["F1"], [])[0] == NOT_RUN
 
 
+def test_report_puts_hand_written_notes_under_their_sections(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("# Notes\n\n## Summary\nOverall words.\n\n## F3\nWhy F3 went so.\n\n## F9\nIgnored.\n")
+    text = write_report(out, tmp_path / "results.md", out_arg=str(out)).read_text()
+    assert "## Summary\n\nOverall words." in text
+    f3 = text.index("## F3:")
+    assert f3 < text.index("**Discussion.** Why F3 went so.") < text.index("## F4:")
+    assert text.count("**Discussion.**") == 1 and "Ignored." not in text
+
+
 # ---------------------------------------------------------------------------------------------
 # The smoke run of the whole suite, through the real command line
 

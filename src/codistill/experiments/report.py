@@ -119,8 +119,25 @@ def command_for(experiment: Experiment, quick: bool, out: str, budget: float | N
     return cmd + (f" --out {out}" if out != "results" else "")
 
 
+def read_notes(out: Path) -> dict[str, str]:
+    """Hand-written discussion from `<out>/notes.md`: the text under each `## NAME` heading (an
+    experiment's name, or `Summary`). The verdicts stay computed; the notes explain them."""
+    path = out / "notes.md"
+    if not path.is_file():
+        return {}
+    notes: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            notes[current] = []
+        elif current is not None:
+            notes[current].append(line)
+    return {name: "\n".join(lines).strip() for name, lines in notes.items() if "\n".join(lines).strip()}
+
+
 def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Path, quick: bool,
-            out_arg: str) -> tuple[str, str]:
+            out_arg: str, note: str | None = None) -> tuple[str, str]:
     """(markdown section, verdict); draws the experiment's plot from the same rows."""
     rows, budget = rows_for_report(all_rows)
     verdict, reason = judge(experiment, rows)
@@ -153,6 +170,8 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     else:
         lines += ["No rows yet.", ""]
     lines += [f"**Verdict: {verdict}.** {reason}", ""]
+    if note:
+        lines += [f"**Discussion.** {note}", ""]
     return "\n".join(lines), verdict
 
 
@@ -186,9 +205,10 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     out, doc = Path(out), Path(doc)
     doc_dir = doc.parent.resolve()
     sections, summary = [], []
+    notes = {} if quick else read_notes(out)
     for e in EXPERIMENTS.values():
         rows = load_rows(out, e)
-        text, verdict = section(e, rows, out.resolve(), doc_dir, quick, out_arg)
+        text, verdict = section(e, rows, out.resolve(), doc_dir, quick, out_arg, notes.get(e.name))
         sections.append(text)
         summary.append(f"| [{e.name}: {e.title}](#{_anchor(e)}) | {verdict} |")
     quick_note = ("**These rows come from `--quick` (the smoke test: tiny models, a few steps, one seed); "
@@ -206,6 +226,8 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
                          seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
                          summary="\n".join(summary))
+    if notes.get("Summary"):
+        intro += f"\n## Summary\n\n{notes['Summary']}\n"
     atomic_write_text(doc, intro + "\n" + "\n".join(sections))
     return doc
 
