@@ -193,7 +193,7 @@ generator. {quick_note}
   budgets cost 1/3 and 4) and 4 translation runs; identical runs are trained once.{cost}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
-  otherwise similar. A verdict from one seed is marked provisional.
+  otherwise similar. A verdict from one seed is marked provisional, one from fewer than 3 says so.
 
 | finding | verdict |
 |---|---|

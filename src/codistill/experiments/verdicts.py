@@ -3,8 +3,8 @@
 Two numbers "differ" when their means are further apart than the larger of a floor (0.5 accuracy
 points, 0.02 nats) and the combined standard deviation over seeds; otherwise they are "similar".
 With one seed there is no standard deviation, only the floor, and the verdict says it is
-provisional. Regularization settings are chosen on the validation split (`Experiment.select`);
-the test numbers decide the verdict.
+provisional; with fewer than 3 seeds the verdict says how many. Regularization settings are
+chosen on the validation split (`Experiment.select`); the test numbers decide the verdict.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .suite import Experiment
 
 ACC_FLOOR, NLL_FLOOR = 0.5, 0.02
 NOT_RUN = "not yet run"
+SEEDS = 3  # what the suite asks for; fewer is said in the verdict
 
 
 class Missing(Exception):
@@ -77,8 +78,11 @@ def judge(experiment: Experiment, rows: list[dict]) -> tuple[str, str]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["variant"]] = counts.get(r["variant"], 0) + 1
-    if min(counts.values()) < 2:
+    fewest = min(counts.values())
+    if fewest == 1:
         verdict += " (provisional: 1 seed)"
+    elif fewest < SEEDS:
+        verdict += f" ({fewest} seeds, not the {SEEDS} the suite asks for)"
     if any(r.get("quick") for r in rows):
         verdict += " (smoke-test settings, not a measurement)"
     return verdict, reason
