@@ -189,7 +189,7 @@ generator. {quick_note}
   every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
 - Regularization settings are chosen on the validation split (10% of the training set, held out);
   test numbers are final. Model 0 is the model the paper reports ("model 1").
-- The full suite, per seed: 28 distinct image runs (about 31 base-budget runs of compute: F1's short and long
+- The full suite, per seed: 28 distinct image runs (about 33 base-budget runs of compute: F1's short and long
   budgets cost 1/3 and 4) and 5 translation runs; identical runs are trained once.{cost}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
