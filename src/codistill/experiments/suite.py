@@ -200,6 +200,11 @@ F2 = Experiment(
         Variant("codistill-constant-wd", CD, quick=True),
         Variant("regularized", REG, set={"compare.regularized_milestones": None}),
         Variant("regularized-shifted", REG, quick=True),
+        # At F1's long budget too, where F1's gap shows (the first four are F1's runs, reused).
+        Variant("allreduce-long", AR, scale=epochs(4)),
+        Variant("codistill-constant-wd-long", CD, scale=epochs(4)),
+        Variant("regularized-long", REG, set={"compare.regularized_milestones": None}, scale=epochs(4)),
+        Variant("regularized-shifted-long", REG, scale=epochs(4)),
     ),
     select=("regularized", "regularized-shifted"))
 
