@@ -194,6 +194,12 @@ def _f5(t: Table):
     except Missing:
         pass
     if compare(cd, ar, NLL_FLOOR) <= 0:
+        if t.has("allreduce-ls0-drop0"):  # the control: does less regularization help all-reduce more?
+            control = t.get("val_loss0", "allreduce-ls0-drop0")
+            if compare(control, cd, NLL_FLOOR) < 0:
+                return "partly", (reason + f": codistillation reaches all-reduce's NLL, but all-reduce with the same "
+                                  f"reduced regularization reaches {control.mean:.4f}, lower still: the gain comes "
+                                  "from less regularization at this budget, not from codistillation.")
         return "reproduced", reason + ": codistillation reaches all-reduce's NLL."
     base = t.get("val_loss0", "codistill-ls0.1-drop0.1") if t.has("codistill-ls0.1-drop0.1") else None
     if base is not None and compare(cd, base, NLL_FLOOR) < 0:
