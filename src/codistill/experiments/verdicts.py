@@ -50,10 +50,11 @@ class Table:
     def has(self, variant: str) -> bool:
         return any(r["variant"] == variant for r in self.rows)
 
-    def selected(self) -> str | None:
-        """The variant of `experiment.select` best on the validation metric (None: none ran)."""
+    def selected(self, candidates: tuple[str, ...] | None = None) -> str | None:
+        """The variant of `candidates` (default `experiment.select`) best on the validation metric
+        (None: none ran)."""
         e = self.experiment
-        present = [v for v in e.select if self.has(v)]
+        present = [v for v in (e.select if candidates is None else candidates) if self.has(v)]
         if not present:
             return None
         from .results import METRICS
@@ -119,10 +120,9 @@ def _closes_gap(t: Table, suffix: str = ""):
     """F2 at one budget: the regularized variant best on validation vs all-reduce and vs constant
     weight decay."""
     ar, const = t.get("test_acc0", f"allreduce{suffix}"), t.get("test_acc0", f"codistill-constant-wd{suffix}")
-    present = [v for v in (f"regularized{suffix}", f"regularized-shifted{suffix}") if t.has(v)]
-    if not present:
+    chosen = t.selected((f"regularized{suffix}", f"regularized-shifted{suffix}"))
+    if chosen is None:
         raise Missing(f"regularized-shifted{suffix}")
-    chosen = max(present, key=lambda v: t.get("val_acc0", v).mean)
     reg = t.get("test_acc0", chosen)
     closes = compare(reg, ar, ACC_FLOOR) >= 0
     contrast = compare(const, ar, ACC_FLOOR) < 0
