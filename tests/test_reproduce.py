@@ -156,3 +156,19 @@ def test_reproduce_all_quick_writes_rows_plots_report_and_resumes(tmp_path):
     assert {name: res.results_file(out, name).read_bytes() for name in SECTIONS} == before
     assert again < max(60.0, first / 3), (again, first)
     print(json.dumps({"quick_suite_s": round(first, 1), "resume_s": round(again, 1)}))
+
+
+def _rows(experiment: str, values: dict[str, float], key: str, seeds: int = 3) -> list[dict]:
+    """Synthetic rows: `key` (e.g. val_loss) of model 0 per variant, the same for every seed."""
+    return [{"experiment": experiment, "variant": v, "seed": s, key: [x], "test_loss": [x], "test_bleu": [1.0]}
+            for v, x in values.items() for s in range(seeds)]
+
+
+def test_f5_is_only_partly_reproduced_when_the_all_reduce_control_does_better_still():
+    losses = {"allreduce": 4.7, "codistill-ls0.1-drop0.1": 4.8, "codistill-ls0.05-drop0.05": 4.7,
+              "codistill-ls0-drop0": 4.6}
+    f5 = EXPERIMENTS["F5"]
+    assert judge(f5, _rows("F5", losses, "val_loss"))[0] == "reproduced"
+    assert judge(f5, _rows("F5", {**losses, "allreduce-ls0-drop0": 4.62}, "val_loss"))[0] == "reproduced"
+    verdict, reason = judge(f5, _rows("F5", {**losses, "allreduce-ls0-drop0": 4.5}, "val_loss"))
+    assert verdict == "partly" and "4.5000, lower still" in reason
