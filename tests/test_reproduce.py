@@ -103,12 +103,16 @@ def test_report_without_rows_has_eight_sections_not_yet_run(tmp_path):
 def test_report_puts_hand_written_notes_under_their_sections(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "notes.md").write_text("# Notes\n\n## Summary\nOverall words.\n\n## F3\nWhy F3 went so.\n\n## F9\nIgnored.\n")
+    (out / "notes.md").write_text("# Notes\n\n## Summary\nOverall words.\n\n## F3\nWhy F3 went so.\n\n"
+                                  "## F4\nWhy F4 went so.\n\n## F9\nIgnored.\n")
+    # F4 has rows (the committed ones: its table and provenance line are written too), F3 has none.
+    (out / "F4.jsonl").write_text((ROOT / "results" / "F4.jsonl").read_text())
     text = write_report(out, tmp_path / "results.md", out_arg=str(out)).read_text()
     assert "## Summary\n\nOverall words." in text
-    f3 = text.index("## F3:")
-    assert f3 < text.index("**Discussion.** Why F3 went so.") < text.index("## F4:")
-    assert text.count("**Discussion.**") == 1 and "Ignored." not in text
+    f3, f4, f5 = (text.index(f"## {name}:") for name in ("F3", "F4", "F5"))
+    assert f3 < text.index("**Discussion.** Why F3 went so.") < f4
+    assert f4 < text.index("Rows: [") < text.index("**Discussion.** Why F4 went so.") < f5
+    assert text.count("**Discussion.**") == 2 and "Ignored." not in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,13 +157,13 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     if rows:
         seeds = sorted({r["seed"] for r in rows})
         link = rel(res.results_file(out, experiment.name))
-        note = f"Rows: [`{link}`]({link}), {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
+        provenance = f"Rows: [`{link}`]({link}), {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
         commands = sorted({r["command"] for r in rows if r.get("command")})
-        note += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
+        provenance += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
         if budget != 1.0:
-            note += (f" **Reduced budget:** every epoch-valued setting x {budget:g} (`--budget {budget:g}`); "
+            provenance += (f" **Reduced budget:** every epoch-valued setting x {budget:g} (`--budget {budget:g}`); "
                      "these rows are not the suite's measurement.")
-        lines += [note, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
+        lines += [provenance, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
                   results_table(experiment, rows, selected), ""]
         if plot is not None:
             lines += [f"![{experiment.name}]({rel(plot)})", ""]
