@@ -44,6 +44,15 @@ def assert_same_states(a: dict, b: dict) -> None:
         assert a[name]["exchanger"]["versions"] == b[name]["exchanger"]["versions"]
 
 
+def tensorboard_steps(model_dir, tag: str) -> list[int]:
+    """Steps of `tag` as TensorBoard shows them (it drops events a restarted writer purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 def test_resume_after_a_crash_is_bitwise_equal_to_the_uninterrupted_run(tmp_path):
     # Asynchronous exchange (T=4, swapped 2 steps later): the checkpoint at step 10 holds a transfer
     # started at step 8 and not yet swapped in, the hardest state to resume.
@@ -66,6 +75,7 @@ def test_resume_after_a_crash_is_bitwise_equal_to_the_uninterrupted_run(tmp_path
              (tmp_path / "crashed" / "model_0" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(2, 21, 2))
+    assert tensorboard_steps(tmp_path / "crashed" / "model_0", "train/loss") == steps
     summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
     assert summary["steps"] == 20
 

@@ -202,3 +202,13 @@ def test_f2_is_judged_at_the_long_budget_with_the_regularized_variant_chosen_on_
     assert judge(f2, _acc_rows("F2", {**base, **long}))[0] == "partly"
     long["regularized-long"] = (0.91, 0.89)  # no better than constant weight decay
     assert judge(f2, _acc_rows("F2", {**base, **long}))[0] == "not reproduced"
+
+
+def test_report_describes_the_base_variant_not_the_first_one(tmp_path):
+    # F7's first codistillation variant exchanges every 0.25 x T; the setting must name T itself.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "F7.jsonl").write_text((ROOT / "results" / "F7.jsonl").read_text())
+    text = write_report(out, tmp_path / "results.md", out_arg=str(out)).read_text()
+    f7 = text[text.index("## F7:"):text.index("## Beyond:")]
+    assert "T = 25 steps" in f7 and "T = 6 steps" not in f7

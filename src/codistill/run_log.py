@@ -65,9 +65,14 @@ def _clean(value):
 
 
 class RunLog:
-    """metrics.jsonl plus TensorBoard scalars in `directory`; a no-op when `directory` is None."""
+    """metrics.jsonl plus TensorBoard scalars in `directory`; a no-op when `directory` is None.
 
-    def __init__(self, directory: str | Path | None, tensorboard: bool = True):
+    `resumed_at`: the step of the checkpoint a resumed run starts from. TensorBoard then hides what
+    the interrupted run logged after it (its events stay in the old file; readers purge them), as
+    the trainer does for metrics.jsonl.
+    """
+
+    def __init__(self, directory: str | Path | None, tensorboard: bool = True, resumed_at: int | None = None):
         self.directory = Path(directory) if directory is not None else None
         self._file = self._tb = None
         if self.directory is None:
@@ -77,7 +82,8 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:

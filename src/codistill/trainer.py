@@ -82,7 +82,7 @@ class Trainer:
         self.leader_dir = self.run_dir / f"model_{self.model_index}" if self.run_dir and topo.is_model_leader else None
         if resume:
             self.load_checkpoint()
-        self.log = RunLog(self.leader_dir)
+        self.log = RunLog(self.leader_dir, resumed_at=self.step if resume else None)
 
     # -- construction -------------------------------------------------------------------------
 

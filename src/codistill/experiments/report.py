@@ -49,11 +49,22 @@ def _arm_line(c: dict, name: str) -> str:
             f"peak LR {c['peak_lr']:g})")
 
 
+def _departures(v: Variant) -> int:
+    """How many ways `v` departs from the suite's base (0: a base variant)."""
+    return (sum(x != 1 for x in v.scale.values()) > 0) + bool(v.set) + bool(v.after) + (v.x not in (None, 1))
+
+
+def _base_row(experiment: Experiment, rows: list[dict]) -> dict | None:
+    """The row of the variant closest to the base (F7's setting is T x 1, not its first variant)."""
+    rank = {v.name: (_departures(v), i) for i, v in enumerate(experiment.variants)}
+    return min(rows, key=lambda r: rank.get(r["variant"], (99, 0)), default=None)
+
+
 def describe_setting(experiment: Experiment, rows: list[dict], quick: bool) -> str:
     """Model, data, workers, steps, T and recipe: from the rows when there are any, else from the
     experiment's base config (steps are then fixed at run time by the epochs)."""
-    ar = next((r for r in rows if r["config"]["n_models"] == 1), None)
-    cd = next((r for r in rows if r["config"]["n_models"] > 1), None)
+    ar = _base_row(experiment, [r for r in rows if r["config"]["n_models"] == 1])
+    cd = _base_row(experiment, [r for r in rows if r["config"]["n_models"] > 1])
     if ar is None and cd is None:
         cfg = base_config(experiment, quick)
         world = cfg.dist.nproc
