@@ -175,6 +175,17 @@ BASES = {("image", False): IMAGE_BASE, ("image", True): QUICK_IMAGE_BASE,
 
 AR, CD, REG = "allreduce", "codistill", "codistill_regularized"
 
+def recipes(suffix: str = "", scale: dict | None = None, quick: tuple[str, ...] = (),
+            unshifted: bool = True) -> tuple[Variant, ...]:
+    """F2's and F4's arms: all-reduce, codistillation with constant weight decay, and the
+    regularization-accounted recipe (weight decay decaying at the LR milestones) with the milestones
+    shifted and, if `unshifted`, without. `quick`: names (without `suffix`) in the smoke run."""
+    arms = [("allreduce", AR, {}), ("codistill-constant-wd", CD, {}),
+            ("regularized", REG, {"compare.regularized_milestones": None}), ("regularized-shifted", REG, {})]
+    return tuple(Variant(name + suffix, arm, set=over, scale=scale or {}, quick=name in quick)
+                 for name, arm, over in arms if unshifted or name != "regularized")
+
+
 F1 = Experiment(
     "F1", "Out of the box, codistillation over-regularizes",
     "With the all-reduce recipe (constant weight decay, milestones halved), codistillation ends with a "
@@ -196,15 +207,9 @@ F2 = Experiment(
     "(15, 30, 40 -> 18, 38, 44 of 45 epochs): codistillation matches all-reduce (76.1% vs 75.9%, "
     "ResNet-50). With constant weight decay it stays clearly worse.",
     variants=(
-        Variant("allreduce", AR, quick=True),
-        Variant("codistill-constant-wd", CD, quick=True),
-        Variant("regularized", REG, set={"compare.regularized_milestones": None}),
-        Variant("regularized-shifted", REG, quick=True),
-        # At F1's long budget too, where F1's gap shows (the first four are F1's runs, reused).
-        Variant("allreduce-long", AR, scale=epochs(4)),
-        Variant("codistill-constant-wd-long", CD, scale=epochs(4)),
-        Variant("regularized-long", REG, set={"compare.regularized_milestones": None}, scale=epochs(4)),
-        Variant("regularized-shifted-long", REG, scale=epochs(4)),
+        *recipes(quick=("allreduce", "codistill-constant-wd", "regularized-shifted")),
+        # At F1's long budget too, where F1's gap shows (the first two are F1's runs, reused).
+        *recipes("-long", epochs(4)),
     ),
     select=("regularized", "regularized-shifted"))
 
@@ -221,11 +226,7 @@ F4 = Experiment(
     "F4", "The same holds with the cosine schedule",
     "With a cosine LR schedule instead of step decay, codistillation with the regularization-accounted "
     "recipe again matches all-reduce.",
-    variants=(
-        Variant("allreduce", AR),
-        Variant("codistill-constant-wd", CD, quick=True),
-        Variant("regularized-shifted", REG),
-    ),
+    variants=recipes(quick=("codistill-constant-wd",), unshifted=False),
     base={"schedule.name": "cosine"}, quick_base={"schedule.name": "cosine"})
 
 F5 = Experiment(
