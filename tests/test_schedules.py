@@ -81,6 +81,17 @@ def test_build_schedules_converts_epochs_to_steps():
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
 
 
+def test_warm_up_without_lr_scaling_starts_from_zero():
+    # Unscaled (e.g. batches counted in tokens) there is no smaller LR to start from; a warm-up
+    # that started at lr would be silently flat.
+    cfg = load_config(None, ["schedule.warmup_epochs=1", "schedule.scale_lr=false", "optim.lr=0.4",
+                             "schedule.name=cosine", "train.epochs=3"])
+    s = build_schedules(cfg, steps_per_epoch=10, model_batch=2048)
+    assert [s.lr(k) for k in (0, 5, 10)] == [0.0, 0.2, 0.4] and s.lr(30) == 0.0
+    cfg = load_config(None, ["schedule.warmup_epochs=0", "schedule.scale_lr=false", "optim.lr=0.4"])
+    assert build_schedules(cfg, steps_per_epoch=10, model_batch=2048).lr(0) == 0.4
+
+
 def test_adamw_is_available():
     cfg = load_config(None, ["optim.name=adamw", "optim.betas=[0.9, 0.98]"])
     opt = build_optimizer(torch.nn.Linear(2, 2), cfg)

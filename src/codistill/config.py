@@ -111,7 +111,8 @@ class ScheduleConfig:
     """`goyal` (warm-up, then x gamma at each milestone), `cosine` (warm-up, then cosine to 0) or
     `constant`."""
     warmup_epochs: float = 0.2
-    """Linear warm-up from the base LR to the scaled LR over this many epochs."""
+    """Linear warm-up to the peak LR over this many epochs: from `optim.lr` to the scaled LR
+    (Goyal et al.), or from 0 to `optim.lr` when `scale_lr` is false."""
     milestones: list[float] = field(default_factory=lambda: [0.9, 1.2])
     """Epochs at which the LR is multiplied by gamma (and the weight-decay stage advances)."""
     gamma: float = 0.1

@@ -60,7 +60,10 @@ def build_schedules(cfg: Config, steps_per_epoch: int, model_batch: int) -> Sche
     total = total_steps(cfg, steps_per_epoch)
     milestones = tuple(round(m * steps_per_epoch) for m in s.milestones)
     peak = scaled_lr(o.lr, model_batch, s.reference_batch, s.scale_lr)
-    lr = LRSchedule(s.name, base=o.lr if s.warmup_epochs > 0 else peak, peak=peak,
+    # Goyal et al. warm up from the unscaled LR to the scaled one; without scaling there is no
+    # smaller LR to start from, so the warm-up starts at 0 (as Transformer recipes do).
+    start = o.lr if s.scale_lr else 0.0
+    lr = LRSchedule(s.name, base=start if s.warmup_epochs > 0 else peak, peak=peak,
                     warmup=round(s.warmup_epochs * steps_per_epoch), total=total,
                     milestones=milestones, gamma=s.gamma)
     wd_values = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
