@@ -246,6 +246,9 @@ def test_imagefolder_through_loader_and_evaluation(tmp_path, small_crops):
     probs, targets = predict(model, sp.val, [[0, 1, 2], [3, 4, 5]], "cpu")
     assert probs.shape == (6, 3) and targets.tolist() == [0, 0, 1, 1, 2, 2]
     torch.testing.assert_close(probs.sum(1), torch.ones(6))
+    # Decoded in worker processes, in the same order, to the same predictions.
+    parallel = predict(model, sp.val, [[0, 1, 2], [3, 4, 5]], "cpu", num_workers=2)
+    torch.testing.assert_close(parallel, (probs, targets))
 
 
 def test_imagefolder_errors(tmp_path, small_crops):

@@ -30,7 +30,8 @@ class DataConfig:
     eval_batch_size: int = 1000
     """Minibatch for evaluation."""
     num_workers: int = 0
-    """DataLoader worker processes per training worker (decoding images from files needs some)."""
+    """DataLoader worker processes per training worker, for training and evaluation batches (decoding
+    images from files needs some)."""
     split: str = "shared"
     """How models share the training set: `shared` (each model iterates over all of it with its own
     shuffling, as in the paper) or `disjoint` (model i gets its own 1/n of it, as in Anil et al.)."""

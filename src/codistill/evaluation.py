@@ -13,27 +13,24 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import eval_batches
+from .data import eval_batches, make_loader
 from .topology import Topology
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, batches: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N, C), targets (N,)) of `model` in eval mode on the given index batches."""
+def predict(model: nn.Module, dataset, batches: list[list[int]], device,
+            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, C), targets (N,)) of `model` in eval mode on the given index batches,
+    in order. Batches come through the training loader: in-memory data in one indexing op per
+    batch, image files decoded by `num_workers` processes."""
     was_training = model.training
     model.eval()
     probs, targets = [], []
-    for idx in batches:
-        x, y = dataset.__getitems__(idx) if hasattr(dataset, "__getitems__") else _stack(dataset, idx)
+    for x, y in make_loader(dataset, batches, num_workers):
         probs.append(F.softmax(model(x.to(device)).float(), dim=-1))
         targets.append(y.to(device))
     model.train(was_training)
     return torch.cat(probs), torch.cat(targets)
-
-
-def _stack(dataset, idx):
-    items = [dataset[i] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def score(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,10 +41,10 @@ def score(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, dataset, indices: torch.Tensor, topo: Topology, batch_size: int,
-             device) -> dict:
+             device, num_workers: int = 0) -> dict:
     """Metrics of every model and the ensemble on `indices` of `dataset`; identical on all ranks."""
     batches = eval_batches(indices, batch_size, topo.replicas, topo.replica_index)
-    probs, targets = predict(model, dataset, batches, device)
+    probs, targets = predict(model, dataset, batches, device, num_workers)
     n = topo.n_models
     if n > 1:
         gathered = [torch.empty_like(probs) for _ in range(n)]

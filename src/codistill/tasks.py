@@ -69,7 +69,8 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
         sp = self.splits
         dataset, indices = (sp.val, sp.val_indices) if split == "val" else (sp.test, sp.test_indices)
-        return evaluate(model, dataset, indices, topo, self.cfg.data.eval_batch_size, self.device)
+        d = self.cfg.data
+        return evaluate(model, dataset, indices, topo, d.eval_batch_size, self.device, d.num_workers)
 
 
 TASKS = {"classification": ClassificationTask}

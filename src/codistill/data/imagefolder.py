@@ -3,7 +3,8 @@
     root/train/<class>/<image>.JPEG
     root/val/<class>/<image>.JPEG       (the same class folders; ImageNet's official validation set)
 
-Images are decoded from disk one at a time, in DataLoader worker processes (`data.num_workers`):
+Images are decoded from disk one at a time, in DataLoader worker processes (`data.num_workers`, for
+training and evaluation alike):
 the dataset has no in-memory `inputs`, so `make_loader` uses the default per-example fetch and
 collate. Train images get the standard ImageNet augmentation (RandomResizedCrop + horizontal flip);
 the `val/` folder (our test split) is resized and center-cropped.
