@@ -218,7 +218,10 @@ F3 = Experiment(
     "Doubling the batch per worker, with the LR doubled and half the updates, gives similar loss and "
     "accuracy for codistillation.",
     variants=tuple(
-        Variant(f"{arm}-batch-x{k}", arm, scale={"data.batch_size": k}, x=k, quick=(arm == CD and k <= 2))
+        Variant(f"{arm}-batch-x{k}{suffix}", arm, scale={"data.batch_size": k, **budget}, x=k,
+                series=f"{arm}{label}" if label else None, quick=(arm == CD and k <= 2 and not suffix))
+        # Also from F1's long budget (x1 reuses F1's runs): at the base budget x4 leaves 78 updates.
+        for suffix, budget, label in (("", {}, ""), ("-long", epochs(4), ", 4x budget"))
         for arm in (AR, CD) for k in (1, 2, 4)),
     plot="lines", xlabel="per-worker batch (x 128); LR x the same, updates / the same", xlog=True)
 
