@@ -212,3 +212,21 @@ def test_report_describes_the_base_variant_not_the_first_one(tmp_path):
     text = write_report(out, tmp_path / "results.md", out_arg=str(out)).read_text()
     f7 = text[text.index("## F7:"):text.index("## Beyond:")]
     assert "T = 25 steps" in f7 and "T = 6 steps" not in f7
+
+
+def test_f3_is_judged_from_the_long_budget_when_it_ran():
+    f3 = EXPERIMENTS["F3"]
+    base = {f"{arm}-batch-x{k}": (0.86, 0.86 if k == 1 else 0.5) for arm in ("allreduce", "codistill")
+            for k in (1, 2, 4)}
+    verdict, reason = judge(f3, _acc_rows("F3", base))
+    assert verdict == "not reproduced" and "four times" not in reason
+    long = {f"{arm}-batch-x{k}-long": (0.9, 0.9 - 0.001 * k) for arm in ("allreduce", "codistill")
+            for k in (1, 2, 4)}  # within the 0.5-point floor of x1
+    verdict, reason = judge(f3, _acc_rows("F3", {**base, **long}))
+    assert verdict == "reproduced" and reason.startswith("From four times the budget: allreduce x2: 89.80 ± 0.00%")
+    assert "From the base budget: allreduce x2: 50.00 ± 0.00% vs 86.00 ± 0.00% at x1 (worse)" in reason
+    long["codistill-batch-x4-long"] = (0.9, 0.85)
+    assert judge(f3, _acc_rows("F3", {**base, **long}))[0] == "partly"
+    # Until every long variant has rows, the base budget decides.
+    del long["codistill-batch-x4-long"]
+    assert judge(f3, _acc_rows("F3", {**base, **long}))[0] == "not reproduced"
