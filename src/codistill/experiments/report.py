@@ -172,8 +172,8 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
         commands = sorted({r["command"] for r in rows if r.get("command")})
         provenance += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
         if budget != 1.0:
-            provenance += (f" **Reduced budget:** every epoch-valued setting x {budget:g} (`--budget {budget:g}`); "
-                     "these rows are not the suite's measurement.")
+            provenance += (f" **Reduced budget:** every epoch-valued setting x {budget:g} "
+                           f"(`--budget {budget:g}`); these rows are not the suite's measurement.")
         lines += [provenance, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
                   results_table(experiment, rows, selected), ""]
         if plot is not None:
