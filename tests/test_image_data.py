@@ -251,6 +251,27 @@ def test_imagefolder_through_loader_and_evaluation(tmp_path, small_crops):
     torch.testing.assert_close(parallel, (probs, targets))
 
 
+class _WorkerTagged(torch.utils.data.Dataset):
+    """Input [1, 0] when fetched in a DataLoader worker process, [0, 0] in the calling process."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        in_worker = torch.utils.data.get_worker_info() is not None
+        return torch.tensor([float(in_worker), 0.0]), 0
+
+
+def test_evaluation_fetches_file_backed_batches_in_worker_processes():
+    from codistill.evaluation import predict
+
+    batches = [[0, 1], [2, 3]]
+    serial, _ = predict(torch.nn.Identity(), _WorkerTagged(), batches, "cpu")
+    parallel, targets = predict(torch.nn.Identity(), _WorkerTagged(), batches, "cpu", num_workers=2)
+    assert serial[:, 0].tolist() == [0.5] * 4  # softmax([0, 0])
+    assert (parallel[:, 0] > 0.7).all() and targets.tolist() == [0] * 4  # softmax([1, 0])
+
+
 def test_imagefolder_errors(tmp_path, small_crops):
     with pytest.raises(DataError, match="data.root"):
         load_dataset("imagefolder", None)
