@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -73,16 +74,35 @@ def step_dir(root: Path, step: int) -> Path:
     return root / "checkpoints" / f"step_{step:06d}"
 
 
+MANIFEST_FIELDS = {"step": int, "dir": str, "world_size": int, "sha256": dict}
+FILE_NAME = re.compile(r"(model|rank)_\d+\.pt")
+
+
 def read_latest(run_dir: Path) -> dict | None:
-    """The manifest of the newest complete checkpoint, or None if the run has none."""
+    """The manifest of the newest complete checkpoint, or None if the run has none; every field is
+    checked here, so a damaged manifest is one error naming the field, not a crash in a worker."""
     path = run_dir / "checkpoints" / "latest.json"
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-        manifest["step"], manifest["dir"], manifest["sha256"]  # noqa: B018 - required keys
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint manifest {path} is corrupt") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt: not a JSON object")
+    for key, tp in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if key not in manifest:
+            raise CheckpointError(f"checkpoint manifest {path} is corrupt: field {key!r} is missing")
+        if not isinstance(value, tp) or isinstance(value, bool):
+            raise CheckpointError(f"checkpoint manifest {path} is corrupt: field {key!r} must be "
+                                  f"{tp.__name__}, got {value!r}")
+    if manifest["step"] < 0 or manifest["world_size"] <= 0 or manifest["dir"] != step_dir(run_dir, manifest["step"]).name:
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt: step {manifest['step']}, "
+                              f"dir {manifest['dir']!r}, world_size {manifest['world_size']} do not fit together")
+    for name, digest in manifest["sha256"].items():
+        if not FILE_NAME.fullmatch(name) or not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+            raise CheckpointError(f"checkpoint manifest {path} is corrupt: bad sha256 entry {name!r}: {digest!r}")
     return manifest
 
 

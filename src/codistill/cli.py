@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -17,8 +16,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codistill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="codistill", description="Distributed codistillation with a matched "
+                                     "all-reduce baseline.")
+    parser.add_argument("--version", action="version", version=f"codistill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands (codistill COMMAND --help for each)")
     for name, help_ in (("train", "train one run (all-reduce if codistill.n_models=1)"),
                         ("compare", "all-reduce vs codistillation at matched workers and updates")):
         p = sub.add_parser(name, help=help_)
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="the paper's findings as experiments: rows, plots, docs/results.md")
+    p = sub.add_parser("reproduce", help="the paper's findings: rows, plots, docs/results.md")
     p.add_argument("names", nargs="*", metavar="NAME", help="F1 ... F7, Beyond, or all (none with --report)")
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data and model, few steps, few variants")
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except UserError as e:
         print(f"codistill: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that the system refuses (permissions, full disk, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"codistill: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("codistill: interrupted", file=sys.stderr)
@@ -90,8 +98,7 @@ def _run(args) -> int:
 
         cfg, world = resume_config(args.resume)
         summary = train(cfg, args.resume, nproc=world, resume=True)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"done: {summary['steps']} steps; run directory {args.resume}")
+        _finish(summary, args.resume)
         return 0
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.command == "config":
@@ -104,14 +111,35 @@ def _run(args) -> int:
         from .launch import train
 
         summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
-        if summary and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
-            accs = ", ".join(f"{100 * m['val_accuracy']:.2f}%" for m in summary["models"])
-            print(f"done: {summary['steps']} steps, val accuracy {accs}; run directory {out}")
+        _finish(summary, out)
         return 0
     from .compare import run_compare
+    from .distributed import under_torchrun
+    from .launch import preflight
+    from .run_log import check_run_dir
 
+    from .distributed import torchrun_world_size
+
+    world = torchrun_world_size() if under_torchrun() else args.nproc if args.nproc is not None else cfg.dist.nproc
+    preflight(cfg, world)  # everything, before the comparison directory is touched
+    if not under_torchrun():  # under torchrun, rank 0 may already have created it
+        check_run_dir(out, args.overwrite)
     run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
     return 0
+
+
+def _finish(summary: dict, out) -> None:
+    """Once, from the first process: the curves as PNGs beside the run, and a line with the results."""
+    from .distributed import launcher_env
+
+    env = launcher_env()
+    if not summary or (env is not None and env["RANK"] != 0):  # once, not once per torchrun process
+        return
+    from .plots import plot_run  # only now: training never imports matplotlib
+
+    plot_run(out, [m["index"] for m in summary["models"]])
+    accs = ", ".join(f"model {m['index']} ({m['name']}) {100 * m['val_accuracy']:.2f}%" for m in summary["models"])
+    print(f"done: {summary['steps']} steps, val accuracy {accs}; run directory {out}")
 
 
 if __name__ == "__main__":

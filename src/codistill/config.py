@@ -8,6 +8,7 @@ field and what is allowed, so that workers never start on a config that cannot r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ CHOICES = {
     "train.nonfinite": ("stop", "skip"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized")
+MAX_INT = 2**31 - 1
+MAX_TIMEOUT_S = 365 * 86400  # larger values overflow the collectives' millisecond timeouts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,18 +242,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a regular file")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error(e)}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """`line L, column C: cause` from PyYAML's multi-line message."""
+    mark = getattr(e, "problem_mark", None)
+    cause = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+    if mark is None:
+        return cause or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {cause}"
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -309,13 +327,26 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
+class _NotFinite(ConfigError):
+    """A float field holding NaN or infinity: reported as such, not as a type mismatch."""
+
+
+def _finite(key: str, value: float) -> float:
+    if not math.isfinite(value):  # NaN passes every `<` and `==` range check: reject it here, once
+        raise _NotFinite(f"{key} must be a finite number, got {value}")
+    return value
+
+
 def _coerce(key: str, tp, value):
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected,
+    and every float must be finite."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
                 return _coerce(key, arg, value)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
     elif tp is type(None):
@@ -330,20 +361,27 @@ def _coerce(key: str, tp, value):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:  # seeds, step counts and sizes beyond this overflow in torch
+                raise _NotFinite(f"{key} must be at most {MAX_INT} in size, got {value}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(key, float(value))
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(key, number)
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is dict:
         if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, float):
+                    _finite(f"{key}.{k}", v)
             return dict(value)
     raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
 
@@ -356,8 +394,12 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
+    def unit(key, value):  # a decay factor: [0, 1)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+
     def positive(key, value, strict=True):
-        if value < 0 or (strict and value == 0):
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
             raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
 
     c, d, o, s, t = cfg.codistill, cfg.data, cfg.optim, cfg.schedule, cfg.train
@@ -386,9 +428,13 @@ def validate(cfg: Config) -> None:
     if not 0 < d.fraction <= 1:
         raise ConfigError(f"data.fraction must be in (0, 1], got {d.fraction}")
     positive("optim.lr", o.lr)
-    positive("optim.momentum", o.momentum, strict=False)
+    unit("optim.momentum", o.momentum)
+    if o.nesterov and (o.name != "sgd" or o.momentum == 0):
+        raise ConfigError("optim.nesterov needs optim.name=sgd and optim.momentum > 0")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
+    for beta in o.betas:
+        unit("optim.betas", beta)
     wds = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
     for wd in wds:
         positive("optim.weight_decay", wd, strict=False)
@@ -412,12 +458,30 @@ def validate(cfg: Config) -> None:
     positive("dist.nproc", cfg.dist.nproc)
     positive("dist.threads", cfg.dist.threads)
     positive("dist.timeout_s", cfg.dist.timeout_s)
+    if cfg.dist.timeout_s > MAX_TIMEOUT_S:
+        raise ConfigError(f"dist.timeout_s must be at most {MAX_TIMEOUT_S} (a year), got {cfg.dist.timeout_s:g}")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed must be >= 0, got {t.seed}")
+    tr = cfg.translation
+    for key in ("vocab_size", "max_tokens", "max_len", "beam"):
+        positive(f"translation.{key}", getattr(tr, key))
+    positive("translation.bleu_sentences", tr.bleu_sentences, strict=False)
     if isinstance(cfg.model.name, list) and len(cfg.model.name) != c.n_models:
         raise ConfigError(
             f"model.name lists {len(cfg.model.name)} models but codistill.n_models is {c.n_models}")
-    for arm in cfg.compare.arms:
+    cmp = cfg.compare
+    if not cmp.arms:
+        raise ConfigError(f"compare.arms must list at least one arm of {', '.join(ARMS)}")
+    for arm in cmp.arms:
         if arm not in ARMS:
             raise ConfigError(f"compare.arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    if len(set(cmp.arms)) != len(cmp.arms):
+        raise ConfigError(f"compare.arms lists an arm twice: {cmp.arms}")
+    for wd in cmp.regularized_weight_decay or []:
+        positive("compare.regularized_weight_decay", wd, strict=False)
+    m = cmp.regularized_milestones
+    if m is not None and (list(m) != sorted(m) or any(v <= 0 for v in m)):
+        raise ConfigError(f"compare.regularized_milestones must be increasing positive epochs, got {m}")
     _check_registries(cfg)
 
 

@@ -3,15 +3,25 @@
 Two ways in:
 - under `torchrun` (one node or many): every process runs the command itself, and the environment
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) says who it is;
-- standalone (`--nproc N`): `spawn` starts N local processes that meet through a rendezvous file
-  in the run directory (no ports are opened for rendezvous).
+- standalone (`--nproc N`): `spawn` starts N local processes that meet through a `FileStore` on a
+  file in the run directory (no ports are opened for rendezvous, and no path is parsed as a URL, so
+  any character in --out is safe).
 gloo on CPU, NCCL when CUDA is present (or as configured).
+
+A launcher environment is all or nothing: RANK, WORLD_SIZE or LOCAL_RANK without the rest of
+torchrun's variables (or without a torchrun agent) are leftovers from another launch, and are
+refused before anything starts, with the variables to unset.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import sys
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +34,8 @@ import torch.multiprocessing as mp
 from .errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+AGENT_VAR = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for every process it starts
+INT_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -35,12 +47,43 @@ class DistContext:
     device: torch.device
 
 
+def launcher_env() -> dict[str, int] | None:
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT as ints, or None when standalone.
+
+    Raises UserError for a partial or inconsistent environment, which would otherwise make a
+    standalone run wait for peers that never come (MASTER_ADDR/MASTER_PORT alone are harmless).
+    """
+    present = [v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if v in os.environ]
+    if not present:
+        return None
+    unset = "unset " + " ".join(v for v in TORCHRUN_VARS if v in os.environ)
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise UserError(f"partial launcher environment: {', '.join(present)} set but {', '.join(missing)} "
+                        f"missing; to run standalone with --nproc: {unset}; or start with torchrun")
+    if AGENT_VAR not in os.environ:
+        raise UserError(f"{', '.join(present)} are set but no torchrun agent started this process "
+                        f"({AGENT_VAR} unset): leftovers from another launch? To run standalone with "
+                        f"--nproc: {unset}; or start with torchrun")
+    values = {}
+    for var in INT_VARS:
+        try:
+            values[var] = int(os.environ[var])
+        except ValueError:
+            raise UserError(f"launcher variable {var}={os.environ[var]!r} is not an integer") from None
+    if not (values["WORLD_SIZE"] > 0 and 0 <= values["RANK"] < values["WORLD_SIZE"] and values["LOCAL_RANK"] >= 0
+            and 0 < values["MASTER_PORT"] < 65536):
+        raise UserError("inconsistent launcher environment: need 0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0 and "
+                        f"MASTER_PORT in 1..65535, got {', '.join(f'{k}={v}' for k, v in values.items())}")
+    return values
+
+
 def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return launcher_env() is not None
 
 
 def torchrun_world_size() -> int:
-    return int(os.environ["WORLD_SIZE"])
+    return launcher_env()["WORLD_SIZE"]
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -56,12 +99,12 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
                      world_size: int | None = None, local_rank: int | None = None) -> DistContext:
     """Initialize the default process group (from torchrun's environment unless told otherwise)."""
     if init_method is None:
-        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
-        if missing:
-            raise UserError(f"not under torchrun (missing {', '.join(missing)}); launch with torchrun "
-                            "or pass --nproc N to start local workers")
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
+        env = launcher_env()
+        if env is None:
+            raise UserError("not under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT unset); "
+                            "start this script with torchrun, e.g. torchrun --standalone --nproc-per-node 4 "
+                            f"{os.path.basename(sys.argv[0]) or 'script.py'}")
+        rank, world_size, local_rank = env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]
     local_rank = rank if local_rank is None else local_rank
     backend = resolve_backend(backend)
     if backend == "nccl":
@@ -72,9 +115,9 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
         torch.set_num_threads(threads)  # several workers per machine: one thread each by default
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        if init_method is None:
-            dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
-                                    world_size=world_size, timeout=timeout)
+        if init_method is None or isinstance(init_method, dist.Store):
+            store = init_method or _attempt_store(rank, world_size, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=timeout)
@@ -100,31 +143,83 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _entry(local_rank: int, fn: Callable, nproc: int, init_file: str, args: tuple) -> None:
-    """Body of a spawned worker: user errors print one line (from rank 0) and exit 2."""
+FAILURES = ".failures"  # per-rank failure records in the run directory, read by the parent
+ERROR_LOG = "error.log"  # full tracebacks of failed workers, kept in the run directory
+
+
+def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: float, args: tuple) -> None:
+    """Body of a spawned worker: a failure is recorded for the parent to report, never printed here
+    (one line from the parent beats N tracebacks interleaved on the terminal)."""
     try:
-        fn(local_rank, nproc, f"file://{init_file}", *args)
-    except UserError as e:
-        if local_rank == 0:
-            print(f"codistill: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        store = dist.FileStore(str(Path(run_dir) / ".rendezvous"), nproc)  # a plain path, not a URL
+        store.set_timeout(timedelta(seconds=timeout_s))
+        fn(local_rank, nproc, store, *args)
+    except BaseException as e:  # noqa: BLE001 - every failure is reported by the parent
+        _record_failure(Path(run_dir), local_rank, e)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
-def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), threads: int = 1) -> None:
-    """Run fn(rank, world_size, init_method, *args) in `nproc` fresh local processes.
+def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
+    from .faults import PeerError
 
-    If any worker fails, the others are stopped; a worker's user error exits this process with 2.
+    if isinstance(e, UserError):
+        kind, message = ("peer" if isinstance(e, PeerError) else "user"), str(e)
+    else:
+        kind = "crash"
+        first = (str(e).strip().splitlines() or [""])[0]
+        message = f"rank {rank} failed: {type(e).__name__}{': ' + first if first else ''} " \
+                  f"(traceback in {run_dir / ERROR_LOG})"
+        text = f"--- rank {rank}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + "".join(traceback.format_exception(e))
+        with open(run_dir / ERROR_LOG, "a") as f:  # one write per rank: lines of two ranks do not mix
+            f.write(text)
+    (run_dir / FAILURES).mkdir(exist_ok=True)
+    record = {"rank": rank, "kind": kind, "time": time.time(), "message": message}
+    (run_dir / FAILURES / f"rank_{rank}.json").write_text(json.dumps(record))
+
+
+def first_failure(run_dir: Path, failed_rank: int) -> str | None:
+    """The message of the failure that came first: a rank's own error before its peers' "lost
+    connection" or timeout, which only follow from it; `failed_rank`, the rank the parent saw
+    exit first, when it left no record (killed) and no rank raised an error of its own."""
+    records = []
+    for path in (run_dir / FAILURES).glob("rank_*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # killed while writing: the others tell the story
+    own = sorted((r for r in records if r["kind"] != "peer"), key=lambda r: r["time"])
+    if own:
+        return own[0]["message"]
+    if records and failed_rank in {r["rank"] for r in records}:
+        return min(records, key=lambda r: r["time"])["message"]
+    return None
+
+
+def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), threads: int = 1,
+          timeout_s: float = 600.0) -> None:
+    """Run fn(rank, world_size, store, *args) in `nproc` fresh local processes (`store` is the
+    rendezvous, a dist.Store to pass to init_distributed as its init_method).
+
+    If any worker fails, the others are stopped and the first real failure becomes a UserError (its
+    traceback, for an unexpected exception, in `rendezvous_dir/error.log`).
     """
-    init_file = Path(rendezvous_dir).resolve() / ".rendezvous"  # file:// URLs need an absolute path
-    init_file.unlink(missing_ok=True)  # a stale file from a crashed run would break the rendezvous
+    run_dir = Path(rendezvous_dir).resolve()
+    (run_dir / ".rendezvous").unlink(missing_ok=True)  # a stale file from a crashed run would break it
+    shutil.rmtree(run_dir / FAILURES, ignore_errors=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # torch logs "Terminating process ... via signal SIGTERM" when it stops the survivors: noise
+    # beside the one error line below.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        mp.start_processes(_entry, args=(fn, nproc, str(init_file), args), nprocs=nproc,
+        mp.start_processes(_entry, args=(fn, nproc, str(run_dir), timeout_s, args), nprocs=nproc,
                            start_method="spawn")
-    except mp.ProcessExitedException as e:
-        if e.exit_code == 2:
-            raise SystemExit(2) from None
-        raise UserError(f"worker {e.error_index} died (exit code {e.exit_code}); "
-                        "the run directory keeps what was written before") from None
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        message = first_failure(run_dir, e.error_index)
+        if message is None:  # killed before it could say anything (kill -9, out of memory)
+            code = getattr(e, "exit_code", None)
+            how = f"signal {e.signal_name}" if getattr(e, "signal_name", None) else f"exit code {code}"
+            message = f"worker {e.error_index} died ({how}); the run directory keeps what was written before"
+        raise UserError(message) from None
     finally:
-        init_file.unlink(missing_ok=True)
+        (run_dir / ".rendezvous").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / FAILURES, ignore_errors=True)

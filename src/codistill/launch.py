@@ -8,25 +8,85 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .checkpoint import load_entry, read_latest
+from .checkpoint import CheckpointError, load_entry, read_latest
+import torch
+
 from .config import Config, check_world_size, dump_yaml, load_config
-from .distributed import init_distributed, shutdown, spawn, torchrun_world_size, under_torchrun
-from .errors import UserError
+from .distributed import init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
+from .errors import ConfigError, DataError, UserError
 from .faults import parse_fault
 from .run_log import atomic_write_text, prepare_run_dir
 from .trainer import Trainer, run_worker
 
 
+def preflight(cfg: Config, world_size: int) -> None:
+    """Everything that can be checked without training, in the main process, before any run
+    directory is touched or any worker starts: world size, fault spec, backend, data, model."""
+    check_world_size(cfg, world_size)
+    parse_fault(os.environ.get("CODISTILL_FAULT"))
+    resolve_backend(cfg.dist.backend)
+    check_data(cfg, world_size)
+
+
 def check_data(cfg: Config, world_size: int) -> None:
-    """Open the dataset once before starting workers, so a missing file or a batch larger than the
-    data is one clear error (and an existing run directory is not touched)."""
+    """Open the dataset once before starting workers, so a missing file, splits that disagree or a
+    batch larger than the data is one clear error; then build each model once on the meta device
+    (no memory, no compute) so model options it does not take or cannot use are too."""
     from .data import load_dataset
-    from .tasks import ClassificationTask, steps_per_epoch, task_class
+    from .tasks import ClassificationTask, task_class
+    from .topology import Grid, Topology
 
     if task_class(cfg) is ClassificationTask:
-        steps_per_epoch(cfg, world_size)  # loads the data once
-    else:  # translation needs its tokenizer before it can batch: only check the files here
+        task = ClassificationTask(cfg, torch.device("cpu"))
+        check_splits(cfg, task.splits)
+        topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
+        task.train_batches(topo, cfg.train.seed)  # raises when a batch is larger than the data
+        sp = task.splits
+        check_models(cfg, sp.num_classes, sp.input_shape, sample=(2, *sp.input_shape))
+    else:  # translation needs its tokenizer before it can batch: check the files and the model only
         load_dataset(cfg.data.name, cfg.data.root)
+        check_models(cfg, cfg.translation.vocab_size, (), sample=None, pad_idx=0)
+
+
+def check_splits(cfg: Config, sp) -> None:
+    """Both splits of a dataset must agree: the test examples' shape and labels with training's."""
+    name = cfg.data.name
+    if len(sp.train_indices) == 0 or len(sp.test_indices) == 0:
+        raise DataError(f"data {name}: no {'training' if len(sp.train_indices) == 0 else 'test'} examples left "
+                        f"(data.fraction={cfg.data.fraction}, data.val_fraction={cfg.data.val_fraction})")
+    if sp.num_classes < 2:
+        raise DataError(f"data {name}: the training split has {sp.num_classes} class(es); at least 2 are needed")
+    for split, dataset, indices in (("training", sp.train, sp.train_indices), ("test", sp.test, sp.test_indices)):
+        x, _ = dataset[int(indices[0])]
+        if tuple(x.shape) != tuple(sp.input_shape):
+            raise DataError(f"data {name}: {split} examples have shape {tuple(x.shape)}, "
+                            f"the model expects {tuple(sp.input_shape)} (from the training split)")
+        targets = getattr(dataset, "targets", None)
+        if isinstance(targets, torch.Tensor) and len(targets):
+            labels = targets[indices]
+            if labels.min() < 0 or labels.max() >= sp.num_classes:
+                raise DataError(f"data {name}: {split} labels range over {int(labels.min())}..{int(labels.max())}, "
+                                f"outside the {sp.num_classes} classes of the training split")
+
+
+def check_models(cfg: Config, num_classes: int, input_shape: tuple, sample: tuple | None, **extra) -> None:
+    from .models import build_model
+
+    options = cfg.model.options
+    for name in dict.fromkeys(cfg.model_names()):
+        try:
+            with torch.device("meta"):
+                model = build_model(name, num_classes, input_shape, **extra, **options)
+                out = model(torch.empty(sample)) if sample is not None else None
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here is an option the model cannot use
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"model {name!r} cannot be built with model.options={options}: "
+                              f"{type(e).__name__}: {first}") from None
+        if out is not None and tuple(out.shape) != (sample[0], num_classes):
+            raise ConfigError(f"model {name!r} with model.options={options} gives outputs of shape "
+                              f"{tuple(out.shape)}, expected {(sample[0], num_classes)}")
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:
@@ -36,16 +96,33 @@ def prepare_task(cfg: Config, run_dir: Path) -> None:
 
 
 def resume_config(run_dir: str | Path) -> tuple[Config, int]:
-    """The resolved config and world size of a run to resume."""
+    """The resolved config and world size of a run to resume, with its checkpoint verified."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"cannot resume {run_dir}: " + ("not a directory" if run_dir.exists() else "no such directory"))
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"cannot resume {run_dir}: no config.yaml (not a codistill run directory?)")
     manifest = read_latest(run_dir)
     if manifest is None:
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint yet")
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            done = json.loads(summary.read_text()).get("steps")
+        except (ValueError, AttributeError):
+            done = None
+        if done == manifest["step"]:
+            raise UserError(f"run {run_dir} is already complete ({done} steps); nothing to resume, nothing changed")
+    cfg, world = load_config(run_dir / "config.yaml"), manifest["world_size"]
+    check_world_size(cfg, world)
     for name in manifest["sha256"]:  # verify every file here: one clear error before any worker starts
         load_entry(run_dir, manifest, name)
-    return load_config(run_dir / "config.yaml"), int(manifest["world_size"])
+    expected = {f"rank_{r}.pt" for r in range(world)}
+    ranks = {name for name in manifest["sha256"] if name.startswith("rank_")}
+    if ranks != expected:
+        raise CheckpointError(f"cannot resume {run_dir}: its manifest says world_size {world} but the checkpoint "
+                              f"holds {len(ranks)} rank file(s) ({', '.join(sorted(ranks)) or 'none'})")
+    return cfg, world
 
 
 def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None,
@@ -55,21 +132,20 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
     if under_torchrun():
         return _train_torchrun(cfg, Path(out), overwrite, resume)
     world = nproc if nproc is not None else cfg.dist.nproc
-    check_world_size(cfg, world)
-    parse_fault(os.environ.get("CODISTILL_FAULT"))
-    check_data(cfg, world)
+    preflight(cfg, world)
     if resume:
         run_dir = Path(out)
     else:
         run_dir = prepare_run_dir(out, overwrite)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         prepare_task(cfg, run_dir)
-    spawn(run_worker, world, run_dir, args=(cfg, str(run_dir), resume), threads=cfg.dist.threads)
+    spawn(run_worker, world, run_dir, args=(cfg, str(run_dir), resume), threads=cfg.dist.threads,
+          timeout_s=cfg.dist.timeout_s)
     return json.loads((run_dir / "summary.json").read_text())
 
 
 def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool) -> dict:
-    check_world_size(cfg, torchrun_world_size())
+    preflight(cfg, torchrun_world_size())  # every process, before any of them waits for the others
     # torchrun --max-restarts restarts every worker after a failure: continue from the checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if restarted and not resume:
@@ -82,7 +158,6 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool) -> di
         error = [None]
         if ctx.rank == 0 and not resume:
             try:
-                check_data(cfg, ctx.world_size)
                 prepare_run_dir(out, overwrite)
                 atomic_write_text(out / "config.yaml", dump_yaml(cfg))
                 prepare_task(cfg, out)

@@ -23,17 +23,15 @@ def series(metrics_file: Path, key: str) -> tuple[list[int], list[float]]:
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
-def plot_compare(out: str | Path, arms: list[str], model: int = 0) -> list[Path]:
-    """One PNG per curve, one line per arm (model `model` of each arm)."""
-    out = Path(out)
+def plot_lines(out: Path, lines: list[tuple[str, Path]]) -> list[Path]:
+    """One PNG per curve in `out`, one line per (label, metrics.jsonl) that exists."""
     written = []
     for filename, (key, label) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        for arm in arms:
-            path = out / arm / f"model_{model}" / "metrics.jsonl"
+        for name, path in lines:
             if path.is_file():
                 steps, values = series(path, key)
-                ax.plot(steps, values, label=arm, marker="." if len(steps) < 30 else None)
+                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -43,3 +41,15 @@ def plot_compare(out: str | Path, arms: list[str], model: int = 0) -> list[Path]
         plt.close(fig)
         written.append(out / filename)
     return written
+
+
+def plot_compare(out: str | Path, arms: list[str], model: int = 0) -> list[Path]:
+    """One PNG per curve, one line per arm (model `model` of each arm)."""
+    out = Path(out)
+    return plot_lines(out, [(arm, out / arm / f"model_{model}" / "metrics.jsonl") for arm in arms])
+
+
+def plot_run(run_dir: str | Path, models: list[int]) -> list[Path]:
+    """The curves of one `codistill train` run beside its summary.json, one line per model."""
+    run_dir = Path(run_dir)
+    return plot_lines(run_dir, [(f"model {m}", run_dir / f"model_{m}" / "metrics.jsonl") for m in models])

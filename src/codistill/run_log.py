@@ -17,11 +17,21 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files 0600
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -36,17 +46,60 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create the run directory; refuse to touch a non-empty one unless `overwrite`."""
+RUN_MARKERS = ("summary.json", "compare.json", "checkpoints/latest.json")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Recognizably made by codistill: a summary, a comparison, checkpoints, or the resolved
+    config.yaml (all sections) that every run writes first."""
+    if any((path / name).exists() for name in RUN_MARKERS):
+        return True
+    try:
+        import yaml
+
+        tree = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and {"data", "model", "codistill", "optim", "train", "dist"} <= tree.keys()
+
+
+def check_run_dir(path: str | Path, overwrite: bool = False) -> None:
+    """Everything prepare_run_dir would refuse, checked without touching anything."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"run directory {path} exists and is not a directory")
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():  # mkdir would fail with "Not a directory"
+        raise UserError(f"run directory {path} cannot be created: {existing} is a file, not a directory")
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"run directory {path} cannot be created: no write permission in {existing}")
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(f"run directory {path} already exists and is not empty; "
+                        "pass --overwrite to replace it or choose another --out")
+    real, cwd = path.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
+        raise UserError(f"--overwrite refuses to delete {path}: it is the current directory, one of its "
+                        "parents or the home directory; choose another --out")
+    if not is_run_dir(path):
+        raise UserError(f"--overwrite refuses to delete {path}: it does not look like a codistill run "
+                        "(no config.yaml, summary.json, compare.json or checkpoints); choose another --out")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--overwrite cannot replace {path}: no write permission in {path.parent}")
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the run directory; replace a non-empty one only with `overwrite`, and only when it is
+    an earlier codistill run (never the current directory, a parent of it or the home directory)."""
+    path = Path(path)
+    check_run_dir(path, overwrite)
     if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {path} already exists and is not empty; "
-                            "pass --overwrite to replace it or choose another --out")
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
     return path
 
 

@@ -50,6 +50,8 @@ def _find(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (root / name).is_file():
             return root / name
+        if (root / name).exists():
+            raise DataError(f"data file {root / name} is not a regular file")
     raise DataError(f"data file not found: {root / stem}[.gz]")
 
 
@@ -57,13 +59,16 @@ def load_idx_dataset(root: str | Path, mean: float, std: float) -> DatasetSplits
     """train-/t10k- images and labels from `root`, as in the official MNIST distribution."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
+        raise DataError(f"data directory {root} is not a directory" if root.exists() else
+                        f"data directory not found: {root}")
     splits = {}
     for split in ("train", "t10k"):
         images = read_idx(_find(root, f"{split}-images-idx3-ubyte"))
         labels = read_idx(_find(root, f"{split}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if len(images) == 0:
+            raise DataError(f"{root}: the {split} IDX files hold zero examples")
         x = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, H, W) uint8
         splits[split] = TensorData(x, torch.from_numpy(labels.astype(np.int64)), normalize_uint8(mean, std))
     train = splits["train"]
