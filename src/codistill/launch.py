@@ -105,14 +105,6 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
     manifest = read_latest(run_dir)
     if manifest is None:
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint yet")
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            done = json.loads(summary.read_text()).get("steps")
-        except (ValueError, AttributeError):
-            done = None
-        if done == manifest["step"]:
-            raise UserError(f"run {run_dir} is already complete ({done} steps); nothing to resume, nothing changed")
     cfg, world = load_config(run_dir / "config.yaml"), manifest["world_size"]
     check_world_size(cfg, world)
     for name in manifest["sha256"]:  # verify every file here: one clear error before any worker starts
@@ -122,6 +114,15 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
     if ranks != expected:
         raise CheckpointError(f"cannot resume {run_dir}: its manifest says world_size {world} but the checkpoint "
                               f"holds {len(ranks)} rank file(s) ({', '.join(sorted(ranks)) or 'none'})")
+    # Last: a damaged checkpoint of a finished run is reported as such.
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            done = json.loads(summary.read_text()).get("steps")
+        except (ValueError, AttributeError):
+            done = None
+        if done == manifest["step"]:
+            raise UserError(f"run {run_dir} is already complete ({done} steps); nothing to resume, nothing changed")
     return cfg, world
 
 
