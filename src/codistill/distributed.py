@@ -39,6 +39,11 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def is_leader() -> bool:
+    """The process that writes shared files and reports: rank 0 under torchrun, else this one."""
+    return not under_torchrun() or os.environ["RANK"] == "0"
+
+
 def torchrun_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
@@ -123,17 +128,24 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
 
 
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
-    """torchrun's store, with keys private to this restart attempt.
+    """torchrun's store, with keys private to this restart attempt and this initialization.
 
     After `torchrun --max-restarts` restarts the workers, the store still holds the gloo addresses
     the dead attempt published; without a per-attempt prefix the new workers read those and fail
-    with "connectFullMesh ... Connection refused" (seen with torch 2.14).
+    with "connectFullMesh ... Connection refused" (seen with torch 2.14). The same happens when one
+    command initializes the process group more than once (`compare` runs one arm after another):
+    every process counts its initializations in the same order, so the count is a shared prefix.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_store and rank == 0, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"codistill/attempt_{attempt}", store)
+    global _initializations
+    _initializations += 1
+    return dist.PrefixStore(f"codistill/attempt_{attempt}/init_{_initializations}", store)
+
+
+_initializations = 0  # process groups this process has created from torchrun's store
 
 
 def shutdown() -> None:
