@@ -114,3 +114,24 @@ def test_padding_rows_are_ignored_by_both_terms():
 def test_negative_alpha_is_rejected():
     with pytest.raises(ValueError, match="alpha"):
         codistillation_loss(_logits(0), [], torch.zeros(5, dtype=torch.long), alpha=-1.0)
+
+
+def test_loss_with_padding_never_synchronizes_with_the_host(monkeypatch):
+    """On CUDA, bool()/item()/tolist() and boolean-mask indexing wait for the GPU every step; the
+    loss must get by with masked reductions (the padded rows still count for nothing)."""
+    s, t = _logits(0).requires_grad_(), _logits(1)
+    y = torch.tensor([1, -100, 3, -100, 0])
+    expected = codistillation_loss(s, [t], y, alpha=0.5)["total"]
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync in the loss")
+
+    for name in ("__bool__", "item", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    out = codistillation_loss(s, [t], y, alpha=0.5)
+    out["total"].backward()
+    monkeypatch.undo()
+    assert torch.allclose(out["total"], expected)
+    keep = y != -100
+    assert torch.allclose(out["distill"], distillation_loss(s[keep], t[keep]), atol=1e-6)

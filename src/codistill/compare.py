@@ -17,6 +17,7 @@ from pathlib import Path
 from . import tasks
 from .config import Config, check_world_size, replace
 from .errors import ConfigError
+from .distributed import is_leader, torchrun_world_size, under_torchrun
 from .launch import train
 from .recipe import total_steps
 from .run_log import atomic_write_text, prepare_run_dir, write_json
@@ -71,16 +72,22 @@ def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
 
 
 def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None) -> dict:
-    world = nproc if nproc is not None else cfg.dist.nproc
+    # Under torchrun every process runs this: the world is torchrun's, and only rank 0 touches
+    # the directory and writes reports (each arm's own directory is prepared inside `train`).
+    leader = is_leader()
+    world = torchrun_world_size() if under_torchrun() else (nproc if nproc is not None else cfg.dist.nproc)
     arms = arm_configs(cfg, world)  # validate every arm before training any
-    out = prepare_run_dir(out, overwrite)
+    out = prepare_run_dir(out, overwrite) if leader else Path(out)
     results = []
     for name, arm_cfg in arms:
-        print(f"== arm {name}: {arm_cfg.codistill.n_models} model(s) x {world // arm_cfg.codistill.n_models} "
-              f"worker(s), {arm_cfg.train.steps} steps", flush=True)
+        if leader:
+            print(f"== arm {name}: {arm_cfg.codistill.n_models} model(s) x "
+                  f"{world // arm_cfg.codistill.n_models} worker(s), {arm_cfg.train.steps} steps", flush=True)
         summary = train(arm_cfg, out / name, overwrite=overwrite, nproc=world)
         results.append({"name": name, "summary": summary})
     report = {"arms": results}
+    if not leader:
+        return report
     write_json(out / "compare.json", report)
     table = format_table(results)
     atomic_write_text(out / "compare.md", compare_markdown(results, table))

@@ -143,6 +143,9 @@ class TrainConfig:
     """Show a progress bar on the first worker."""
     amp: bool = False
     """Student forward pass under bf16 autocast (for GPUs; parameters and optimizer stay fp32)."""
+    deterministic: bool = False
+    """Deterministic algorithms (torch.use_deterministic_algorithms; on GPU also no cuDNN autotuning
+    and no TF32). Bitwise-exact resume holds on CPU either way; on GPU it needs this switch."""
     checkpoint_every: int = 0
     """Save the full run state every this many steps (0: only at the end)."""
     nonfinite: str = "stop"

@@ -82,16 +82,62 @@ def under_torchrun() -> bool:
     return launcher_env() is not None
 
 
+def is_leader() -> bool:
+    """The process that writes shared files and reports: rank 0 under torchrun, else this one."""
+    return not under_torchrun() or os.environ["RANK"] == "0"
+
+
 def torchrun_world_size() -> int:
     return launcher_env()["WORLD_SIZE"]
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def local_world_size(default: int = 1) -> int:
+    """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else what the caller starts."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value and value.isdigit() else default
+
+
+def resolve_backend(backend: str = "auto", local_workers: int = 1, warn: bool = True) -> str:
+    """gloo or nccl for `local_workers` processes on this machine.
+
+    NCCL needs one GPU per process: two ranks on one GPU abort with "Duplicate GPU detected". So
+    `auto` takes NCCL only when every local worker gets its own GPU and says why it falls back to
+    gloo otherwise; an explicit `nccl` with too few GPUs is an error before anything starts.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise UserError("dist.backend=nccl needs CUDA, and no GPU is visible; use gloo")
+        if gpus == 0:
+            return "gloo"
+        if local_workers > gpus:
+            if warn:
+                print(f"codistill: warning: {local_workers} local workers but {gpus} GPU(s): using gloo on the "
+                      "CPU (NCCL needs one GPU per worker; start at most that many, e.g. --nproc "
+                      f"{gpus}, or set dist.backend=gloo to silence this)", file=sys.stderr, flush=True)
+            return "gloo"
+        return "nccl"
+    if backend == "nccl":
+        if gpus == 0:
+            raise UserError("dist.backend=nccl needs CUDA, and no GPU is visible; use gloo")
+        if local_workers > gpus:
+            raise UserError(f"dist.backend=nccl needs one GPU per worker: {local_workers} local workers, "
+                            f"{gpus} GPU(s); start at most {gpus} per machine or use dist.backend=gloo")
     return backend
+
+
+def configure_device(device: torch.device, deterministic: bool = False) -> None:
+    """Per-process CUDA settings: cuDNN autotuning and TF32 matmuls for speed, or deterministic
+    algorithms (bitwise-reproducible resume on GPU costs some speed) when asked."""
+    if device.type != "cuda":
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+        torch.use_deterministic_algorithms(True)
 
 
 def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float = 600.0,
@@ -106,9 +152,9 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
                             f"{os.path.basename(sys.argv[0]) or 'script.py'}")
         rank, world_size, local_rank = env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]
     local_rank = rank if local_rank is None else local_rank
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, local_world_size(default=world_size), warn=local_rank == 0)
     if backend == "nccl":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank)  # resolve_backend checked one GPU per local rank
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -125,17 +171,24 @@ def init_distributed(backend: str = "auto", threads: int = 1, timeout_s: float =
 
 
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
-    """torchrun's store, with keys private to this restart attempt.
+    """torchrun's store, with keys private to this restart attempt and this initialization.
 
     After `torchrun --max-restarts` restarts the workers, the store still holds the gloo addresses
     the dead attempt published; without a per-attempt prefix the new workers read those and fail
-    with "connectFullMesh ... Connection refused" (seen with torch 2.14).
+    with "connectFullMesh ... Connection refused" (seen with torch 2.14). The same happens when one
+    command initializes the process group more than once (`compare` runs one arm after another):
+    every process counts its initializations in the same order, so the count is a shared prefix.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_store and rank == 0, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"codistill/attempt_{attempt}", store)
+    global _initializations
+    _initializations += 1
+    return dist.PrefixStore(f"codistill/attempt_{attempt}/init_{_initializations}", store)
+
+
+_initializations = 0  # process groups this process has created from torchrun's store
 
 
 def shutdown() -> None:

@@ -21,48 +21,61 @@ import torch.nn.functional as F
 DISTILL_LOSSES = ("kl", "mse", "ce")
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
-                      temperature: float = 1.0) -> torch.Tensor:
-    """D(student, teacher) for logits of shape (N, C), averaged over the N rows.
+IGNORE_INDEX = -100  # target of positions that count for nothing (padding in sequence tasks)
+
+
+def distillation_per_row(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                         temperature: float = 1.0) -> torch.Tensor:
+    """D(student, teacher) of each row of (N, C) logits, shape (N,).
 
     kl:  tau^2 * sum_c p_t[c] * (log p_t[c] - log p_s[c]), p = softmax(logits / tau)
     ce:  tau^2 * -sum_c p_t[c] * log p_s[c] (= kl + tau^2 * entropy of the teacher)
-    mse: mean over rows and classes of (z_s - z_t)^2, on raw logits (no temperature)
+    mse: mean over classes of (z_s - z_t)^2, on raw logits (no temperature)
     """
-    teacher = teacher.detach()
+    teacher = teacher.detach().to(student.dtype)
     if kind == "mse":
-        return F.mse_loss(student, teacher.to(student.dtype))
+        return (student - teacher).pow(2).mean(-1)
     if kind not in ("kl", "ce"):
         raise ValueError(f"unknown distillation loss {kind!r}; allowed: {', '.join(DISTILL_LOSSES)}")
     tau = float(temperature)
     log_p_student = F.log_softmax(student / tau, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.to(student.dtype) / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / tau, dim=-1)
+    p_teacher = log_p_teacher.exp()
     if kind == "kl":
-        loss = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+        per_row = (p_teacher * (log_p_teacher - log_p_student)).sum(-1)
     else:
-        loss = -(log_p_teacher.exp() * log_p_student).sum(-1).mean()
-    return loss * tau * tau
+        per_row = -(p_teacher * log_p_student).sum(-1)
+    return per_row * (tau * tau)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                      temperature: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """D(student, teacher) for logits of shape (N, C), averaged over the N rows (or over the rows
+    where `weight`, a 0/1 float tensor of shape (N,), is 1). Never synchronizes with the host:
+    the weighted mean divides by a tensor count instead of selecting rows with a boolean mask."""
+    per_row = distillation_per_row(student, teacher, kind, temperature)
+    if weight is None:
+        return per_row.mean()
+    return (per_row * weight).sum() / weight.sum().clamp_min(1)
 
 
 def codistillation_loss(student: torch.Tensor, teachers: Sequence[torch.Tensor], target: torch.Tensor,
                         alpha: float = 1.0, kind: str = "kl", temperature: float = 1.0,
-                        label_smoothing: float = 0.0, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+                        label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Task loss plus alpha times the mean distillation loss to each teacher.
 
     student: (N, C) logits; teachers: n-1 tensors (N, C); target: (N,) class indices. Rows whose
-    target is `ignore_index` (padding in translation) are left out of both terms.
+    target is `ignore_index` (padding in translation) are left out of both terms, by weighting
+    rather than indexing: no host synchronization and no copy of the logits per teacher.
     Returns {"total", "task", "distill"}; "distill" is the unweighted mean over teachers (0 when
     there are none), so logs show it whatever alpha is.
     """
-    if alpha < 0:
+    if not alpha >= 0:  # also rejects NaN
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     task = F.cross_entropy(student, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
-    keep = target != ignore_index
-    if not bool(keep.all()):
-        student = student[keep]
-        teachers = [t[keep] for t in teachers]
     if len(teachers) == 0:
         distill = student.new_zeros(())
     else:
-        distill = torch.stack([distillation_loss(student, t, kind, temperature) for t in teachers]).mean()
+        weight = (target != ignore_index).to(student.dtype)
+        distill = torch.stack([distillation_loss(student, t, kind, temperature, weight) for t in teachers]).mean()
     return {"total": task + alpha * distill, "task": task, "distill": distill}

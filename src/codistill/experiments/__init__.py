@@ -22,6 +22,7 @@ def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, o
               budget: float = 1.0, report: bool = False, doc: str | None = None) -> int:
     """Run the named experiments (none with `report` alone), then draw their plots and write the
     report. Returns the exit status: 1 when a run failed (its row is missing; rerun to retry)."""
+    from ..distributed import is_leader
     from ..errors import UserError
     from .report import write_report
     from .runner import Suite, select
@@ -36,6 +37,8 @@ def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, o
         suite = Suite(out, quick=quick, budget=budget, command=shlex.join(["codistill", *sys.argv[1:]]))
         written = suite.run(experiments, seeds)
         failures = suite.failures
+        if not is_leader():  # under torchrun: rank 0 alone reports
+            return 1 if failures else 0
         print(f"reproduce: {written} new row(s) in {out}/", flush=True)
     if doc is None:
         doc = "docs/results.md" if out == DEFAULT_OUT and not quick else str(Path(out) / "results.md")

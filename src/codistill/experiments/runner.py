@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..compare import arm_configs
 from ..config import Config, load_config, replace, to_dict
+from ..distributed import is_leader, torchrun_world_size, under_torchrun
 from ..errors import UserError
 from . import results as res
 from .suite import BASES, EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant, seed_of
@@ -29,6 +30,11 @@ class Run:
     seed: int  # seed number: 0, 1, 2, ...
     cfg: Config  # the arm's resolved config
     world: int
+
+
+def _say(message: str) -> None:
+    if is_leader():  # under torchrun every process runs the suite; one speaks
+        print(message, flush=True)
 
 
 def _dunder(overrides: dict) -> dict:
@@ -82,7 +88,8 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
     if "train.epochs" in factors and cfg.train.steps is not None:  # a budget given in steps
         scaled["train.steps"] = _scaled(cfg.train.steps, factors["train.epochs"])
     cfg = replace(cfg, **_dunder({**scaled, "train.seed": seed_of(seed)}))
-    world = cfg.dist.nproc
+    # Under torchrun the world is torchrun's (every arm of a finding still gets the same workers).
+    world = torchrun_world_size() if under_torchrun() else cfg.dist.nproc
     arms = dict(arm_configs(replace(cfg, compare__arms=[variant.arm]), world))
     arm = arms[variant.arm]
     if variant.after:
@@ -153,10 +160,11 @@ class Suite:
                         row = self.run_one(experiment, variant, seed, label)
                     except Exception as e:  # noqa: BLE001 - one failed run must not end an hours-long suite
                         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                        print(f"[{label}] failed: {type(e).__name__}: {message}", flush=True)
+                        _say(f"[{label}] failed: {type(e).__name__}: {message}")
                         self.failures.append(f"{label}: {type(e).__name__}: {message}")
                         continue
-                    res.append_row(path, row)
+                    if is_leader():  # under torchrun every process trains; one writes the row
+                        res.append_row(path, row)
                     written += 1
         return written
 
@@ -170,8 +178,8 @@ class Suite:
                "config": res.config_values(cfg, world)}
         original = self._by_hash.get(digest)
         if original is not None:
-            print(f"[{label}] same run as {original['experiment']}/{original['variant']}/s{original['seed']}; "
-                  "reusing its row", flush=True)
+            _say(f"[{label}] same run as {original['experiment']}/{original['variant']}/s{original['seed']}; "
+                  "reusing its row")
             kept = {k: v for k, v in original.items() if k not in row and k not in ("command", "time", "git")}
             row.update(kept, reused_from=f"{original['experiment']}/{original['variant']}/s{original['seed']}")
             row.update(command=self.command, time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
@@ -179,8 +187,8 @@ class Suite:
         budget = "" if self.budget == 1.0 else f"-budget{self.budget:g}"
         run_dir = self.out / "runs" / experiment.name / variant.name.replace("/", "_") / f"s{seed}{budget}"
         n = cfg.codistill.n_models
-        print(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
-              f"{cfg.train.steps} steps -> {run_dir}", flush=True)
+        _say(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
+              f"{cfg.train.steps} steps -> {run_dir}")
         start = time.perf_counter()
         # Absolute: the workers meet through a file:// URL in the run directory, and a relative path
         # there would be read as a host name.
@@ -193,8 +201,8 @@ class Suite:
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
         self._by_hash[digest] = row
         acc = row.get("test_accuracy") or []
-        print(f"[{label}] done in {row['total_seconds']:.0f} s: test accuracy "
-              + ", ".join(f"{100 * a:.2f}%" for a in acc if a is not None), flush=True)
+        _say(f"[{label}] done in {row['total_seconds']:.0f} s: test accuracy "
+              + ", ".join(f"{100 * a:.2f}%" for a in acc if a is not None))
         return row
 
 
