@@ -16,8 +16,10 @@ benchmarks and the README example all go through it.
 
 Steps: `step` counts completed optimizer steps (a hook on `optimizer.step`, installed by `attach`).
 Step s begins with its exchange (at s = 0, T, 2T, ...; see exchange.py for the delay), run by the
-first of `maybe_exchange`, `teacher_logits` or `loss` called in that step, so the teachers a step
-uses are always the ones the schedule says.
+first of these in that step: the model's forward in training mode (a forward pre-hook),
+`teacher_logits`, `loss` or `maybe_exchange`. So what is sent is the model's state after exactly
+s updates (before this step's forward touches BatchNorm statistics), and the teachers a step uses
+are the ones the schedule says.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class Codistillation:
             teachers = {j: build(j).to(self.device) for j in self.topo.peers()}
         self.teachers = Teachers(teachers, teacher_mode)
         self.model = self._wrap(self.module)  # what to call forward on and optimize
+        self.model.register_forward_pre_hook(self._before_forward)
         self.exchanger = make_exchange(exchange, self)
         self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.step = 0  # completed optimizer steps
@@ -149,6 +152,10 @@ class Codistillation:
 
     def current_alpha(self) -> float:
         return float(self.alpha(self.step)) if callable(self.alpha) else float(self.alpha)
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if module.training:  # not evaluation: that happens between steps
+            self.maybe_exchange()
 
     def maybe_exchange(self) -> None:
         """Run this step's exchange, once (teacher_logits and loss call it too)."""
