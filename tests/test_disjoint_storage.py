@@ -68,3 +68,14 @@ def test_storage_jobs_translate_disjoint_shares_like_the_collective_run(tmp_path
         _assert_same_batches(storage[m]["epoch"], collective[m]["epoch"])
     pairs = [{tuple(s.tolist()) for b in storage[m]["epoch"] for s in b[0]} for m in (0, 1)]
     assert not pairs[0] & pairs[1]
+
+
+def test_a_storage_jobs_topology_names_its_model_among_all():
+    from codistill.topology import Grid, Topology, job_grid
+
+    grid, first, total = job_grid(world_size=2, n_models=3, job_model=1)  # job of model 1 of 3, 2 workers
+    topo = Topology(grid, 1, None, None, first, total)
+    assert (topo.model_index, topo.n_models, topo.job_model, topo.job_models) == (1, 3, 0, 1)
+    assert (topo.replicas, topo.replica_index, topo.peers()) == (2, 1, [0, 2])
+    whole = Topology(Grid(6, 3), 3, None, None)  # one job holding all 3 models
+    assert (whole.model_index, whole.n_models, whole.job_model, whole.peers()) == (1, 3, 1, [0, 2])
