@@ -117,6 +117,15 @@ def readme_example() -> str:
     return match.group(1)
 
 
+def test_readme_own_loop_example_changes_at_most_five_lines_of_a_ddp_loop():
+    code = readme_example()
+    marked = [line for line in code.splitlines() if "# codistill" in line]
+    assert 1 <= len(marked) <= 5, marked
+    # Nothing but the component: no hand-built topology, teachers, exchanger or loss.
+    for part in ("build_topology", "Teachers", "Exchanger", "codistillation_loss", "DistributedDataParallel"):
+        assert part not in code, part
+
+
 def test_readme_own_loop_example_runs_under_torchrun(tmp_path):
     script = tmp_path / "own_loop.py"
     script.write_text(readme_example())

@@ -24,8 +24,9 @@ def _exchanger(model_index: int, directory, every=5):
     model = build_model("cnn_tiny", 10, (1, 8, 8))
     peer = 1 - model_index
     teachers = Teachers({peer: build_model("cnn_tiny", 10, (1, 8, 8))})
-    topo = Topology(Grid(1, 1), 0, None, None)  # one worker: no collectives needed
-    return model, teachers, StorageExchanger(model, teachers, topo, model_index, every, directory)
+    # One worker of model `model_index` of 2: no collectives needed.
+    topo = Topology(Grid(1, 1), 0, None, None, first_model=model_index, total_models=2)
+    return model, teachers, StorageExchanger(model, teachers, topo, every, directory)
 
 
 def test_teachers_load_the_newest_complete_file_and_skip_corrupt_ones(tmp_path, capsys):

@@ -1,17 +1,20 @@
 """codistill: distributed codistillation with a matched all-reduce baseline.
 
-The parts the trainer is built from, for use in your own training loop:
+The method as one object around your model and optimizer (under torchrun):
 
-    ctx = init_distributed()                         # under torchrun
-    topo = build_topology(n_models=2)                # rows: model groups, columns: exchange groups
-    model = DDP(net, process_group=topo.model_group) # gradient all-reduce inside the model group
-    teachers = Teachers({j: make_net() for j in topo.peers()})
-    exchanger = Exchanger(net, teachers, topo, every=50)
-    exchanger.maybe_exchange(step)                   # at the start of each step
-    losses = codistillation_loss(model(x), teachers.logits(x), y, alpha=1.0)
+    codist = Codistillation(make_net, n_models=2, every=50, alpha=1.0)
+    loader = DataLoader(ds, batch_size=32, sampler=codist.sampler(ds))
+    optimizer = torch.optim.SGD(codist.model.parameters(), lr=0.1)
+    with codist.attach(optimizer):
+        for x, y in loader:
+            losses = codist.loss(codist.model(x), y, teacher_inputs=x)
+            optimizer.zero_grad(); losses["total"].backward(); optimizer.step()
+
+Its parts (Topology, Teachers, Exchanger, codistillation_loss) are exported too.
 """
 
 from .accounting import CommCounter
+from .codistillation import Codistillation
 from .config import Config, load_config
 from .distributed import init_distributed, shutdown
 from .errors import ConfigError, DataError, UserError
@@ -22,7 +25,7 @@ from .topology import Grid, Topology, build_topology
 __version__ = "0.1.0"
 
 __all__ = [
-    "CommCounter", "Config", "ConfigError", "DataError", "Exchanger", "Grid", "Teachers", "Topology",
+    "Codistillation", "CommCounter", "Config", "ConfigError", "DataError", "Exchanger", "Grid", "Teachers", "Topology",
     "UserError", "build_topology", "codistillation_loss", "distillation_loss", "init_distributed",
     "load_config", "shutdown",
 ]

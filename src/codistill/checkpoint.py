@@ -133,3 +133,34 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_run_state(run_dir: Path, step: int, model_file: str, model_state: dict | None, rank: int,
+                   rank_state: dict, world_size: int) -> None:
+    """Write one rank's part of the checkpoint at `step`, then publish it once every rank has.
+
+    Collective: every rank calls it. model_state is None on ranks that do not write their model's
+    file (all but a model's first rank); rank_state is this rank's own (RNG, counters).
+    """
+    import torch.distributed as dist
+
+    directory = step_dir(run_dir, step)
+    hashes = {}
+    if model_state is not None:
+        hashes[model_file] = save_file(model_state, directory / model_file)
+    hashes[f"rank_{rank}.pt"] = save_file(rank_state, directory / f"rank_{rank}.pt")
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, hashes)
+    if rank == 0:
+        commit(run_dir, step, {k: v for h in everyone for k, v in h.items()}, world_size)
+    dist.barrier()
+
+
+def load_run_state(run_dir: Path, model_file: str, rank: int, world_size: int) -> tuple[dict, dict]:
+    """(model state, this rank's state) of the newest complete checkpoint, verified."""
+    manifest = read_latest(run_dir)
+    if manifest is None:
+        raise CheckpointError(f"nothing to resume: {run_dir} has no checkpoint")
+    if manifest.get("world_size", world_size) != world_size:
+        raise CheckpointError(f"checkpoint was written by {manifest['world_size']} workers, this run has {world_size}")
+    return load_entry(run_dir, manifest, model_file), load_entry(run_dir, manifest, f"rank_{rank}.pt")

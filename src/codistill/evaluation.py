@@ -45,7 +45,7 @@ def evaluate(model: nn.Module, dataset, indices: torch.Tensor, topo: Topology, b
     """Metrics of every model and the ensemble on `indices` of `dataset`; identical on all ranks."""
     batches = eval_batches(indices, batch_size, topo.replicas, topo.replica_index)
     probs, targets = predict(model, dataset, batches, device, num_workers)
-    n = topo.n_models
+    n = topo.job_models  # the models of this job: the exchange group's members
     if n > 1:
         gathered = [torch.empty_like(probs) for _ in range(n)]
         dist.all_gather(gathered, probs, group=topo.exchange_group)

@@ -11,15 +11,19 @@ the other models' state after exactly s updates). With `delay` = D > 0 the trans
 background while training continues with the old teachers, and is swapped in at the start of step
 s + D: the teachers then are D steps stale, identically on every worker (the swap step is fixed, not
 "whenever it arrived", so runs stay reproducible). Step 0 is always synchronous.
+
+Every way of refreshing teachers (this collective one, `storage_exchange.StorageExchanger`, or an
+outer synchronization plugged in through `codistillation.EXCHANGES`) has the `Exchange` protocol.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-import time
 
 from .accounting import CommCounter
 from .flat import FlatState
@@ -48,6 +52,7 @@ class Teachers:
             self.flats[j] = FlatState(m)
             self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
         self.versions = {j: -1 for j in self.modules}  # source step of each teacher's weights
+        # Only the methods below write `versions`: mark_received, load_state_dict.
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -57,15 +62,83 @@ class Teachers:
         return {j: m for j, m in self.modules.items() if self.versions[j] >= 0}
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each available teacher's output on the student's own batch."""
-        return [m(x) for m in self.available().values()]
+    def logits(self, batch, forward=None) -> list[torch.Tensor]:
+        """Each available teacher's output on the student's own batch (the one teacher forward of
+        the library). forward(teacher, batch) -> logits; default teacher(batch)."""
+        if forward is None:
+            return [m(batch) for m in self.available().values()]
+        return [forward(m, batch) for m in self.available().values()]
 
     def staleness(self, step: int) -> int:
         """Steps since the oldest teacher's weights were current (0 right after an exchange);
         -1 while no teacher has weights yet."""
         versions = [v for v in self.versions.values() if v >= 0]
         return step - min(versions) if versions else -1
+
+    def mark_received(self, step: int, models=None) -> None:
+        """Teachers `models` (default: all) now hold their model's state after `step` updates."""
+        for j in self.versions if models is None else models:
+            self.versions[j] = step
+
+    def state_dict(self) -> dict:
+        return {"versions": {str(j): v for j, v in self.versions.items()},
+                "teachers": flats_state(self.flats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_flats(self.flats, state["teachers"])
+        self.versions.update({int(j): v for j, v in state["versions"].items()})
+
+
+class Exchange(Protocol):
+    """What the trainer and `Codistillation` call: refresh teachers (or, for an outer
+    synchronization, the model itself) at the start of step `step`."""
+
+    blocked_seconds: float  # wall time spent inside the exchange (stall)
+
+    def maybe_exchange(self, step: int) -> bool: ...  # at the start of every step; True when teachers changed
+    def wait(self) -> None: ...  # complete transfers in flight (before a checkpoint); swaps nothing in
+    def finish(self) -> None: ...  # complete a pending transfer and swap it in (at the end of training)
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NoExchange:
+    """One model (all-reduce): nothing to exchange."""
+
+    blocked_seconds = 0.0
+
+    def maybe_exchange(self, step: int) -> bool:
+        return False
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def sync_buffers(model: nn.Module, topo: Topology, counter: CommCounter) -> None:
+    """Give every replica of our model replica 0's buffers before they are sent.
+
+    DDP keeps parameters identical but lets BatchNorm running statistics drift between replicas
+    until its next forward broadcasts them from the group's first rank; doing that broadcast here,
+    first, is what makes all workers of a model send (and so receive) identical teachers.
+    """
+    if topo.replicas == 1:
+        return
+    src = topo.grid.rank(topo.job_model, 0)
+    buffers = list(model.buffers())
+    works = [dist.broadcast(b, src=src, group=topo.model_group, async_op=True) for b in buffers]
+    for w in works:
+        w.wait()
+    if topo.rank == src:
+        counter.buffer_sync_sent += (topo.replicas - 1) * sum(b.numel() * b.element_size() for b in buffers)
 
 
 class Exchanger:
@@ -77,6 +150,8 @@ class Exchanger:
             raise ValueError(f"exchange period must be > 0, got {every}")
         if not 0 <= delay <= every:
             raise ValueError(f"exchange delay must be in [0, {every}], got {delay}")
+        if topo.job_models != topo.n_models:
+            raise ValueError("the collective exchange needs every model in this job (use exchange=storage)")
         self.model, self.teachers, self.topo = model, teachers, topo
         self.every, self.delay = every, delay
         self.counter = counter if counter is not None else CommCounter()
@@ -111,29 +186,11 @@ class Exchanger:
                 self.start(step, into=self.staging)
         return changed
 
-    def sync_buffers(self) -> None:
-        """Give every replica of our model replica 0's buffers before they are sent.
-
-        DDP keeps parameters identical but lets BatchNorm running statistics drift between replicas
-        until its next forward broadcasts them from the group's first rank; doing that broadcast
-        here, first, is what makes all workers of a model receive identical teachers.
-        """
-        if self.topo.replicas == 1:
-            return
-        src = self.topo.grid.rank(self.topo.model_index, 0)
-        buffers = [b for b in self.model.buffers()]
-        works = [dist.broadcast(b, src=src, group=self.topo.model_group, async_op=True) for b in buffers]
-        for w in works:
-            w.wait()
-        if self.topo.rank == src:
-            nbytes = sum(b.numel() * b.element_size() for b in buffers)
-            self.counter.buffer_sync_sent += (self.topo.replicas - 1) * nbytes
-
     def start(self, step: int, into: dict[int, FlatState] | None) -> None:
         """Snapshot our model and launch the column's broadcasts (asynchronously)."""
-        self.sync_buffers()
+        sync_buffers(self.model, self.topo, self.counter)
         self.send.pack(self.model)
-        grid, me, replica = self.topo.grid, self.topo.model_index, self.topo.replica_index
+        grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats
         works = []
         for m in range(grid.n_models):
@@ -146,48 +203,48 @@ class Exchanger:
         self._pending = (step, works)
         self._into_staging = into is not None
 
-    def finish(self) -> None:
-        """Wait for the pending transfer and swap it into the teachers."""
-        if self._pending is None:
-            return
-        step, works = self._pending
-        for w in works:
-            w.wait()
-        if self._into_staging:
-            for j, flat in self.teachers.flats.items():
-                flat.copy_(self.staging[j])
-        for j in self.teachers.versions:
-            self.teachers.versions[j] = step
-        self._pending = None
-
-    def state_dict(self) -> dict:
-        """Teachers, their age, and a transfer still waiting to be swapped in (completed first)."""
-        state = {"versions": {str(j): v for j, v in self.teachers.versions.items()},
-                 "teachers": _flats_state(self.teachers.flats), "pending_step": -1}
+    def wait(self) -> None:
+        """Complete the transfer in flight, if any; it is still swapped in at its step."""
         if self._pending is not None:
             step, works = self._pending
             for w in works:
                 w.wait()
             self._pending = (step, [])
-            state["pending_step"] = step
-            state["staging"] = _flats_state(self.staging) if self._into_staging else None
+
+    def finish(self) -> None:
+        """Wait for the pending transfer and swap it into the teachers."""
+        if self._pending is None:
+            return
+        self.wait()
+        if self._into_staging:
+            for j, flat in self.teachers.flats.items():
+                flat.copy_(self.staging[j])
+        self.teachers.mark_received(self._pending[0])
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        """Teachers, their age, and a transfer waiting to be swapped in (call `wait` first)."""
+        state = {**self.teachers.state_dict(), "pending_step": -1}
+        if self._pending is not None:
+            if self._pending[1]:
+                raise RuntimeError("a transfer is in flight: call wait() before state_dict()")
+            state["pending_step"] = self._pending[0]
+            state["staging"] = flats_state(self.staging) if self._into_staging else None
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        _load_flats(self.teachers.flats, state["teachers"])
-        self.teachers.versions.update({int(j): v for j, v in state["versions"].items()})
+        self.teachers.load_state_dict(state)
         if state["pending_step"] >= 0:
             self._into_staging = state.get("staging") is not None
             if self._into_staging:
-                _load_flats(self.staging, state["staging"])
+                load_flats(self.staging, state["staging"])
             self._pending = (state["pending_step"], [])
 
 
-def _flats_state(flats: dict[int, FlatState]) -> dict:
-    return {str(j): {str(dt): b.clone() for dt, b in f.buffers.items()} for j, f in flats.items()}
+def flats_state(flats: dict[int, FlatState]) -> dict:
+    return {str(j): f.state_dict() for j, f in flats.items()}
 
 
-def _load_flats(flats: dict[int, FlatState], state: dict) -> None:
+def load_flats(flats: dict[int, FlatState], state: dict) -> None:
     for j, flat in flats.items():
-        for dt, buf in flat.buffers.items():
-            buf.copy_(state[str(j)][str(dt)])
+        flat.load_state_dict(state[str(j)])

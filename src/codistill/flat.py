@@ -76,3 +76,14 @@ class FlatState:
     def copy_(self, other: "FlatState") -> None:
         for dt, buf in self.buffers.items():
             buf.copy_(other.buffers[dt])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The buffers by dtype name (a copy): what exchange files and checkpoints hold."""
+        return {str(dt): b.clone() for dt, b in self.buffers.items()}
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {str(dt): b.shape for dt, b in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for dt, buf in self.buffers.items():
+            buf.copy_(state[str(dt)])

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .accounting import CommCounter
 from .checkpoint import save_file, sha256_file
-from .exchange import Teachers
+from .exchange import Teachers, sync_buffers
 from .flat import FlatState
 from .topology import Topology
 
@@ -36,12 +36,12 @@ def warn(message: str) -> None:
 
 
 class StorageExchanger:
-    def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, model_index: int, every: int,
+    def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, every: int,
                  directory: str | Path, counter: CommCounter | None = None):
         if every <= 0:
             raise ValueError(f"exchange period must be > 0, got {every}")
         self.model, self.teachers, self.topo = model, teachers, topo
-        self.model_index, self.every = model_index, every
+        self.model_index, self.every = topo.model_index, every
         self.directory = Path(directory)
         self.counter = counter if counter is not None else CommCounter()
         self.send = FlatState(model)
@@ -53,7 +53,7 @@ class StorageExchanger:
             return False
         t0 = time.perf_counter()
         try:
-            self._sync_buffers()
+            sync_buffers(self.model, self.topo, self.counter)
             if self.topo.is_model_leader:
                 self.publish(step)
                 self.load_newest()
@@ -62,18 +62,11 @@ class StorageExchanger:
         finally:
             self.blocked_seconds += time.perf_counter() - t0
 
-    def _sync_buffers(self) -> None:
-        if self.topo.replicas > 1:
-            src = self.topo.grid.rank(0, 0)
-            for b in self.model.buffers():
-                dist.broadcast(b, src=src, group=self.topo.model_group)
-
     def publish(self, step: int) -> None:
         self.send.pack(self.model)
         mine = self.directory / f"model_{self.model_index}"
         path = mine / f"step_{step:08d}.pt"
-        digest = save_file({"step": step, "model": self.model_index,
-                            "state": {str(dt): b for dt, b in self.send.buffers.items()}}, path)
+        digest = save_file({"step": step, "model": self.model_index, "state": self.send.state_dict()}, path)
         _write_text(path.with_suffix(".sha256"), digest)
         self.counter.add_exchange(sent=self.send.nbytes, received=0)
         for old in sorted(mine.glob("step_*.pt"))[:-KEEP]:
@@ -88,9 +81,8 @@ class StorageExchanger:
                 if state is None:
                     continue
                 if state["step"] != self.teachers.versions[j]:
-                    for dt, buf in flat.buffers.items():
-                        buf.copy_(state["state"][str(dt)])
-                    self.teachers.versions[j] = state["step"]
+                    flat.load_state_dict(state["state"])
+                    self.teachers.mark_received(state["step"], [j])
                     self.counter.exchange_received += flat.nbytes
                 break
 
@@ -106,8 +98,7 @@ class StorageExchanger:
                 problem = "checksum mismatch"
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-                shapes = {str(dt): b.shape for dt, b in flat.buffers.items()}
-                if {k: v.shape for k, v in state["state"].items()} != shapes:
+                if {k: v.shape for k, v in state["state"].items()} != flat.shapes():
                     problem = "its state does not match this model's architecture"
                 else:
                     return state
@@ -126,23 +117,21 @@ class StorageExchanger:
         versions = torch.tensor([self.teachers.versions[j] for j in self.teachers.flats], dtype=torch.int64)
         dist.broadcast(versions, src=src, group=self.topo.model_group)
         for j, v in zip(self.teachers.flats, versions.tolist()):
-            self.teachers.versions[j] = v
+            self.teachers.mark_received(v, [j])
             for buf in self.teachers.flats[j].buffers.values():
                 dist.broadcast(buf, src=src, group=self.topo.model_group)
+
+    def wait(self) -> None:
+        """Nothing in flight: reads and writes complete inside maybe_exchange."""
 
     def finish(self) -> None:
         """Nothing in flight: reads and writes complete inside maybe_exchange."""
 
     def state_dict(self) -> dict:
-        return {"versions": {str(j): v for j, v in self.teachers.versions.items()},
-                "teachers": {str(j): {str(dt): b.clone() for dt, b in f.buffers.items()}
-                             for j, f in self.teachers.flats.items()}, "pending_step": -1}
+        return {**self.teachers.state_dict(), "pending_step": -1}
 
     def load_state_dict(self, state: dict) -> None:
-        for j, flat in self.teachers.flats.items():
-            for dt, buf in flat.buffers.items():
-                buf.copy_(state["teachers"][str(j)][str(dt)])
-        self.teachers.versions.update({int(j): v for j, v in state["versions"].items()})
+        self.teachers.load_state_dict(state)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -7,7 +7,7 @@ The trainer only sees this interface, so a new kind of workload (translation, in
     task.build_model(name)                   -> nn.Module
     task.train_batches(topo, seed, start)    -> (iterator of batches, steps_per_epoch)
     task.forward(module, batch)              -> (logits (N, C), targets (N,)), padding = -100
-    task.teacher_logits(teachers, batch)     -> [logits (N, C)] per teacher
+                                                (also the teachers' forward, under no_grad)
     task.evaluate(model, split, topo)        -> {"models": [{"loss", "accuracy", ...}], "ensemble": {...},
                                                  "disagreement": float}
 """
@@ -62,10 +62,6 @@ class ClassificationTask:
         x, y = batch
         return module(self.inputs(x)), y.to(self.device, non_blocking=True)
 
-    def teacher_logits(self, teachers, batch) -> list[torch.Tensor]:
-        x, _ = batch
-        return teachers.logits(self.inputs(x))
-
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
         sp = self.splits
         dataset, indices = (sp.val, sp.val_indices) if split == "val" else (sp.test, sp.test_indices)
@@ -95,8 +91,10 @@ def make_task(cfg: Config, device: torch.device, run_dir=None):
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
     """Steps for one model to pass over its training data, computed outside any process group
     (loads the data; raises ConfigError when a batch is larger than the data)."""
-    from .topology import Grid
+    from .topology import job_grid
 
-    topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
+    c = cfg.codistill
+    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
+    topo = Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
     _, steps = make_task(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
     return steps

@@ -6,6 +6,10 @@ Rows are model groups (gradient all-reduce inside, DDP on the subgroup); columns
 (the same replica index across models), over which teachers travel. n_models = 1 is plain all-reduce
 data parallelism through the same code. Every rank creates every group, in the same order, because
 `torch.distributed.new_group` is collective.
+
+The grid covers the models of one job. With exchange through storage each job trains one of the
+n models, so its grid has one row while `Topology.model_index` and `Topology.n_models` stay global
+(which model this is among all n): data splits and seeds depend on those, never on the grid.
 """
 
 from __future__ import annotations
@@ -48,16 +52,31 @@ class Grid:
 
 @dataclass
 class Topology:
-    """This rank's place in the grid and its two process groups."""
+    """This rank's place in the grid, its two process groups, and its model among all n."""
 
     grid: Grid
     rank: int
     model_group: object = field(repr=False)
     exchange_group: object = field(repr=False)
+    first_model: int = 0
+    """Global index of the grid's first row (a storage job's own model)."""
+    total_models: int | None = None
+    """n, all models of the run; None: the grid's rows are all of them."""
+
+    @property
+    def job_model(self) -> int:
+        """This rank's row in the grid (its model among the job's models)."""
+        return self.grid.coords(self.rank)[0]
+
+    @property
+    def job_models(self) -> int:
+        """Models trained by this job: the grid's rows."""
+        return self.grid.n_models
 
     @property
     def model_index(self) -> int:
-        return self.grid.coords(self.rank)[0]
+        """This rank's model among all n models of the run."""
+        return self.first_model + self.job_model
 
     @property
     def replica_index(self) -> int:
@@ -65,7 +84,8 @@ class Topology:
 
     @property
     def n_models(self) -> int:
-        return self.grid.n_models
+        """n: all models of the run, in this job or not."""
+        return self.total_models if self.total_models is not None else self.grid.n_models
 
     @property
     def replicas(self) -> int:
@@ -77,13 +97,31 @@ class Topology:
         return self.replica_index == 0
 
     def peers(self) -> list[int]:
-        """Indices of the other models."""
+        """Global indices of the other models."""
         return [m for m in range(self.n_models) if m != self.model_index]
 
 
-def build_topology(n_models: int) -> Topology:
-    """Create the row and column groups of the current default process group."""
-    grid = Grid(dist.get_world_size(), n_models)
+def model_seed(seed: int, model: int) -> int:
+    """Model `model`'s seed (initialization, data order) in a run seeded `seed`."""
+    return seed + model
+
+
+def job_grid(world_size: int, n_models: int, job_model: int | None = None) -> tuple[Grid, int, int | None]:
+    """(grid, first_model, total_models): all n models in the job, or only `job_model`."""
+    if job_model is None:
+        return Grid(world_size, n_models), 0, None
+    if not 0 <= job_model < n_models:
+        raise ValueError(f"job_model must be in 0..{n_models - 1}, got {job_model}")
+    return Grid(world_size, 1), job_model, n_models
+
+
+def build_topology(n_models: int, job_model: int | None = None) -> Topology:
+    """Create the row and column groups of the current default process group.
+
+    job_model None: this job trains all `n_models` models. Otherwise it trains model `job_model`
+    only (exchange through storage): one row, every rank a replica of that model.
+    """
+    grid, first, total = job_grid(dist.get_world_size(), n_models, job_model)
     rank = dist.get_rank()
     model_group = exchange_group = None
     for m in range(grid.n_models):
@@ -94,4 +132,4 @@ def build_topology(n_models: int) -> Topology:
         group = dist.new_group(grid.exchange_ranks(r))
         if r == grid.coords(rank)[1]:
             exchange_group = group
-    return Topology(grid, rank, model_group, exchange_group)
+    return Topology(grid, rank, model_group, exchange_group, first, total)

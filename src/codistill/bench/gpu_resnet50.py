@@ -15,7 +15,7 @@ variants, interleaved over repeats (medians):
     allreduce         fwd + bwd + step, DDP over all W workers            -> images/s per worker
     own               fwd + bwd + step, DDP over the model group          (floor, part 1)
     teacher           one teacher's forward                               (floor, part 2)
-    codistill         own + teachers' logits + codistillation_loss        (the teachers on the same stream)
+    codistill         own + teachers' logits + the loss, through `Codistillation` (teachers on the same stream)
     codistill_stream  the same with the teachers on their own CUDA stream (overlapping the student)
 
     efficiency = (own + (n - 1) * teacher) / codistill                    (target >= 0.9)
@@ -82,29 +82,29 @@ def init(cpu: bool):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def model_group(n: int, world: int, rank: int):
-    """This rank's row of the grid (rank = model * replicas + replica); the whole world if W < n."""
-    import torch.distributed as dist
+def codistillation(make, n: int, world: int, device, teacher_precision: str, exchange_dir: str):
+    """The library's component for n models; this rank trains one of them with n - 1 teachers.
 
-    if world < n or world % n:
-        return None, 1
-    replicas = world // n
-    mine = None
-    for m in range(n):
-        g = dist.new_group(list(range(m * replicas, (m + 1) * replicas)))
-        if m == rank // replicas:
-            mine = g
-    return mine, replicas
+    W divisible by n: the grid (DDP over each model group of W / n). Otherwise (one GPU) one model
+    per job, as with exchange through storage, DDP over all W. T is beyond the timed steps: only
+    step 0 exchanges, and every teacher is then marked as holding weights.
+    """
+    from ..codistillation import Codistillation
+
+    grid = n == 1 or (world >= n and world % n == 0)
+    codist = Codistillation(make, n_models=n, every=10**9, alpha=1.0, device=device,
+                            teacher_precision=teacher_precision, exchange="collective" if grid else "storage",
+                            model_index=None if grid else 0, exchange_dir=exchange_dir)
+    codist.maybe_exchange()
+    codist.teachers.mark_received(0)
+    return codist
 
 
 def measure(args, rank: int, world: int, device) -> dict:
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ..config import load_config
-    from ..exchange import Teachers
-    from ..losses import codistillation_loss
     from ..models import build_model
     from ..recipe import build_optimizer
 
@@ -117,64 +117,40 @@ def measure(args, rank: int, world: int, device) -> dict:
     n = args.n_models
 
     def student():
-        m = build_model(args.model, args.classes, shape).to(device).to(memory_format=fmt)
-        return m
+        return build_model(args.model, args.classes, shape).to(device).to(memory_format=fmt)
 
-    torch.manual_seed(rank)
-    ids = [device.index] if cuda else None
-    allreduce_net = student()
-    allreduce = DDP(allreduce_net, device_ids=ids)  # the all-reduce worker: DDP over all W
-    group, replicas = model_group(n, world, rank)
-    own_net = student()
-    own = DDP(own_net, device_ids=ids, process_group=group)
-    opt_ar, opt_own = build_optimizer(allreduce_net, cfg), build_optimizer(own_net, cfg)
+    exchange_dir = tempfile.mkdtemp(prefix="gpu_resnet50_exchange_")
+    allreduce = codistillation(student, 1, world, device, args.teacher_precision, exchange_dir)  # DDP over all W
+    codist = codistillation(student, n, world, device, args.teacher_precision, exchange_dir)
+    replicas = codist.topo.replicas
+    opt_ar, opt_own = build_optimizer(allreduce.module, cfg), build_optimizer(codist.module, cfg)
     for opt in (opt_ar, opt_own):
         for g in opt.param_groups:
             g["lr"], g["weight_decay"] = 1e-3, 1e-4
-    # Teachers as the trainer holds them: bound to flat (NCHW) buffers that the exchange fills.
-    teachers = Teachers({j: build_model(args.model, args.classes, shape).to(device) for j in range(1, n)}, "eval")
-    for j in teachers.versions:  # as after the first exchange: every teacher takes part
-        teachers.versions[j] = 0
-    one_teacher = next(iter(teachers.modules.values()))
+    one_teacher = next(iter(codist.teachers.modules.values()))
     x = torch.randn(args.batch, *shape, device=device).to(memory_format=fmt)
     y = torch.randint(args.classes, (args.batch,), device=device)
-    side = torch.cuda.Stream(device) if cuda else None
+    side = codist.teacher_stream  # the teachers' own CUDA stream (None on CPU)
 
-    def step(ddp, opt, teacher_logits=None):
+    def step(c, opt, teachers: bool = False, stream: bool = False):
+        """One training step through the component: its teachers' logits, loss, backward, step."""
+        c.teacher_stream = side if stream else None  # same stream, or overlapping the student
+        t = c.teacher_logits(x) if teachers else []
         with amp():
-            logits = ddp(x)
-        t = teacher_logits() if teacher_logits else []
-        out = codistillation_loss(logits.float(), [z.float() for z in t], y, alpha=1.0)
+            logits = c.model(x)
+        out = c.loss(logits, y, t)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         opt.step()
-
-    def teachers_same_stream():
-        with teacher_amp():
-            return teachers.logits(x)
-
-    def codistill_stream():
-        side.wait_stream(torch.cuda.current_stream())  # x and the teachers' weights are ready
-        with torch.cuda.stream(side), teacher_amp():
-            t = teachers.logits(x)
-        with amp():
-            logits = own(x)
-        torch.cuda.current_stream().wait_stream(side)
-        for z in t:
-            z.record_stream(torch.cuda.current_stream())
-        out = codistillation_loss(logits.float(), [z.float() for z in t], y, alpha=1.0)
-        opt_own.zero_grad(set_to_none=True)
-        out["total"].backward()
-        opt_own.step()
 
     def teacher_forward():
         with torch.no_grad(), teacher_amp():
             one_teacher(x)
 
-    fns = {"allreduce": lambda: step(allreduce, opt_ar), "own": lambda: step(own, opt_own),
-           "teacher": teacher_forward, "codistill": lambda: step(own, opt_own, teachers_same_stream)}
+    fns = {"allreduce": lambda: step(allreduce, opt_ar), "own": lambda: step(codist, opt_own),
+           "teacher": teacher_forward, "codistill": lambda: step(codist, opt_own, teachers=True)}
     if cuda:
-        fns["codistill_stream"] = codistill_stream
+        fns["codistill_stream"] = lambda: step(codist, opt_own, teachers=True, stream=True)
 
     def sync():
         if cuda:

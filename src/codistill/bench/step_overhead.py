@@ -9,9 +9,9 @@ Both steps are the library's own `Trainer.train_step` (schedules, teachers' logi
 optimizer step, the metric window), on one fixed Fashion-MNIST-shaped batch, in one process: a
 single-process gloo group, so no DDP and no communication (the exchange is `bench bytes` and `bench
 stall`). The codistillation worker is the trainer of one model group whose n - 1 teachers hold
-weights (exchange through storage, so that one process can hold a model group of its own; the
-exchange itself is never called). The teacher forward of the floor is one of its `Teachers`' modules
-under no_grad.
+weights (exchange through storage, so that one process can hold a model group of its own; T is set
+beyond the timed steps, so only step 0, in the warm-up, exchanges). The teacher forward of the floor
+is one of its `Teachers`' modules under no_grad.
 
 Timings are interleaved: each repeat times a block of steps of every variant, in an order that
 rotates between repeats, so slow drifts of a shared machine hit every variant alike. The efficiency
@@ -59,10 +59,11 @@ def _trainer(ctx, model: str, data: str, batch: int, n: int, exchange_dir: str, 
     sets = [f"model.name={model}", f"data.name={data}", f"data.batch_size={batch}", f"codistill.n_models={n}",
             "train.progress=false", f"codistill.teacher_precision={precision}", "train.steps=1000000"]
     if n > 1:
-        sets += ["codistill.exchange=storage", f"codistill.exchange_dir={exchange_dir}", "codistill.model_index=0"]
+        sets += ["codistill.exchange=storage", f"codistill.exchange_dir={exchange_dir}", "codistill.model_index=0",
+                 "codistill.exchange_every=1000000"]
     trainer = Trainer(load_config(None, sets), ctx, None)
-    for j in trainer.teachers.versions:  # as after the first exchange: every teacher takes part
-        trainer.teachers.versions[j] = 0
+    trainer.maybe_exchange()  # step 0's (publishes this model; no peer publishes here)
+    trainer.teachers.mark_received(0)  # as after the first exchange with peers: every teacher takes part
     return trainer
 
 

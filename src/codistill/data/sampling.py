@@ -13,6 +13,36 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import ConfigError
 
 
+def deal(indices: torch.Tensor, replicas: int, replica: int, seed: int, epoch: int) -> torch.Tensor:
+    """Replica `replica`'s share of `indices` in epoch `epoch`: shuffled with seed (seed, epoch),
+    then dealt round-robin (rows replica, replica + replicas, ...)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return indices[torch.randperm(len(indices), generator=g)][replica::replicas]
+
+
+class ShardSampler(Sampler[int]):
+    """`DistributedSampler` over an index set: this replica's share, reshuffled every epoch.
+
+    Each `iter()` starts the next epoch by itself (no `set_epoch` to forget); every replica yields
+    the same count, len(indices) // replicas.
+    """
+
+    def __init__(self, indices: torch.Tensor, replicas: int, replica: int, seed: int):
+        self.indices, self.replicas, self.replica, self.seed = indices, replicas, replica, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        mine = deal(self.indices, self.replicas, self.replica, self.seed, self.epoch)[: len(self)]
+        self.epoch += 1
+        return iter(mine.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.replicas
+
+
 class ShardBatchSampler(Sampler[list[int]]):
     """Yields this replica's batches for one model, epoch after epoch, forever.
 
@@ -36,10 +66,8 @@ class ShardBatchSampler(Sampler[list[int]]):
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         """(steps_per_epoch, batch_size) indices of this replica for one epoch."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = self.indices[torch.randperm(len(self.indices), generator=g)]
-        mine = order[self.replica::self.replicas][: self.steps_per_epoch * self.batch_size]
-        return mine.view(self.steps_per_epoch, self.batch_size)
+        mine = deal(self.indices, self.replicas, self.replica, self.seed, epoch)
+        return mine[: self.steps_per_epoch * self.batch_size].view(self.steps_per_epoch, self.batch_size)
 
     def __iter__(self):
         epoch, offset = divmod(self.start_step, self.steps_per_epoch)

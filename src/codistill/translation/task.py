@@ -8,8 +8,8 @@
   each epoch shuffles the batches (seed, epoch) and deals them to the replicas, cut to a count every
   replica of every model shares (so all workers take the same steps). `data.split = disjoint` gives
   each model its own 1/n of the pairs. Resuming at step s yields exactly the batches from step s on.
-- forward / teacher_logits flatten (B, T) positions: logits (B*T, V), targets (B*T,) with padding
-  at -100, which `codistillation_loss` leaves out of both its terms. Label smoothing is
+- forward (the student's; the teachers' too, under no_grad) flattens (B, T) positions: logits
+  (B*T, V), targets (B*T,) with padding at -100, which `codistillation_loss` leaves out of both its terms. Label smoothing is
   `train.label_smoothing`, applied by that loss.
 - evaluate: NLL per target token ("loss", without smoothing), token accuracy, perplexity, and on
   the test split BLEU (sacrebleu, detokenized output of greedy or beam search on
@@ -38,7 +38,7 @@ from ..data import load_dataset, model_indices
 from ..errors import ConfigError, DataError
 from ..models import build_model
 from ..models.transformer import beam_search
-from ..topology import Topology
+from ..topology import Topology, model_seed
 from .corpus import Bitext, ParallelCorpus
 from .tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
@@ -199,11 +199,13 @@ class TranslationTask:
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         """(iterator of this worker's `Batch`es from global step `start_step` on, steps per epoch).
 
-        `seed` is this model's (train.seed + model index, as the trainer passes it). Steps per epoch
-        is the smallest batch count of any model over the replicas: every model and every replica
-        then take the same number of steps (models' counts differ slightly, as their batches do).
+        `seed` is this model's (`model_seed(train.seed, topo.model_index)`). Steps per epoch is the
+        smallest batch count of any of the n models over the replicas, so every model and replica
+        takes the same number of steps (counts differ slightly, as the models' batches do), in
+        this job or in another one (exchange through storage).
         """
-        counts = [len(self.batch_plan(m, topo.n_models, seed - topo.model_index + m)) for m in range(topo.n_models)]
+        counts = [len(self.batch_plan(m, topo.n_models, model_seed(self.cfg.train.seed, m)))
+                  for m in range(topo.n_models)]
         steps = min(counts) // topo.replicas
         if steps == 0:
             raise DataError(f"{min(counts)} batches of translation.max_tokens="
@@ -229,12 +231,6 @@ class TranslationTask:
         logits = module(src, tgt_in)  # (B, T, V)
         return logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1)
 
-    def teacher_logits(self, teachers, batch: Batch) -> list[torch.Tensor]:
-        """Logits (B*T, V) of each teacher that has weights (`Teachers.available`)."""
-        src, tgt_in, _ = self._to_device(batch)
-        with torch.no_grad():
-            return [m(src, tgt_in).flatten(0, 1) for m in teachers.available().values()]
-
     # -- evaluation ---------------------------------------------------------------------------
 
     def _shard(self, data: Encoded, indices: list[int], topo: Topology, lengths=None) -> list[list[int]]:
@@ -252,7 +248,7 @@ class TranslationTask:
         ensemble's, and gathering each model's per-token log-likelihood and prediction lets every
         worker score every model; summing over the row covers the split.
         """
-        data, n, tok = self.encoded(split), topo.n_models, self.tokenizer
+        data, n, tok = self.encoded(split), topo.job_models, self.tokenizer
         stats = torch.zeros(2 * n + 4, dtype=torch.float64, device=self.device)
         was_training = model.training
         model.eval()
@@ -324,8 +320,8 @@ class TranslationTask:
             dist.all_gather_object(parts, mine, group=topo.model_group)
             mine = {i: h for part in parts for i, h in part.items()}
         score = sacrebleu.corpus_bleu([mine[i] for i in indices], [[refs[i] for i in indices]]).score
-        if topo.n_models == 1:
+        if topo.job_models == 1:
             return [score]
-        scores = [None] * topo.n_models  # the column holds one worker of each model, in model order
+        scores = [None] * topo.job_models  # the column holds one worker of each model, in model order
         dist.all_gather_object(scores, score, group=topo.exchange_group)
         return scores

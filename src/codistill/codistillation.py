@@ -1,0 +1,256 @@
+"""`Codistillation`: the method as one object around your model and optimizer.
+
+    codist = cd.Codistillation(make_net, n_models=2, every=50, alpha=1.0)
+    loader = DataLoader(ds, batch_size=32, sampler=codist.sampler(ds))
+    optimizer = torch.optim.SGD(codist.model.parameters(), lr=0.1)
+    with codist.attach(optimizer):
+        for x, y in loader:
+            losses = codist.loss(codist.model(x), y, teacher_inputs=x)
+            optimizer.zero_grad(); losses["total"].backward(); optimizer.step()
+
+It owns everything codistillation adds to data-parallel training: the rank grid (`topology`), each
+model's seed, DDP over the model group, the frozen teachers, the exchange that refreshes them
+(collective or through storage, picked by `make_exchange`), the distillation loss, the teachers'
+CUDA stream, and a sampler that shards data by replica with the model's seed. `Trainer`, the
+benchmarks and the README example all go through it.
+
+Steps: `step` counts completed optimizer steps (a hook on `optimizer.step`, installed by `attach`).
+Step s begins with its exchange (at s = 0, T, 2T, ...; see exchange.py for the delay), run by the
+first of these in that step: the model's forward in training mode (a forward pre-hook),
+`teacher_logits`, `loss` or `maybe_exchange`. So what is sent is the model's state after exactly
+s updates (before this step's forward touches BatchNorm statistics), and the teachers a step uses
+are the ones the schedule says.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .accounting import CommCounter, counting_allreduce_hook
+from .data.sampling import ShardSampler
+from .data.splits import model_indices
+from .exchange import Exchange, Exchanger, NoExchange, Teachers
+from .losses import codistillation_loss
+from .topology import Topology, build_topology, model_seed
+
+
+def _collective(c: "Codistillation") -> Exchange:
+    if not len(c.teachers):
+        return NoExchange()
+    return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter)
+
+
+def _storage(c: "Codistillation") -> Exchange:
+    from .storage_exchange import StorageExchanger
+
+    if not len(c.teachers):
+        return NoExchange()
+    return StorageExchanger(c.module, c.teachers, c.topo, c.every, c.exchange_dir, counter=c.counter)
+
+
+# The one place an exchange is chosen: name -> factory(codistillation). Another synchronization
+# (e.g. a DiLoCo-style outer step) plugs in by adding an entry with the `Exchange` protocol.
+EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {"collective": _collective, "storage": _storage}
+
+
+def make_exchange(kind: str, codist: "Codistillation") -> Exchange:
+    if kind not in EXCHANGES:
+        raise ValueError(f"unknown exchange {kind!r}; allowed: {', '.join(EXCHANGES)}")
+    return EXCHANGES[kind](codist)
+
+
+def _by_index(make_model: Callable) -> Callable[[int], nn.Module]:
+    """make_model(j) if it takes an argument (a model index), else make_model()."""
+    try:
+        takes_index = len(inspect.signature(make_model).parameters) > 0
+    except (TypeError, ValueError):  # some builtins have no signature
+        takes_index = False
+    return make_model if takes_index else (lambda j: make_model())
+
+
+def _default_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Codistillation:
+    """One of n codistilled models on this worker, with its teachers and their exchange.
+
+    make_model: builds a fresh model; called with the model index j if it takes an argument
+        (models may differ), for this worker's model and for each teacher.
+    n_models, every (T), alpha: n, the exchange period and the distillation weight (a float, or a
+        function of the step, e.g. a schedule).
+    delay: collective exchange only, steps between an exchange's start and its swap (exchange.py).
+    exchange: `collective` (one job holds all models) or `storage` (this job trains `model_index`,
+        teachers travel through files in `exchange_dir`).
+    loss, temperature, label_smoothing: the objective (losses.py).
+    teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` runs them under autocast.
+    seed: the run's seed; model j uses model_seed(seed, j) for its initialization and data order.
+    device: where models live (default: the current CUDA device under NCCL, else the CPU).
+    topology, counter: pass them to share a grid or byte counter already built.
+    """
+
+    def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
+                 alpha: float | Callable[[int], float] = 1.0, *, delay: int = 0, exchange: str = "collective",
+                 exchange_dir: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
+                 temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
+                 teacher_precision: str = "fp32", seed: int = 0, device: torch.device | None = None,
+                 topology: Topology | None = None, counter: CommCounter | None = None):
+        if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
+            raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
+        self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
+        self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
+        self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
+        self.teacher_precision = teacher_precision
+        self.device = device if device is not None else _default_device()
+        self.base_seed = seed
+        self.seed = model_seed(seed, self.topo.model_index)
+        self.counter = counter if counter is not None else CommCounter()
+
+        build = _by_index(make_model)
+        torch.manual_seed(self.seed)
+        self.module = build(self.topo.model_index).to(self.device)  # this worker's model, unwrapped
+        with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
+            teachers = {j: build(j).to(self.device) for j in self.topo.peers()}
+        self.teachers = Teachers(teachers, teacher_mode)
+        self.model = self._wrap(self.module)  # what to call forward on and optimize
+        self.model.register_forward_pre_hook(self._before_forward)
+        self.exchanger = make_exchange(exchange, self)
+        self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.step = 0  # completed optimizer steps
+        self._exchanged_step = -1  # the step whose exchange already ran
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica."""
+        if self.topo.replicas == 1:
+            return module
+        ddp = DDP(module, process_group=self.topo.model_group,
+                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ddp.register_comm_hook(self.topo.model_group, counting_allreduce_hook(self.counter))
+        return ddp
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def sampler(self, dataset, split: str = "shared") -> ShardSampler:
+        """This replica's share of `dataset`, shuffled with this model's seed, reshuffled each epoch.
+
+        split: `shared` (every model sees all of it) or `disjoint` (model j sees its fixed 1/n).
+        """
+        indices = model_indices(torch.arange(len(dataset)), split, self.topo.model_index, self.topo.n_models,
+                                self.base_seed)
+        return ShardSampler(indices, self.topo.replicas, self.topo.replica_index, self.seed)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def current_alpha(self) -> float:
+        return float(self.alpha(self.step)) if callable(self.alpha) else float(self.alpha)
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if module.training:  # not evaluation: that happens between steps
+            self.maybe_exchange()
+
+    def maybe_exchange(self) -> None:
+        """Run this step's exchange, once (teacher_logits and loss call it too)."""
+        if self._exchanged_step != self.step:
+            self._exchanged_step = self.step
+            self.exchanger.maybe_exchange(self.step)
+
+    def teacher_logits(self, batch, forward: Callable | None = None) -> list[torch.Tensor]:
+        """Each teacher's logits on `batch`, without autograd; [] when alpha is 0 or no teacher
+        holds weights yet. forward(teacher, batch) -> logits; default teacher(batch).
+
+        On CUDA the teachers run on their own stream: call this before the student's forward so
+        the two overlap; `loss` waits for them.
+        """
+        self.maybe_exchange()
+        if self.current_alpha() <= 0 or not self.teachers.available():
+            return []
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16")
+        if self.teacher_stream is None:
+            with amp:
+                return self.teachers.logits(batch, forward)
+        self.teacher_stream.wait_stream(torch.cuda.current_stream(self.device))  # the batch is ready
+        with torch.cuda.stream(self.teacher_stream), amp:
+            return self.teachers.logits(batch, forward)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
+             *, teacher_inputs=None) -> dict[str, torch.Tensor]:
+        """{"total", "task", "distill"} of the codistillation objective at this step (losses.py).
+
+        Pass the teachers' logits (from `teacher_logits`) or their inputs (run here).
+        """
+        self.maybe_exchange()
+        if teacher_logits is None:
+            if teacher_inputs is None:
+                raise TypeError("loss() needs teacher_logits or teacher_inputs")
+            teacher_logits = self.teacher_logits(teacher_inputs)
+        if self.teacher_stream is not None and teacher_logits:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.teacher_stream)
+            for t in teacher_logits:
+                t.record_stream(main)  # allocated on the side stream, used on the main one
+        return codistillation_loss(logits.float(), [t.float() for t in teacher_logits], targets,
+                                   alpha=self.current_alpha(), kind=self.loss_kind, temperature=self.temperature,
+                                   label_smoothing=self.label_smoothing)
+
+    def on_optimizer_step(self, *_) -> None:
+        """One update done (installed on `optimizer.step` by `attach`)."""
+        self.step += 1
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Attached":
+        """Count `optimizer`'s steps from now on (a hook on `optimizer.step`).
+
+        Use it as a context manager: leaving the block normally finishes a transfer still in
+        flight; leaving it either way removes the hook.
+        """
+        return Attached(self, optimizer.register_step_post_hook(self.on_optimizer_step))
+
+    # -- transfers and state ------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Complete transfers in flight (before a checkpoint); nothing is swapped in early."""
+        self.exchanger.wait()
+
+    def finish(self) -> None:
+        """Complete and swap in a pending transfer (at the end of training)."""
+        self.exchanger.finish()
+
+    @property
+    def blocked_seconds(self) -> float:
+        return self.exchanger.blocked_seconds
+
+    def staleness(self) -> int:
+        """Age in steps of the oldest teacher at the last completed step (0 with no teachers)."""
+        return self.teachers.staleness(self.step - 1) if len(self.teachers) else 0
+
+    def state_dict(self) -> dict:
+        """The step and the exchange's state (teachers, their age, a pending transfer)."""
+        self.wait()
+        return {"step": self.step, "exchanger": self.exchanger.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.exchanger.load_state_dict(state["exchanger"])
+
+
+class Attached:
+    """What `Codistillation.attach` returns: the hook, removed on exit."""
+
+    def __init__(self, codist: Codistillation, handle):
+        self.codist, self.handle = codist, handle
+
+    def __enter__(self) -> Codistillation:
+        return self.codist
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.handle.remove()
+        if exc_type is None:  # after an error a peer may be gone: waiting on it would hang
+            self.codist.finish()
