@@ -1,16 +1,8 @@
 """codistill: distributed codistillation with a matched all-reduce baseline.
 
-The method as one object around your model and optimizer (under torchrun):
-
-    codist = Codistillation(make_net, n_models=2, every=50, alpha=1.0)
-    loader = DataLoader(ds, batch_size=32, sampler=codist.sampler(ds))
-    optimizer = torch.optim.SGD(codist.model.parameters(), lr=0.1)
-    with codist.attach(optimizer):
-        for x, y in loader:
-            losses = codist.loss(codist.model(x), y, teacher_inputs=x)
-            optimizer.zero_grad(); losses["total"].backward(); optimizer.step()
-
-Its parts (Topology, Teachers, Exchanger, codistillation_loss) are exported too.
+The method is one object around your model and optimizer, `Codistillation` (its module's
+docstring shows the loop, under torchrun). Its parts (Topology, Teachers, Exchanger,
+codistillation_loss) are exported too.
 """
 
 from .accounting import CommCounter
