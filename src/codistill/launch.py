@@ -20,13 +20,9 @@ from .trainer import Trainer, run_worker
 def check_data(cfg: Config, world_size: int) -> None:
     """Open the dataset once before starting workers, so a missing file or a batch larger than the
     data is one clear error (and an existing run directory is not touched)."""
-    from .data import load_dataset
-    from .tasks import ClassificationTask, steps_per_epoch, task_class
+    from .tasks import task_class
 
-    if task_class(cfg) is ClassificationTask:
-        steps_per_epoch(cfg, world_size)  # loads the data once
-    else:  # translation needs its tokenizer before it can batch: only check the files here
-        load_dataset(cfg.data.name, cfg.data.root)
+    task_class(cfg).check(cfg, world_size)
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # target of positions scored by nothing (padding of sequence tasks); torch's default
+
 DISTILL_LOSSES = ("kl", "mse", "ce")
 
 
@@ -46,7 +48,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
 
 def codistillation_loss(student: torch.Tensor, teachers: Sequence[torch.Tensor], target: torch.Tensor,
                         alpha: float = 1.0, kind: str = "kl", temperature: float = 1.0,
-                        label_smoothing: float = 0.0, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+                        label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Task loss plus alpha times the mean distillation loss to each teacher.
 
     student: (N, C) logits; teachers: n-1 tensors (N, C); target: (N,) class indices. Rows whose

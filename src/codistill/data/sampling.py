@@ -13,11 +13,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import ConfigError
 
 
+def shuffle_and_deal(count: int, seed: int, epoch: int, replicas: int, replica: int) -> torch.Tensor:
+    """Positions 0..count-1 shuffled with seed (seed, epoch), then dealt round-robin to the
+    replicas: `replica`'s share, rows replica, replica + replicas, ... of the shuffled order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(count, generator=g)[replica::replicas]
+
+
 class ShardBatchSampler(Sampler[list[int]]):
     """Yields this replica's batches for one model, epoch after epoch, forever.
 
-    Epoch e shuffles `indices` with seed (seed, e); replica r takes rows r, r + R, ... of the
-    shuffled order, cut to a whole number of batches, so all replicas take the same number of steps.
+    Epoch e shuffles `indices` with seed (seed, e) and deals them to the replicas
+    (`shuffle_and_deal`); each share is cut to a whole number of batches, so all replicas take the
+    same number of steps.
     """
 
     def __init__(self, indices: torch.Tensor, batch_size: int, replicas: int, replica: int, seed: int):
@@ -36,9 +44,8 @@ class ShardBatchSampler(Sampler[list[int]]):
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         """(steps_per_epoch, batch_size) indices of this replica for one epoch."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = self.indices[torch.randperm(len(self.indices), generator=g)]
-        mine = order[self.replica::self.replicas][: self.steps_per_epoch * self.batch_size]
+        deal = shuffle_and_deal(len(self.indices), self.seed, epoch, self.replicas, self.replica)
+        mine = self.indices[deal[: self.steps_per_epoch * self.batch_size]]
         return mine.view(self.steps_per_epoch, self.batch_size)
 
     def __iter__(self):
