@@ -6,7 +6,8 @@ loop. A dataset names the task that trains on it when it is registered:
     register_dataset("bible_en_es", load_bible, task=TranslationTask)   # codistill/translation
 
 Datasets registered without a task (the image datasets in `codistill.data`) are classification's.
-A task package registers its datasets when imported; the packages are imported here, by name.
+A task package registers its datasets when imported, and is imported below: a new task adds its
+`register_dataset(...)` calls to its package and one import line here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from . import translation  # noqa: F401  (registers the translation datasets)
+from . import translation  # noqa: F401  (the task packages: each registers its datasets)
 from .config import Config
 from .data import (ShardBatchSampler, eval_batches, load_dataset, make_loader, make_splits, model_indices,
                    registered)
