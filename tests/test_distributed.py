@@ -72,10 +72,21 @@ def test_replicas_of_a_model_stay_bitwise_identical(codistill_run):
         assert _equal(r[2]["teachers"][step][0], r[3]["teachers"][step][0])
 
 
-def test_models_differ(codistill_run):
-    r = codistill_run
-    for step in range(STEPS):
-        assert not torch.equal(r[0]["params"][step], r[2]["params"][step])
+@pytest.fixture(scope="module")
+def independent_run(tmp_path_factory):
+    """The same run with alpha = 0: same seeds, same data order, no distillation term."""
+    cfg = digits_config(codistill__n_models=2, codistill__exchange_every=T, train__steps=STEPS,
+                        codistill__alpha=0.0)
+    return run_workers(_codistill_worker, 4, tmp_path_factory.mktemp("independent"), (cfg,))
+
+
+def test_distillation_changes_every_update(codistill_run, independent_run):
+    r, alone = codistill_run, independent_run
+    for rank in (0, 2):  # one worker of each model
+        assert torch.equal(r[rank]["params"][0], alone[rank]["params"][0])  # same initialization
+        for step in range(1, STEPS):  # teachers from the exchange at step 0 on: every update differs
+            assert not torch.equal(r[rank]["params"][step], alone[rank]["params"][step]), (rank, step)
+    assert not torch.equal(r[0]["params"][1], r[2]["params"][1])  # and the models differ from each other
 
 
 def test_teacher_equals_peer_state_right_after_exchange_and_is_frozen_between(codistill_run):

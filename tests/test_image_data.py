@@ -83,7 +83,7 @@ def test_cifar10_loads_official_format(tmp_path, protocol):
 
 def test_cifar100_loads_fine_labels(tmp_path):
     batches = write_cifar100(tmp_path)
-    ds = DATASETS["cifar100"](str(tmp_path))
+    ds = DATASETS["cifar100"].loader(str(tmp_path))
     assert ds.num_classes == 100 and ds.input_shape == (3, 32, 32)
     assert ds.train_targets.tolist() == batches["train"][b"fine_labels"]
     x, y = ds.test.__getitems__([0, 1])
@@ -232,7 +232,6 @@ def test_imagefolder_loads(tmp_path, small_crops):
 
 
 def test_imagefolder_through_loader_and_evaluation(tmp_path, small_crops):
-    from codistill.evaluation import predict
     from codistill.models import build_model
 
     write_imagefolder(tmp_path)
@@ -243,12 +242,22 @@ def test_imagefolder_through_loader_and_evaluation(tmp_path, small_crops):
     x, y = next(iter(make_loader(sp.train, sampler, num_workers=1)))  # decoded in a worker process
     assert x.shape == (4, 3, 16, 16) and y.shape == (4,) and y.dtype == torch.long
     model = build_model("resnet_cifar_tiny", ds.num_classes, ds.input_shape)
-    probs, targets = predict(model, sp.val, [[0, 1, 2], [3, 4, 5]], "cpu")
-    assert probs.shape == (6, 3) and targets.tolist() == [0, 0, 1, 1, 2, 2]
-    torch.testing.assert_close(probs.sum(1), torch.ones(6))
-    # Decoded in worker processes, in the same order, to the same predictions.
-    parallel = predict(model, sp.val, [[0, 1, 2], [3, 4, 5]], "cpu", num_workers=2)
-    torch.testing.assert_close(parallel, (probs, targets))
+    serial = _evaluate(model, sp.val, [[0, 1, 2], [3, 4, 5]])
+    assert serial["count"] == 6 and 0 < serial["models"][0]["loss"] < float("inf")
+    # Decoded in worker processes, in the same order, to the same metrics.
+    parallel = _evaluate(model, sp.val, [[0, 1, 2], [3, 4, 5]], num_workers=2)
+    assert parallel["count"] == 6
+    for key in ("loss", "accuracy"):
+        assert parallel["models"][0][key] == pytest.approx(serial["models"][0][key], rel=1e-6)
+
+
+def _evaluate(model, dataset, batches, num_workers=0) -> dict:
+    """The evaluation core on one process over the given index batches (as ClassificationTask)."""
+    from codistill.evaluation import evaluate
+    from codistill.topology import Grid, Topology
+
+    loader = make_loader(dataset, batches, num_workers)
+    return evaluate(model, loader, lambda m, b: (m(b[0]), b[1]), Topology(Grid(1, 1), 0, None, None), "cpu")
 
 
 class _WorkerTagged(torch.utils.data.Dataset):
@@ -263,13 +272,15 @@ class _WorkerTagged(torch.utils.data.Dataset):
 
 
 def test_evaluation_fetches_file_backed_batches_in_worker_processes():
-    from codistill.evaluation import predict
+    import math
 
     batches = [[0, 1], [2, 3]]
-    serial, _ = predict(torch.nn.Identity(), _WorkerTagged(), batches, "cpu")
-    parallel, targets = predict(torch.nn.Identity(), _WorkerTagged(), batches, "cpu", num_workers=2)
-    assert serial[:, 0].tolist() == [0.5] * 4  # softmax([0, 0])
-    assert (parallel[:, 0] > 0.7).all() and targets.tolist() == [0] * 4  # softmax([1, 0])
+    serial = _evaluate(torch.nn.Identity(), _WorkerTagged(), batches)
+    parallel = _evaluate(torch.nn.Identity(), _WorkerTagged(), batches, num_workers=2)
+    # Target 0 everywhere: NLL of softmax([0, 0]) in this process, of softmax([1, 0]) in workers.
+    assert serial["models"][0]["loss"] == pytest.approx(math.log(2))
+    assert parallel["models"][0]["loss"] == pytest.approx(math.log(1 + math.exp(-1)))
+    assert parallel["count"] == 4 and parallel["models"][0]["accuracy"] == 1.0
 
 
 def test_imagefolder_errors(tmp_path, small_crops):

@@ -115,6 +115,29 @@ def test_report_puts_hand_written_notes_under_their_sections(tmp_path):
     assert text.count("**Discussion.**") == 2 and "Ignored." not in text
 
 
+def test_an_installed_copy_outside_any_checkout_finds_its_configs(tmp_path):
+    """As `pip install .` lays it out: the package alone (the configs link copied as files), run
+    from a directory that is no checkout. The report reads every experiment's base config
+    (the translation one from configs/translation_tiny.yaml); no git commit is claimed."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "src" / "codistill", site / "codistill",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # symlinks=False: links become files
+    assert not (site / "codistill" / "configs").is_symlink()
+    script = ("from codistill.bench.common import git_commit\n"
+              "from codistill.experiments.report import write_report\n"
+              "from codistill.experiments.runner import PACKAGE\n"
+              "write_report('out', 'results.md', quick=True, out_arg='out')\n"
+              "print(PACKAGE, git_commit())\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(site / "codistill"), "None"]
+    assert "transformer_tiny" in (tmp_path / "results.md").read_text()  # from the translation config
+
+
 # ---------------------------------------------------------------------------------------------
 # The smoke run of the whole suite, through the real command line
 

@@ -3,11 +3,9 @@ is what the user sees, a finished run is not resumed, and run files are 0644 wit
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 DIGITS = ["--set", "data.name=digits", "--set", "model.name=cnn_tiny", "--set", "train.progress=false",
           "--set", "train.steps=6", "--set", "train.log_every=2", "--set", "dist.timeout_s=60"]

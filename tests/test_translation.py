@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codistill.data.corpus import Bitext, filter_ratio, load_parallel_text, read_aligned, split_bitext
+from codistill.data.sword import read_testament, read_verses, strip_osis
 from codistill.errors import DataError
-from codistill.losses import codistillation_loss
+from codistill.losses import IGNORE_INDEX, codistillation_loss
 from codistill.topology import Grid, Topology
-from codistill.translation.corpus import (Bitext, filter_ratio, load_parallel_text, read_aligned,
-                                          split_bitext)
-from codistill.translation.sword import read_testament, read_verses, strip_osis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,7 +89,7 @@ def test_sword_missing_module_directory(tmp_path):
 @pytest.mark.skipif(not Path("/usr/share/sword/modules/texts/ztext/spaRV1909eb").is_dir(),
                     reason="Debian packages sword-text-kjv and sword-text-sparv not installed")
 def test_bible_corpus_from_the_debian_modules():
-    from codistill.translation.corpus import load_bible
+    from codistill.data.corpus import load_bible
 
     corpus = load_bible()
     assert 28_000 < len(corpus.train) < 31_000 and 500 < len(corpus.valid) == len(corpus.test) < 700
@@ -325,8 +324,19 @@ def test_dataset_selects_the_translation_task(corpus_dir):
     from codistill.tasks import task_class
     from codistill.translation.task import TranslationTask
 
-    assert DATASETS["bible_en_es"].task == DATASETS["parallel_text"].task == "translation"
+    assert DATASETS["bible_en_es"].task is DATASETS["parallel_text"].task is TranslationTask
     assert task_class(_config(corpus_dir)) is TranslationTask
+
+
+def test_steps_per_epoch_is_the_count_train_batches_uses(corpus_dir):
+    from codistill.tasks import make_task
+
+    task = make_task(_config(corpus_dir, **{"data.split": "disjoint", "codistill.n_models": 2}), torch.device("cpu"))
+    for m in range(2):
+        topo = _topo(2, 2, m, 1)
+        _, spe = task.train_batches(topo, seed=task.cfg.train.seed + m)
+        counts = [len(task.batch_plan(j, 2, task.cfg.train.seed + j)) for j in range(2)]
+        assert task.steps_per_epoch(topo) == spe == min(counts) // 2
 
 
 def _batch_sets(task, topo, seed, steps, start=0):
@@ -342,7 +352,7 @@ def test_token_batches_respect_max_tokens_and_shard_replicas(task):
     for batches, _ in shards:
         for b in batches:
             assert b.src.numel() + b.tgt_in.numel() <= max_tokens
-            assert b.src.shape[0] == b.tgt_out.shape[0] and (b.tgt_out != -100).sum(1).min() >= 1
+            assert b.src.shape[0] == b.tgt_out.shape[0] and (b.tgt_out != IGNORE_INDEX).sum(1).min() >= 1
     # Within one epoch, replicas read disjoint sentences.
     def sentences(batches):
         return {tuple(row.tolist()) for b in batches[:spe] for row in b.src}
@@ -383,9 +393,9 @@ def test_padding_targets_are_masked_in_the_loss(task):
     with torch.no_grad():  # a teacher's logits: the same forward pass
         t_logits, _ = task.forward(teacher, batch)
     assert logits.shape == t_logits.shape == (batch.tgt_in.numel(), task.tokenizer.vocab_size)
-    assert (targets == -100).sum() == (batch.tgt_in == task.tokenizer.pad_id).sum() > 0
+    assert (targets == IGNORE_INDEX).sum() == (batch.tgt_in == task.tokenizer.pad_id).sum() > 0
     out = codistillation_loss(logits, [t_logits], targets, alpha=0.5, label_smoothing=0.1)
-    real = targets != -100
+    real = targets != IGNORE_INDEX
     ref_task = F.cross_entropy(logits[real], targets[real], label_smoothing=0.1)
     ref_kl = F.kl_div(F.log_softmax(logits[real], -1), F.log_softmax(t_logits[real], -1),
                       reduction="batchmean", log_target=True)

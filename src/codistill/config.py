@@ -489,10 +489,9 @@ def validate(cfg: Config) -> None:
 
 
 def _check_registries(cfg: Config) -> None:
-    from . import data, models  # late import: the registries import torch
+    from . import models, tasks  # late import: the registries import torch; tasks registers every dataset
 
-    if cfg.data.name not in data.DATASETS:
-        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; allowed: {', '.join(sorted(data.DATASETS))}")
+    tasks.registered(cfg.data.name)  # ConfigError naming the allowed datasets
     for name in cfg.model_names():
         if name not in models.MODELS:
             raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(sorted(models.MODELS))}")

@@ -1,72 +1,85 @@
-"""Validation metrics for every model and their ensemble, computed across the grid.
+"""Validation metrics for every model and their ensemble, computed across the grid, for every task.
 
-Each worker evaluates its own model on its replica's shard of the evaluation set (the same shard
-for every model of a column). The column then gathers every model's probabilities for that shard,
-so each worker can score every model, the ensemble (mean of probabilities) and their disagreement;
-summing the counts over the row (one worker per column) covers the whole set.
+Each worker evaluates its own model on its replica's shard of the evaluation set (the same shard,
+in the same batches, for every model of a column). Per batch the column sums the models'
+probabilities (the ensemble's) and gathers each model's log-likelihood of the targets and its
+predictions, so every worker scores every model, the ensemble (mean of probabilities) and their
+disagreement; summing over the row (one worker per column) covers the whole set. A task only
+supplies its batches and its `forward` (logits (N, C), targets (N,), IGNORE_INDEX where nothing
+is scored, e.g. translation's padding).
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import eval_batches, make_loader
+from .losses import IGNORE_INDEX
 from .topology import Topology
 
 
+class GridScore:
+    """Running sums over this worker's shard: each model's NLL and correct count, the ensemble's,
+    the positions where the models' predictions differ, and the count of scored positions."""
+
+    def __init__(self, topo: Topology, device):
+        self.topo = topo
+        self.sums = torch.zeros(2 * topo.job_models + 4, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """One batch of this worker's model (collective over the column: every model calls it)."""
+        keep = targets != IGNORE_INDEX
+        y = targets[keep]
+        logp = F.log_softmax(logits[keep].float(), dim=-1)  # (N, C)
+        own = torch.stack([logp.gather(1, y.unsqueeze(1)).squeeze(1), logp.argmax(-1).to(logp.dtype)])
+        n, probs = self.topo.job_models, logp.exp()  # the models of this job: the exchange group
+        if n > 1:
+            dist.all_reduce(probs, group=self.topo.exchange_group)
+            probs /= n
+            gathered = [torch.empty_like(own) for _ in range(n)]
+            dist.all_gather(gathered, own, group=self.topo.exchange_group)
+            every = torch.stack(gathered)  # (n, 2, N): per model, log p(target) and prediction
+        else:
+            every = own.unsqueeze(0)
+        preds = every[:, 1].long()  # (n, N)
+        s = self.sums
+        s[0:2 * n:2] -= every[:, 0].sum(1).to(s.dtype)
+        s[1:2 * n:2] += (preds == y).sum(1).to(s.dtype)
+        s[2 * n] -= probs.gather(1, y.unsqueeze(1)).clamp_min(1e-12).log().sum().to(s.dtype)
+        s[2 * n + 1] += (probs.argmax(-1) == y).sum()
+        s[2 * n + 2] += (preds != preds[:1]).any(0).sum()  # disagreement: not every model agrees
+        s[2 * n + 3] += len(y)
+
+    def result(self) -> dict:
+        """{"models": [{"loss", "accuracy"}], "ensemble": {...}, "disagreement", "count"} over the
+        whole set; identical on all ranks (collective over the row)."""
+        if self.topo.replicas > 1:
+            dist.all_reduce(self.sums, group=self.topo.model_group)
+        v, n = self.sums.cpu().tolist(), self.topo.job_models
+        total = max(v[-1], 1.0)
+        return {"models": [{"loss": v[2 * m] / total, "accuracy": v[2 * m + 1] / total} for m in range(n)],
+                "ensemble": {"loss": v[2 * n] / total, "accuracy": v[2 * n + 1] / total},
+                "disagreement": v[2 * n + 2] / total, "count": int(v[-1])}
+
+
 @torch.no_grad()
-def predict(model: nn.Module, dataset, batches: list[list[int]], device,
-            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N, C), targets (N,)) of `model` in eval mode on the given index batches,
-    in order. Batches come through the training loader: in-memory data in one indexing op per
-    batch, image files decoded by `num_workers` processes."""
+def evaluate(model: nn.Module, batches: Iterable, forward: Callable, topo: Topology, device) -> dict:
+    """`GridScore.result()` of `model` in eval mode over this worker's `batches`, each scored by
+    `forward(model, batch)` -> (logits (N, C), targets (N,)) (a task's own forward)."""
+    score = GridScore(topo, device)
     was_training = model.training
     model.eval()
-    probs, targets = [], []
-    for x, y in make_loader(dataset, batches, num_workers):
-        probs.append(F.softmax(model(x.to(device)).float(), dim=-1))
-        targets.append(y.to(device))
-    model.train(was_training)
-    return torch.cat(probs), torch.cat(targets)
-
-
-def score(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[NLL sum, correct count] of one set of probabilities."""
-    nll = F.nll_loss(torch.log(probs.clamp_min(1e-12)), targets, reduction="sum")
-    correct = (probs.argmax(-1) == targets).sum()
-    return torch.stack([nll, correct.to(nll.dtype)])
-
-
-def evaluate(model: nn.Module, dataset, indices: torch.Tensor, topo: Topology, batch_size: int,
-             device, num_workers: int = 0) -> dict:
-    """Metrics of every model and the ensemble on `indices` of `dataset`; identical on all ranks."""
-    batches = eval_batches(indices, batch_size, topo.replicas, topo.replica_index)
-    probs, targets = predict(model, dataset, batches, device, num_workers)
-    n = topo.job_models  # the models of this job: the exchange group's members
-    if n > 1:
-        gathered = [torch.empty_like(probs) for _ in range(n)]
-        dist.all_gather(gathered, probs, group=topo.exchange_group)
-        all_probs = torch.stack(gathered)  # (n, N_shard, C)
-    else:
-        all_probs = probs.unsqueeze(0)
-    stats = [score(p, targets) for p in all_probs]
-    stats.append(score(all_probs.mean(0), targets))
-    top1 = all_probs.argmax(-1)  # (n, N_shard)
-    disagree = (top1 != top1[:1]).any(0).sum().to(torch.float64)
-    count = torch.tensor(float(len(targets)), dtype=torch.float64, device=probs.device)
-    vec = torch.cat([torch.cat(stats).to(torch.float64), disagree.view(1).to(probs.device), count.view(1)])
-    if topo.replicas > 1:
-        dist.all_reduce(vec, group=topo.model_group)
-    vec = vec.cpu()
-    total = vec[-1].item()
-    out = {"models": [{"loss": vec[2 * m].item() / total, "accuracy": vec[2 * m + 1].item() / total}
-                      for m in range(n)],
-           "ensemble": {"loss": vec[2 * n].item() / total, "accuracy": vec[2 * n + 1].item() / total},
-           "disagreement": vec[-2].item() / total, "count": int(total)}
-    return out
+    try:
+        for batch in batches:
+            score.add(*forward(model, batch))
+    finally:
+        model.train(was_training)
+    return score.result()
 
 
 def parameter_distance(model: nn.Module, initial: list[torch.Tensor]) -> float:

@@ -9,11 +9,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_entry, read_latest
-import torch
-
 from .config import Config, check_world_size, dump_yaml, load_config
 from .distributed import init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
-from .errors import ConfigError, DataError, UserError
+from .errors import UserError
 from .faults import parse_fault
 from .run_log import atomic_write_text, prepare_run_dir
 from .trainer import Trainer, run_worker
@@ -29,64 +27,12 @@ def preflight(cfg: Config, world_size: int) -> None:
 
 
 def check_data(cfg: Config, world_size: int) -> None:
-    """Open the dataset once before starting workers, so a missing file, splits that disagree or a
-    batch larger than the data is one clear error; then build each model once on the meta device
-    (no memory, no compute) so model options it does not take or cannot use are too."""
-    from .data import load_dataset
-    from .tasks import ClassificationTask, task_class
-    from .topology import Grid, Topology
+    """Open the dataset once before starting workers, so a missing file, splits that disagree, a
+    batch larger than the data or a model option the model cannot take is one clear error (and an
+    existing run directory is not touched). What to check is the task's (`Task.check`)."""
+    from .tasks import task_class
 
-    if task_class(cfg) is ClassificationTask:
-        task = ClassificationTask(cfg, torch.device("cpu"))
-        check_splits(cfg, task.splits)
-        topo = Topology(Grid(world_size, cfg.job_models), rank=0, model_group=None, exchange_group=None)
-        task.train_batches(topo, cfg.train.seed)  # raises when a batch is larger than the data
-        sp = task.splits
-        check_models(cfg, sp.num_classes, sp.input_shape, sample=(2, *sp.input_shape))
-    else:  # translation needs its tokenizer before it can batch: check the files and the model only
-        load_dataset(cfg.data.name, cfg.data.root)
-        check_models(cfg, cfg.translation.vocab_size, (), sample=None, pad_idx=0)
-
-
-def check_splits(cfg: Config, sp) -> None:
-    """Both splits of a dataset must agree: the test examples' shape and labels with training's."""
-    name = cfg.data.name
-    if len(sp.train_indices) == 0 or len(sp.test_indices) == 0:
-        raise DataError(f"data {name}: no {'training' if len(sp.train_indices) == 0 else 'test'} examples left "
-                        f"(data.fraction={cfg.data.fraction}, data.val_fraction={cfg.data.val_fraction})")
-    if sp.num_classes < 2:
-        raise DataError(f"data {name}: the training split has {sp.num_classes} class(es); at least 2 are needed")
-    for split, dataset, indices in (("training", sp.train, sp.train_indices), ("test", sp.test, sp.test_indices)):
-        x, _ = dataset[int(indices[0])]
-        if tuple(x.shape) != tuple(sp.input_shape):
-            raise DataError(f"data {name}: {split} examples have shape {tuple(x.shape)}, "
-                            f"the model expects {tuple(sp.input_shape)} (from the training split)")
-        targets = getattr(dataset, "targets", None)
-        if isinstance(targets, torch.Tensor) and len(targets):
-            labels = targets[indices]
-            if labels.min() < 0 or labels.max() >= sp.num_classes:
-                raise DataError(f"data {name}: {split} labels range over {int(labels.min())}..{int(labels.max())}, "
-                                f"outside the {sp.num_classes} classes of the training split")
-
-
-def check_models(cfg: Config, num_classes: int, input_shape: tuple, sample: tuple | None, **extra) -> None:
-    from .models import build_model
-
-    options = cfg.model.options
-    for name in dict.fromkeys(cfg.model_names()):
-        try:
-            with torch.device("meta"):
-                model = build_model(name, num_classes, input_shape, **extra, **options)
-                out = model(torch.empty(sample)) if sample is not None else None
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure here is an option the model cannot use
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ConfigError(f"model {name!r} cannot be built with model.options={options}: "
-                              f"{type(e).__name__}: {first}") from None
-        if out is not None and tuple(out.shape) != (sample[0], num_classes):
-            raise ConfigError(f"model {name!r} with model.options={options} gives outputs of shape "
-                              f"{tuple(out.shape)}, expected {(sample[0], num_classes)}")
+    task_class(cfg).check(cfg, world_size)
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # target of positions scored by nothing (padding of sequence tasks); torch's default
+
 DISTILL_LOSSES = ("kl", "mse", "ce")
 
 

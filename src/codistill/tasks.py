@@ -1,27 +1,62 @@
 """What the trainer trains on: data, model construction, forward pass and evaluation.
 
-The trainer only sees this interface, so a new kind of workload (translation, in
-`codistill.translation`) plugs in without touching the loop:
+The trainer only sees the `Task` protocol, so a new kind of workload plugs in without touching the
+loop. A dataset names the task that trains on it when it is registered:
 
-    Task.prepare(cfg, run_dir)               once per run, before any worker builds the task
-    task.build_model(name)                   -> nn.Module
-    task.train_batches(topo, seed, start)    -> (iterator of batches, steps_per_epoch)
-    task.forward(module, batch)              -> (logits (N, C), targets (N,)), padding = -100
-                                                (also the teachers' forward, under no_grad)
-    task.evaluate(model, split, topo)        -> {"models": [{"loss", "accuracy", ...}], "ensemble": {...},
-                                                 "disagreement": float}
+    register_dataset("bible_en_es", load_bible, task=TranslationTask)   # codistill/translation
+
+Datasets registered without a task (the image datasets in `codistill.data`) are classification's.
+A task package registers its datasets when imported, and is imported below: a new task adds its
+`register_dataset(...)` calls to its package and one import line here.
 """
 
 from __future__ import annotations
 
+from typing import Iterator, Protocol, runtime_checkable
+
 import torch
 import torch.nn as nn
 
+from . import translation  # noqa: F401  (the task packages: each registers its datasets)
 from .config import Config
-from .data import ShardBatchSampler, load_dataset, make_loader, make_splits, model_indices
+from .data import (ShardBatchSampler, check_splits, eval_batches, load_dataset, make_loader, make_splits,
+                   model_indices, registered)
 from .evaluation import evaluate
-from .models import build_model
-from .topology import Topology
+from .models import build_model, check_model_options
+from .topology import Topology, job_grid
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The trainer's view of a workload. Targets use `codistill.losses.IGNORE_INDEX` for positions
+    that no loss or metric scores (padding)."""
+
+    def __init__(self, cfg: Config, device: torch.device, run_dir=None) -> None: ...
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """Before any worker starts or the run directory is touched: open the data, raise
+        ConfigError / DataError on what would fail later (e.g. a batch larger than the data)."""
+
+    @classmethod
+    def prepare(cls, cfg: Config, run_dir) -> None:
+        """Once per run, on one process, before the workers build their tasks (e.g. train a
+        tokenizer into the run directory)."""
+
+    def build_model(self, name: str) -> nn.Module: ...
+
+    def steps_per_epoch(self, topo: Topology) -> int:
+        """Steps for this worker's model to pass over its training data, without loading batches."""
+
+    def train_batches(self, topo: Topology, seed: int, start_step: int = 0) -> tuple[Iterator, int]:
+        """(this worker's batches from global step `start_step` on, forever; steps per epoch)."""
+
+    def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), targets (N,)) of one batch; also the teachers' forward (under no_grad)."""
+
+    def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
+        """`codistill.evaluation.evaluate`'s metrics (plus the task's own) on "val" or "test";
+        identical on all ranks."""
 
 
 class ClassificationTask:
@@ -33,9 +68,19 @@ class ClassificationTask:
         self.splits = make_splits(data, cfg.data.val_fraction, cfg.data.fraction)
 
     @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """The splits agree, a batch fits in the data, and every model takes model.options and
+        gives (N, classes) logits (built on the meta device: no memory, no compute)."""
+        task = cls(cfg, torch.device("cpu"))
+        sp = task.splits
+        check_splits(cfg.data.name, sp, cfg.data.fraction, cfg.data.val_fraction)
+        task.steps_per_epoch(job_topology(cfg, world_size))  # ConfigError when a batch exceeds the data
+        check_model_options(cfg.model_names(), sp.num_classes, sp.input_shape, (2, *sp.input_shape),
+                            cfg.model.options)
+
+    @classmethod
     def prepare(cls, cfg: Config, run_dir) -> None:
-        """Once per run, on one process, before the workers build their tasks (e.g. train a
-        tokenizer into the run directory). Nothing to do for classification."""
+        """Nothing to prepare for classification."""
 
     def build_model(self, name: str) -> nn.Module:
         sp = self.splits
@@ -50,51 +95,50 @@ class ClassificationTask:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
+    def sampler(self, topo: Topology, seed: int) -> ShardBatchSampler:
         d = self.cfg.data
         indices = model_indices(self.splits.train_indices, d.split, topo.model_index, topo.n_models,
                                 self.cfg.train.seed)
-        sampler = ShardBatchSampler(indices, d.batch_size, topo.replicas, topo.replica_index, seed)
+        return ShardBatchSampler(indices, d.batch_size, topo.replicas, topo.replica_index, seed)
+
+    def steps_per_epoch(self, topo: Topology) -> int:
+        return self.sampler(topo, self.cfg.train.seed).steps_per_epoch  # arithmetic on the index count
+
+    def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
+        sampler = self.sampler(topo, seed)
         sampler.set_start_step(start_step)
-        return iter(make_loader(self.splits.train, sampler, d.num_workers)), sampler.steps_per_epoch
+        return iter(make_loader(self.splits.train, sampler, self.cfg.data.num_workers)), sampler.steps_per_epoch
 
     def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         return module(self.inputs(x)), y.to(self.device, non_blocking=True)
 
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
-        sp = self.splits
+        sp, d = self.splits, self.cfg.data
         dataset, indices = (sp.val, sp.val_indices) if split == "val" else (sp.test, sp.test_indices)
-        d = self.cfg.data
-        return evaluate(model, dataset, indices, topo, d.eval_batch_size, self.device, d.num_workers)
+        # Through the training loader: in-memory data in one indexing op per batch, image files
+        # decoded by data.num_workers processes.
+        shard = eval_batches(indices, d.eval_batch_size, topo.replicas, topo.replica_index)
+        return evaluate(model, make_loader(dataset, shard, d.num_workers), self.forward, topo, self.device)
 
 
-TASKS = {"classification": ClassificationTask}
+def task_class(cfg: Config) -> type[Task]:
+    """The task registered with the config's dataset (classification when none is)."""
+    return registered(cfg.data.name).task or ClassificationTask
 
 
-def task_class(cfg: Config):
-    """The task for a config's dataset: a dataset loader's `task` attribute names it."""
-    from .data import DATASETS
-
-    kind = getattr(DATASETS.get(cfg.data.name), "task", "classification")
-    if kind not in TASKS:  # a task registers itself when its package is imported
-        import importlib
-
-        importlib.import_module(f"codistill.{kind}")
-    return TASKS[kind]
-
-
-def make_task(cfg: Config, device: torch.device, run_dir=None):
+def make_task(cfg: Config, device: torch.device, run_dir=None) -> Task:
     return task_class(cfg)(cfg, device, run_dir)
+
+
+def job_topology(cfg: Config, world_size: int) -> Topology:
+    """Rank 0's topology of a job of `world_size` workers, without process groups (for sizing)."""
+    c = cfg.codistill
+    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
+    return Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
     """Steps for one model to pass over its training data, computed outside any process group
-    (loads the data; raises ConfigError when a batch is larger than the data)."""
-    from .topology import job_grid
-
-    c = cfg.codistill
-    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
-    topo = Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
-    _, steps = make_task(cfg, torch.device("cpu")).train_batches(topo, cfg.train.seed)
-    return steps
+    (loads the data, starts no DataLoader; raises ConfigError when a batch is larger than the data)."""
+    return make_task(cfg, torch.device("cpu")).steps_per_epoch(job_topology(cfg, world_size))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..run_log import atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository (for the git commit, when there is one)
+ROOT = Path(__file__).resolve().parents[3]  # src/codistill/bench/ -> the checkout, when run from one
 
 
 @dataclass
@@ -72,6 +72,10 @@ def describe_machine(m: dict) -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (+changes when tracked files differ); None for an installed package,
+    even one installed inside some other git repository."""
+    if not (ROOT / ".git").exists() or not (ROOT / "src" / "codistill").is_dir():
+        return None
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)

@@ -13,11 +13,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import ConfigError
 
 
-def deal(indices: torch.Tensor, replicas: int, replica: int, seed: int, epoch: int) -> torch.Tensor:
-    """Replica `replica`'s share of `indices` in epoch `epoch`: shuffled with seed (seed, epoch),
-    then dealt round-robin (rows replica, replica + replicas, ...)."""
+def shuffle_and_deal(count: int, seed: int, epoch: int, replicas: int, replica: int) -> torch.Tensor:
+    """Positions 0..count-1 shuffled with seed (seed, epoch), then dealt round-robin to the
+    replicas: `replica`'s share, rows replica, replica + replicas, ... of the shuffled order."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return indices[torch.randperm(len(indices), generator=g)][replica::replicas]
+    return torch.randperm(count, generator=g)[replica::replicas]
+
+
+def deal(indices: torch.Tensor, replicas: int, replica: int, seed: int, epoch: int) -> torch.Tensor:
+    """Replica `replica`'s share of `indices` in epoch `epoch` (`shuffle_and_deal` over them)."""
+    return indices[shuffle_and_deal(len(indices), seed, epoch, replicas, replica)]
 
 
 class ShardSampler(Sampler[int]):
@@ -46,8 +51,9 @@ class ShardSampler(Sampler[int]):
 class ShardBatchSampler(Sampler[list[int]]):
     """Yields this replica's batches for one model, epoch after epoch, forever.
 
-    Epoch e shuffles `indices` with seed (seed, e); replica r takes rows r, r + R, ... of the
-    shuffled order, cut to a whole number of batches, so all replicas take the same number of steps.
+    Epoch e shuffles `indices` with seed (seed, e) and deals them to the replicas
+    (`shuffle_and_deal`); each share is cut to a whole number of batches, so all replicas take the
+    same number of steps.
     """
 
     def __init__(self, indices: torch.Tensor, batch_size: int, replicas: int, replica: int, seed: int):

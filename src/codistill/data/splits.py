@@ -72,3 +72,26 @@ def model_indices(train_indices: torch.Tensor, split: str, model: int, n_models:
     g = torch.Generator().manual_seed(seed)
     perm = train_indices[torch.randperm(len(train_indices), generator=g)]
     return torch.sort(perm[model::n_models]).values
+
+
+def check_splits(name: str, sp: Splits, fraction: float, val_fraction: float) -> None:
+    """Both splits of a dataset must agree: the test examples' shape and labels with training's.
+    Raises DataError naming dataset `name`."""
+    from ..errors import DataError
+
+    if len(sp.train_indices) == 0 or len(sp.test_indices) == 0:
+        raise DataError(f"data {name}: no {'training' if len(sp.train_indices) == 0 else 'test'} examples left "
+                        f"(data.fraction={fraction}, data.val_fraction={val_fraction})")
+    if sp.num_classes < 2:
+        raise DataError(f"data {name}: the training split has {sp.num_classes} class(es); at least 2 are needed")
+    for split, dataset, indices in (("training", sp.train, sp.train_indices), ("test", sp.test, sp.test_indices)):
+        x, _ = dataset[int(indices[0])]
+        if tuple(x.shape) != tuple(sp.input_shape):
+            raise DataError(f"data {name}: {split} examples have shape {tuple(x.shape)}, "
+                            f"the model expects {tuple(sp.input_shape)} (from the training split)")
+        targets = getattr(dataset, "targets", None)
+        if isinstance(targets, torch.Tensor) and len(targets):
+            labels = targets[indices]
+            if labels.min() < 0 or labels.max() >= sp.num_classes:
+                raise DataError(f"data {name}: {split} labels range over {int(labels.min())}..{int(labels.max())}, "
+                                f"outside the {sp.num_classes} classes of the training split")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bench.common import git_commit
 from ..compare import arm_configs
 from ..config import Config, load_config, replace, to_dict
 from ..distributed import is_leader, torchrun_world_size, under_torchrun
@@ -53,7 +53,9 @@ def _scaled(value, factor: float):
     return value * factor
 
 
-REPO = Path(__file__).resolve().parents[3]  # src/codistill/experiments/ -> the repository root
+# The shipped configs are package data (src/codistill/configs links the checkout's configs/), so an
+# installed package finds them as a checkout does, whatever the working directory.
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def base_config(experiment: Experiment, quick: bool) -> Config:
@@ -61,10 +63,10 @@ def base_config(experiment: Experiment, quick: bool) -> Config:
     < the experiment's own base."""
     path = None
     if experiment.config is not None:
-        path = REPO / experiment.config
+        path = PACKAGE / experiment.config
         if not path.is_file():
-            raise UserError(f"{experiment.name} starts from {experiment.config}, which is not in {REPO}; "
-                            "run from a checkout of the repository")
+            raise UserError(f"{experiment.name} starts from {experiment.config}, which is not in {PACKAGE}; "
+                            "reinstall codistill")
     overrides = {**BASES[(experiment.family, quick)], **(experiment.quick_base if quick else experiment.base)}
     return replace(load_config(path), **_dunder(overrides))
 
@@ -104,15 +106,6 @@ def config_hash(cfg: Config, world: int) -> str:
     tree["train"].pop("progress")
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(f"{text}\nworld={world}".encode()).hexdigest()[:16]
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def select(names: list[str]) -> list[Experiment]:
@@ -182,7 +175,7 @@ class Suite:
                   "reusing its row")
             kept = {k: v for k, v in original.items() if k not in row and k not in ("command", "time", "git")}
             row.update(kept, reused_from=f"{original['experiment']}/{original['variant']}/s{original['seed']}")
-            row.update(command=self.command, time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
+            row.update(command=self.command, time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
             return row
         budget = "" if self.budget == 1.0 else f"-budget{self.budget:g}"
         run_dir = self.out / "runs" / experiment.name / variant.name.replace("/", "_") / f"s{seed}{budget}"
@@ -198,7 +191,7 @@ class Suite:
         if experiment.plot == "curves":
             row["curve"] = res.read_curve(run_dir)
         row.update(run_dir=str(run_dir), reused_from=None, command=self.command,
-                   time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=_git_commit())
+                   time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
         self._by_hash[digest] = row
         acc = row.get("test_accuracy") or []
         _say(f"[{label}] done in {row['total_seconds']:.0f} s: test accuracy "

@@ -30,3 +30,27 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **opt
         return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **options)
     except TypeError as e:
         raise ConfigError(f"model.options for {name!r}: {e}") from None
+
+
+def check_model_options(names, num_classes: int, input_shape: tuple, sample: tuple | None, options: dict,
+                        **extra) -> None:
+    """Build each named model once on the meta device (no memory, no compute) and, given a `sample`
+    input shape, run it: an option the model does not take or cannot use is one ConfigError."""
+    import torch
+
+    from ..errors import ConfigError
+
+    for name in dict.fromkeys(names):
+        try:
+            with torch.device("meta"):
+                model = build_model(name, num_classes, input_shape, **extra, **options)
+                out = model(torch.empty(sample)) if sample is not None else None
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here is an option the model cannot use
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"model {name!r} cannot be built with model.options={options}: "
+                              f"{type(e).__name__}: {first}") from None
+        if out is not None and (out.shape[0] != sample[0] or out.shape[-1] != num_classes):
+            raise ConfigError(f"model {name!r} with model.options={options} gives outputs of shape "
+                              f"{tuple(out.shape)}, expected ({sample[0]}, ..., {num_classes})")

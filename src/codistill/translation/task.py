@@ -8,11 +8,11 @@
   each epoch shuffles the batches (seed, epoch) and deals them to the replicas, cut to a count every
   replica of every model shares (so all workers take the same steps). `data.split = disjoint` gives
   each model its own 1/n of the pairs. Resuming at step s yields exactly the batches from step s on.
-- forward (the student's; the teachers' too, under no_grad) flattens (B, T) positions: logits
-  (B*T, V), targets (B*T,) with padding at -100, which `codistillation_loss` leaves out of both its terms. Label smoothing is
+- forward (the student's; the teachers' too, under no_grad) flattens (B, T) positions: logits (B*T, V), targets (B*T,) with padding
+  at IGNORE_INDEX, which `codistillation_loss` and the evaluation leave out. Label smoothing is
   `train.label_smoothing`, applied by that loss.
-- evaluate: NLL per target token ("loss", without smoothing), token accuracy, perplexity, and on
-  the test split BLEU (sacrebleu, detokenized output of greedy or beam search on
+- evaluate (`codistill.evaluation.evaluate`, as classification): NLL per target token ("loss",
+  without smoothing), token accuracy, perplexity, and on the test split BLEU (sacrebleu, detokenized output of greedy or beam search on
   `translation.bleu_sentences` sentences); the ensemble averages the models' probabilities.
 
 Batch size and the LR: the trainer's model batch is `data.batch_size x replicas`, used for linear
@@ -31,25 +31,25 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Config
-from ..data import load_dataset, model_indices
+from ..data import load_dataset, model_indices, shuffle_and_deal
+from ..data.corpus import Bitext, ParallelCorpus
 from ..errors import ConfigError, DataError
+from ..evaluation import evaluate
+from ..losses import IGNORE_INDEX
 from ..models import build_model
 from ..models.transformer import beam_search
 from ..topology import Topology, model_seed
-from .corpus import Bitext, ParallelCorpus
 from .tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 FRACTION_SEED = 1236  # fixed: the training subset must not move with the training seed
-IGNORE = -100  # target of padding positions (codistillation_loss's ignore_index)
 
 
 class Batch(NamedTuple):
     src: torch.Tensor  # (B, S) source ids + EOS, padded
     tgt_in: torch.Tensor  # (B, T) BOS + target ids, padded
-    tgt_out: torch.Tensor  # (B, T) target ids + EOS, IGNORE at padding
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS, IGNORE_INDEX at padding
 
 
 class Encoded(NamedTuple):
@@ -68,7 +68,7 @@ def collate(data: Encoded, indices: list[int], pad: int, bos: int, eos: int) -> 
     t_len = max(len(data.tgt[i]) for i in indices) + 1
     src = torch.full((len(indices), s_len), pad, dtype=torch.long)
     tgt_in = torch.full((len(indices), t_len), pad, dtype=torch.long)
-    tgt_out = torch.full((len(indices), t_len), IGNORE, dtype=torch.long)
+    tgt_out = torch.full((len(indices), t_len), IGNORE_INDEX, dtype=torch.long)
     for row, i in enumerate(indices):
         s, t = data.src[i], data.tgt[i]
         src[row, : len(s)] = torch.tensor(s)
@@ -154,6 +154,11 @@ class TranslationTask:
     # -- setup --------------------------------------------------------------------------------
 
     @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """Only the corpus files: batching needs the run's tokenizer, trained by `prepare`."""
+        load_dataset(cfg.data.name, cfg.data.root)
+
+    @classmethod
     def prepare(cls, cfg: Config, run_dir) -> None:
         """Train the tokenizer into the run directory unless it is there (a resumed run keeps it)."""
         path = Path(run_dir) / TOKENIZER_FILE
@@ -199,26 +204,30 @@ class TranslationTask:
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         """(iterator of this worker's `Batch`es from global step `start_step` on, steps per epoch).
 
-        `seed` is this model's (`model_seed(train.seed, topo.model_index)`). Steps per epoch is the
-        smallest batch count of any of the n models over the replicas, so every model and replica
-        takes the same number of steps (counts differ slightly, as the models' batches do), in
-        this job or in another one (exchange through storage).
+        `seed` is this model's (`model_seed(train.seed, topo.model_index)`); steps per epoch as
+        `steps_per_epoch`.
         """
+        steps = self.steps_per_epoch(topo)
+        batches = self.batch_plan(topo.model_index, topo.n_models, seed)
+        return self._iterate(batches, steps, topo.replicas, topo.replica_index, seed, start_step), steps
+
+    def steps_per_epoch(self, topo: Topology) -> int:
+        """The smallest batch count of any model over the replicas: every model and every replica
+        then take the same number of steps (models' counts differ slightly, as their batches do), in
+        this job or in another one (exchange through storage)."""
         counts = [len(self.batch_plan(m, topo.n_models, model_seed(self.cfg.train.seed, m)))
                   for m in range(topo.n_models)]
         steps = min(counts) // topo.replicas
         if steps == 0:
             raise DataError(f"{min(counts)} batches of translation.max_tokens="
                             f"{self.cfg.translation.max_tokens} are fewer than the {topo.replicas} replicas")
-        batches = self.batch_plan(topo.model_index, topo.n_models, seed)
-        return self._iterate(batches, steps, topo.replicas, topo.replica_index, seed, start_step), steps
+        return steps
 
     def _iterate(self, batches, steps, replicas, replica, seed, start_step):
         tok = self.tokenizer
         epoch, offset = divmod(start_step, steps)
         while True:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            mine = torch.randperm(len(batches), generator=g)[replica::replicas][:steps].tolist()
+            mine = shuffle_and_deal(len(batches), seed, epoch, replicas, replica)[:steps].tolist()
             for j in mine[offset:]:
                 yield collate(self.train, batches[j], tok.pad_id, tok.bos_id, tok.eos_id)
             epoch, offset = epoch + 1, 0
@@ -241,53 +250,21 @@ class TranslationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
-        """Metrics of every model and the ensemble on the split; identical on all ranks.
-
-        As `codistill.evaluation.evaluate`: each column (one worker per model) scores the same shard
-        of sentences batch by batch; summing the models' probabilities over the column gives the
-        ensemble's, and gathering each model's per-token log-likelihood and prediction lets every
-        worker score every model; summing over the row covers the split.
-        """
-        data, n, tok = self.encoded(split), topo.job_models, self.tokenizer
-        stats = torch.zeros(2 * n + 4, dtype=torch.float64, device=self.device)
-        was_training = model.training
-        model.eval()
-        for idx in self._shard(data, list(range(len(data.src))), topo):
-            src, tgt_in, tgt_out = self._to_device(collate(data, idx, tok.pad_id, tok.bos_id, tok.eos_id))
-            keep = tgt_out != IGNORE
-            y = tgt_out[keep]
-            logp = F.log_softmax(model(src, tgt_in)[keep].float(), dim=-1)  # (N, V)
-            own = torch.stack([logp.gather(1, y.unsqueeze(1)).squeeze(1), logp.argmax(-1).to(logp.dtype)])
-            if n > 1:
-                mean_p = logp.exp()
-                dist.all_reduce(mean_p, group=topo.exchange_group)
-                mean_p /= n
-                gathered = [torch.empty_like(own) for _ in range(n)]
-                dist.all_gather(gathered, own, group=topo.exchange_group)
-                every = torch.stack(gathered)  # (n, 2, N): per model, log p(target) and prediction
-            else:
-                mean_p, every = logp.exp(), own.unsqueeze(0)
-            preds = every[:, 1].long()  # (n, N)
-            for m in range(n):
-                stats[2 * m] -= every[m, 0].sum()
-                stats[2 * m + 1] += (preds[m] == y).sum()
-            stats[2 * n] -= mean_p.gather(1, y.unsqueeze(1)).clamp_min(1e-12).log().sum()
-            stats[2 * n + 1] += (mean_p.argmax(-1) == y).sum()
-            stats[2 * n + 2] += (preds != preds[:1]).any(0).sum()
-            stats[2 * n + 3] += len(y)
-        if topo.replicas > 1:
-            dist.all_reduce(stats, group=topo.model_group)
-        v = stats.cpu().tolist()
-        total = max(v[-1], 1.0)
-        models = [{"loss": v[2 * m] / total, "accuracy": v[2 * m + 1] / total,
-                   "perplexity": math.exp(min(v[2 * m] / total, 700.0))} for m in range(n)]
+        """Metrics of every model and the ensemble on the split (per target token, as
+        `codistill.evaluation.evaluate`), perplexity, and BLEU on "test"; identical on all ranks."""
+        data, tok = self.encoded(split), self.tokenizer
+        batches = (collate(data, idx, tok.pad_id, tok.bos_id, tok.eos_id)
+                   for idx in self._shard(data, list(range(len(data.src))), topo))
+        result = evaluate(model, batches, self.forward, topo, self.device)
+        for m in result["models"]:
+            m["perplexity"] = math.exp(min(m["loss"], 700.0))
         if split == "test":
-            for m, bleu in enumerate(self.bleu(model, topo)):
-                models[m]["bleu"] = bleu
-        model.train(was_training)
-        return {"models": models,
-                "ensemble": {"loss": v[2 * n] / total, "accuracy": v[2 * n + 1] / total},
-                "disagreement": v[2 * n + 2] / total, "count": int(v[-1])}
+            was_training = model.training
+            model.eval()
+            for m, bleu in zip(result["models"], self.bleu(model, topo)):
+                m["bleu"] = bleu
+            model.train(was_training)
+        return result
 
     def translate(self, model: nn.Module, sentences: Encoded, indices: list[int], topo: Topology) -> dict[int, str]:
         """{index: detokenized translation} of this replica's share of `indices`."""

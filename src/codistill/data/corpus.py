@@ -1,6 +1,6 @@
 """Parallel corpora: aligned text files and the built-in English-Spanish Bible.
 
-The corpora (registered as datasets in `codistill.data.parallel`, with `task = "translation"`):
+The corpora (registered as datasets by `codistill.translation`, for its `TranslationTask`):
 
 - `bible_en_es`: King James Version (English) aligned verse by verse with Reina-Valera 1909
   (Spanish), read from the SWORD modules of the Debian packages sword-text-kjv and sword-text-sparv
@@ -132,8 +132,11 @@ def load_bible(root: str | None = None, src_module: str = BIBLE_MODULES[0],
 
 
 @functools.lru_cache(maxsize=4)
-def load_parallel_text(root: str) -> ParallelCorpus:
+def load_parallel_text(root: str | None) -> ParallelCorpus:
     """The six files of SPLIT_FILES in `root`; pairs with an empty side dropped."""
+    if root is None:
+        raise DataError("parallel_text needs data.root: a directory with "
+                        + ", ".join(f for pair in SPLIT_FILES.values() for f in pair))
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"data directory not found: {base}")
