@@ -88,6 +88,11 @@ class Trainer:
 
     def make_exchanger(self):
         c = self.cfg.codistill
+        if c.method != "distill":  # DiLoCo / local SGD: periodic outer steps, no teachers
+            from .outer_sync import outer_sync_for
+
+            self.teachers = Teachers({})
+            return outer_sync_for(self.model, self.topo, self.cfg, self.counter)
         if c.exchange == "storage":
             from .storage_exchange import StorageExchanger
 
@@ -247,6 +252,8 @@ class Trainer:
             while self.step < self.total_steps:
                 self.maybe_exchange()
                 self.train_step(next(batches))
+                if self.step == self.total_steps and self.exchanger is not None:
+                    self.exchanger.finish()  # the last transfer / outer step, before the final eval and checkpoint
                 self.maybe_log()
                 self.maybe_eval()
                 self.maybe_checkpoint()
