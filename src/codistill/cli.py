@@ -101,8 +101,12 @@ def _run(args) -> int:
         raise UserError(f"--nproc must be > 0, got {args.nproc}")
     out = args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.command == "train":
+        from .distributed import torchrun_world_size, under_torchrun
         from .launch import train
+        from .prelaunch import warn_before_launch
 
+        if int(os.environ.get("RANK", "0")) == 0:
+            warn_before_launch([cfg], torchrun_world_size() if under_torchrun() else args.nproc or cfg.dist.nproc)
         summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
         if summary and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
             accs = ", ".join(f"{100 * m['val_accuracy']:.2f}%" for m in summary["models"])

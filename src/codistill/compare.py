@@ -78,6 +78,9 @@ def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
 def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None) -> dict:
     world = nproc if nproc is not None else cfg.dist.nproc
     arms = arm_configs(cfg, world)  # validate every arm before training any
+    from .prelaunch import warn_before_launch
+
+    warn_before_launch([c for _, c in arms], world)
     out = prepare_run_dir(out, overwrite)
     results = []
     for name, arm_cfg in arms:
