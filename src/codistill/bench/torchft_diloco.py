@@ -180,7 +180,7 @@ def _result(runs, wall, seeds, steps, every, error, machine, quick, out) -> Resu
             "steps": steps, "every": every}
     plot = _plot(runs, out)
     if plot:
-        notes.append(f"Curves: {plot}")
+        notes.append(f"Curves: {plot.relative_to(out.parent)}")
     return Result("torchft_diloco", "DiLoCo: ours vs torchft's", "codistill bench torchft_diloco"
                   + (" --quick" if quick else ""), table, notes, data, machine)
 
