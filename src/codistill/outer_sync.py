@@ -49,6 +49,7 @@ class OuterSync:
         self.global_params = [p.detach().clone() for p in self.params]
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
         self.dirty = True  # local steps taken since the last outer step
+        self.started = False  # every group holds model 0's initialization
         self.blocked_seconds = 0.0
         self._nbytes = sum(p.numel() * p.element_size() for p in self.params + self.buffers)
 
@@ -57,7 +58,8 @@ class OuterSync:
         t0 = time.perf_counter()
         try:
             if step == 0:
-                self.start_together()
+                if not self.started:
+                    self.start_together()
             elif step % self.every == 0:
                 self.outer_step()
             else:
@@ -87,6 +89,7 @@ class OuterSync:
         _unflatten_into(flat, tensors)
         for g, p in zip(self.global_params, self.params):
             g.copy_(p)
+        self.started = True
         if self.topo.model_index == 0:
             self.counter.add_exchange(sent=(grid.n_models - 1) * self._nbytes, received=0)
         else:

@@ -92,7 +92,10 @@ class Trainer:
             from .outer_sync import outer_sync_for
 
             self.teachers = Teachers({})
-            return outer_sync_for(self.model, self.topo, self.cfg, self.counter)
+            sync = outer_sync_for(self.model, self.topo, self.cfg, self.counter)
+            sync.start_together()  # one starting point: the distance from initialization is from it
+            self.initial = [p.detach().float().clone() for p in self.model.parameters()]
+            return sync
         if c.exchange == "storage":
             from .storage_exchange import StorageExchanger
 
