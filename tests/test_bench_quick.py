@@ -22,6 +22,7 @@ HEADERS = {
     "bytes": "| W | mode | models x workers | real run | all-reduce B/step: counted / formula |",
     "slow_network": "| link | arm | models x workers | updates | s/step |",
     "stall": "| exchange_delay D | steps | exchanges | blocked, whole run | blocked, steady state |",
+    "torchft_diloco": "| implementation | final test acc per seed (%) | mean ± std (%) | wall (s) |",
 }
 
 
@@ -70,6 +71,15 @@ def test_stall_quick(tmp_path):
     delays = [r["delay"] for r in result["data"]["runs"]]
     assert delays[0] == 0 and len(delays) >= 2
     assert all(0 <= r["whole_run"] < 1 for r in result["data"]["runs"])
+
+
+def test_torchft_diloco_quick_agrees_bit_for_bit(tmp_path):
+    # torchft's lighthouse, managers and DiLoCo against our OuterSync: same model, data and seeds.
+    result = check_table("torchft_diloco", bench("torchft_diloco", tmp_path, 400), tmp_path)
+    assert result["data"]["error"] is None
+    assert result["data"]["max_param_diff"] == [0.0]
+    ours, theirs = (result["data"]["runs"][impl]["0"]["curve"] for impl in ("ours", "torchft"))
+    assert ours == theirs and len(ours) == 4  # one point per outer step (40 steps, H = 10)
 
 
 def test_slow_network_quick(tmp_path):

@@ -80,6 +80,29 @@ def test_resume_after_a_crash_is_bitwise_equal_to_the_uninterrupted_run(tmp_path
     assert summary["steps"] == 20
 
 
+def test_diloco_resume_after_a_crash_is_bitwise_equal_to_the_uninterrupted_run(tmp_path):
+    # H = 4: the checkpoint at step 10 holds local models 2 steps past the outer step at 8, and the
+    # outer Nesterov momentum; the run ends with a final outer step (one model in both groups).
+    cfg = [*BASE, "--set", "train.steps=18", "--set", "codistill.exchange_every=4",
+           "--set", "codistill.method=diloco", "--nproc", "4"]
+    whole = run("train", *cfg, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    crashed = run("train", *cfg, "--out", str(tmp_path / "crashed"), env={"CODISTILL_FAULT": "kill@1:12"})
+    assert crashed.returncode == 2, crashed.stderr[-2000:]
+    resumed = run("train", "--resume", str(tmp_path / "crashed"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = final_states(tmp_path / "whole"), final_states(tmp_path / "crashed")
+    assert a.keys() == b.keys() == {"model_0.pt", "model_1.pt"}
+    for name in a:
+        for key, tensor in a[name]["model"].items():
+            assert torch.equal(tensor, b[name]["model"][key]), (name, key)
+            assert torch.equal(tensor, a["model_0.pt"]["model"][key])  # the groups end with one model
+        assert all(torch.equal(x, y) for x, y in zip(a[name]["exchanger"]["global"], b[name]["exchanger"]["global"]))
+        moments = [s["outer"]["state"][i]["momentum_buffer"] for s in (a[name]["exchanger"], b[name]["exchanger"])
+                   for i in (0,)]
+        assert torch.equal(*moments) and moments[0].abs().sum() > 0
+
+
 def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
     out = tmp_path / "elastic"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",

@@ -19,7 +19,7 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers"]
 
 
 def codistill(*args, timeout):
@@ -253,3 +253,37 @@ def test_f3_is_judged_from_the_long_budget_when_it_ran():
     # Until every long variant has rows, the base budget decides.
     del long["codistill-batch-x4-long"]
     assert judge(f3, _acc_rows("F3", {**base, **long}))[0] == "not reproduced"
+
+
+def test_peers_variants_resolve_to_matched_methods():
+    peers = EXPERIMENTS["Peers"]
+    cd, world = variant_config(peers, peers.variant("codistill-long"), 0, quick=False)
+    for name, method in (("diloco-long", "diloco"), ("localsgd-long", "localsgd")):
+        cfg, _ = variant_config(peers, peers.variant(name), 0, quick=False)
+        assert cfg.codistill.method == method and cfg.train == cd.train and cfg.schedule == cd.schedule
+        assert cfg.codistill.exchange_every == cd.codistill.exchange_every and cfg.outer.every is None
+    f1 = EXPERIMENTS["F1"]  # the long all-reduce and codistillation runs are F1's, reused
+    for name in ("allreduce-long", "codistill-long"):
+        assert config_hash(*variant_config(peers, peers.variant(name), 0, quick=False)) == \
+            config_hash(*variant_config(f1, f1.variant(name), 0, quick=False))
+    alone, _ = variant_config(peers, peers.variant("mixed-alone-long"), 0, quick=False)
+    together, _ = variant_config(peers, peers.variant("mixed-together-long"), 0, quick=False)
+    assert together.model.name == alone.model.name == ["cnn", "mlp"]
+    assert (together.codistill.alpha, alone.codistill.alpha) == (1.0, 0.0)
+
+
+@pytest.mark.timeout(900)
+def test_reproduce_peers_quick_runs_the_four_methods_and_the_mixed_pair(tmp_path):
+    out = tmp_path / "results"
+    proc = codistill("reproduce", "Peers", "--quick", "--out", str(out), timeout=840)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in res.read_rows(res.results_file(out, "Peers"))}
+    assert sorted(rows) == sorted(v.name for v in variants_of(EXPERIMENTS["Peers"], quick=True))
+    for method in ("diloco", "localsgd"):  # the groups end with one model
+        r = rows[method]
+        assert r["config"]["method"] == method and r["test_accuracy"][0] == r["test_accuracy"][1]
+        # Matched inter-group bytes: one model per worker every T steps, as codistillation's exchange.
+        assert 0.8 < r["bytes_exchange"] / rows["codistill"]["bytes_exchange"] < 1.25
+    verdict, reason = judge(EXPERIMENTS["Peers"], list(rows.values()))
+    assert verdict.startswith("codistillation ") and "(smoke-test settings" in verdict
+    assert "DiLoCo" in reason and "mlp" in reason and "together vs" in reason

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
-    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "all"))
+    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "all"))
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
     _add_reproduce(sub)
@@ -108,17 +108,19 @@ def _run(args) -> int:
         raise UserError(f"--nproc must be > 0, got {args.nproc}")
     out = args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.command == "train":
+        from .distributed import is_leader, torchrun_world_size, under_torchrun
         from .launch import train
+        from .prelaunch import warn_before_launch
 
+        if is_leader():
+            warn_before_launch([cfg], torchrun_world_size() if under_torchrun() else args.nproc or cfg.dist.nproc)
         summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
         _finish(summary, out)
         return 0
     from .compare import run_compare
-    from .distributed import under_torchrun
+    from .distributed import torchrun_world_size, under_torchrun
     from .launch import preflight
     from .run_log import check_run_dir
-
-    from .distributed import torchrun_world_size
 
     world = torchrun_world_size() if under_torchrun() else args.nproc if args.nproc is not None else cfg.dist.nproc
     preflight(cfg, world)  # everything, before the comparison directory is touched

@@ -55,9 +55,28 @@ def _storage(c: "Codistillation") -> Exchange:
     return StorageExchanger(c.module, c.teachers, c.topo, c.every, c.exchange_dir, counter=c.counter)
 
 
+def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
+    """DiLoCo (`outer` optimizer) or local SGD (plain averaging) every `every` steps; no teachers."""
+
+    def make(c: "Codistillation") -> Exchange:
+        from .outer_sync import AVERAGING, OuterSync
+
+        lr, momentum, nesterov = AVERAGING if averaging else c.outer
+        sync = OuterSync(c.module, c.topo, c.every, lr, momentum, nesterov, counter=c.counter)
+        sync.start_together()  # one starting point (model 0's), before anyone records "initial"
+        return sync
+
+    return make
+
+
 # The one place an exchange is chosen: name -> factory(codistillation). Another synchronization
-# (e.g. a DiLoCo-style outer step) plugs in by adding an entry with the `Exchange` protocol.
-EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {"collective": _collective, "storage": _storage}
+# plugs in by adding an entry with the `Exchange` protocol.
+EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {
+    "collective": _collective, "storage": _storage,
+    "diloco": _outer_sync(averaging=False), "localsgd": _outer_sync(averaging=True),
+}
+OUTER_SYNCS = ("diloco", "localsgd")  # exchanges that average the models themselves: no teachers
+DILOCO_OUTER = (0.7, 0.9, True)  # Douillard et al. 2023: outer Nesterov SGD, lr 0.7, momentum 0.9
 
 
 def make_exchange(kind: str, codist: "Codistillation") -> Exchange:
@@ -90,7 +109,10 @@ class Codistillation:
         function of the step, e.g. a schedule).
     delay: collective exchange only, steps between an exchange's start and its swap (exchange.py).
     exchange: `collective` (one job holds all models) or `storage` (this job trains `model_index`,
-        teachers travel through files in `exchange_dir`).
+        teachers travel through files in `exchange_dir`); or, instead of distillation, `diloco` /
+        `localsgd`: every `every` steps the models average their parameter change and apply it with
+        the outer SGD `outer` = (lr, momentum, nesterov) / plain averaging (outer_sync.py); no
+        teachers, and all models start from model 0's initialization and end as one.
     loss, temperature, label_smoothing: the objective (losses.py).
     teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` runs them under autocast.
     seed: the run's seed; model j uses model_seed(seed, j) for its initialization and data order.
@@ -102,14 +124,17 @@ class Codistillation:
                  alpha: float | Callable[[int], float] = 1.0, *, delay: int = 0, exchange: str = "collective",
                  exchange_dir: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
                  temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
-                 teacher_precision: str = "fp32", seed: int = 0, device: torch.device | None = None,
-                 topology: Topology | None = None, counter: CommCounter | None = None):
+                 teacher_precision: str = "fp32", outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
+                 device: torch.device | None = None, topology: Topology | None = None,
+                 counter: CommCounter | None = None):
+        if exchange not in EXCHANGES:
+            raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
         self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
-        self.teacher_precision = teacher_precision
+        self.teacher_precision, self.outer = teacher_precision, outer
         self.device = device if device is not None else _default_device()
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)
@@ -119,7 +144,8 @@ class Codistillation:
         torch.manual_seed(self.seed)
         self.module = build(self.topo.model_index).to(self.device)  # this worker's model, unwrapped
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
-            teachers = {j: build(j).to(self.device) for j in self.topo.peers()}
+            peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
+            teachers = {j: build(j).to(self.device) for j in peers}
         self.teachers = Teachers(teachers, teacher_mode)
         self.model = self._wrap(self.module)  # what to call forward on and optimize
         self.model.register_forward_pre_hook(self._before_forward)

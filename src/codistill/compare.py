@@ -6,7 +6,9 @@ Arms (Sodhani et al., Sec. 3-4):
   milestones) is rescaled so the schedules hit the same steps, as the paper halves its milestones;
 - codistill_regularized: as codistill, with weight decay decaying at the LR milestones
   (wd, wd/10, 0 by default) and optionally shifted milestones, accounting for codistillation's
-  own regularization.
+  own regularization;
+- diloco / localsgd: the codistill arm's grid and schedules, with an outer step (DiLoCo's outer
+  Nesterov SGD / plain averaging) every H = T steps instead of distillation (`codistill.outer_sync`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
     steps = total_steps(allreduce, spe_ar)
     allreduce = replace(allreduce, train__steps=steps)
 
-    codistill = replace(cfg, codistill__n_models=n)
+    codistill = replace(cfg, codistill__n_models=n, codistill__method="distill")
     if isinstance(cfg.model.name, list) and len(cfg.model.name) != n:
         raise ConfigError(f"model.name lists {len(cfg.model.name)} models for {n} codistilled models")
     spe_cd = steps_per_epoch(codistill, world_size)
@@ -68,6 +70,9 @@ def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
         milestones = cfg.compare.regularized_milestones or s.milestones
         arms["codistill_regularized"] = replace(codistill, schedule__milestones=rescaled(milestones),
                                                 optim__weight_decay=regularized_weight_decay(cfg))
+    for method in ("diloco", "localsgd"):
+        if method in cfg.compare.arms:
+            arms[method] = replace(codistill, codistill__method=method)
     return [(name, arms[name]) for name in cfg.compare.arms]
 
 
@@ -77,6 +82,10 @@ def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: in
     leader = is_leader()
     world = torchrun_world_size() if under_torchrun() else (nproc if nproc is not None else cfg.dist.nproc)
     arms = arm_configs(cfg, world)  # validate every arm before training any
+    if leader:
+        from .prelaunch import warn_before_launch
+
+        warn_before_launch([c for _, c in arms], world)
     out = prepare_run_dir(out, overwrite) if leader else Path(out)
     results = []
     for name, arm_cfg in arms:

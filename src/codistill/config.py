@@ -58,6 +58,12 @@ class ModelConfig:
 class CodistillConfig:
     n_models: int = 2
     """Number of models n. 1 is the all-reduce baseline: every worker trains one model."""
+    method: str = "distill"
+    """What the n model groups do every T steps: `distill` (codistillation: exchange weights, distill
+    toward them), `diloco` (DiLoCo: average the groups' parameter change and apply it with the outer
+    Nesterov SGD of the `outer` section) or `localsgd` (local SGD: plain model averaging). With
+    diloco/localsgd every group trains the same architecture, there are no teachers, and the run ends
+    with one model (a final outer step)."""
     exchange_every: int = 50
     """T: teachers are refreshed with the other models' weights every T optimizer steps."""
     exchange: str = "collective"
@@ -86,6 +92,22 @@ class CodistillConfig:
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"
     """`fp32`, or `bf16`: teacher forward passes under bf16 autocast (cheaper; measure its effect)."""
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The outer optimizer of `codistill.method=diloco` (Douillard et al. 2023's defaults);
+    `localsgd` ignores it and averages (outer SGD with lr 1, no momentum)."""
+
+    lr: float = 0.7
+    """Outer learning rate applied to the averaged parameter change."""
+    momentum: float = 0.9
+    """Outer SGD momentum, in [0, 1)."""
+    nesterov: bool = True
+    """Outer Nesterov momentum."""
+    every: int | None = None
+    """H: inner steps between outer steps; None means codistill.exchange_every (T), so the groups
+    communicate as often as codistillation exchanges."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +225,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
 
     def model_names(self) -> list[str]:
         """One model name per model."""
@@ -211,7 +234,9 @@ class Config:
 
     @property
     def mode(self) -> str:
-        return "allreduce" if self.codistill.n_models == 1 else "codistill"
+        if self.codistill.n_models == 1:
+            return "allreduce"
+        return "codistill" if self.codistill.method == "distill" else self.codistill.method
 
     @property
     def job_models(self) -> int:
@@ -223,6 +248,7 @@ CHOICES = {
     "data.split": ("shared", "disjoint"),
     "codistill.loss": ("kl", "mse", "ce"),
     "codistill.exchange": ("collective", "storage"),
+    "codistill.method": ("distill", "diloco", "localsgd"),
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
     "codistill.teacher_precision": ("fp32", "bf16"),
@@ -231,7 +257,7 @@ CHOICES = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "train.nonfinite": ("stop", "skip"),
 }
-ARMS = ("allreduce", "codistill", "codistill_regularized")
+ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
 MAX_TIMEOUT_S = 365 * 86400  # larger values overflow the collectives' millisecond timeouts
 
@@ -420,6 +446,21 @@ def validate(cfg: Config) -> None:
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
                           f"({c.exchange_every}), got {c.exchange_delay}")
+    if c.method != "distill":
+        if c.exchange != "collective":
+            raise ConfigError(f"codistill.method={c.method} needs codistill.exchange=collective")
+        if len(set(cfg.model_names())) > 1:
+            raise ConfigError(f"codistill.method={c.method} averages parameters, so every model must have "
+                              f"one architecture; got model.name {cfg.model.name}")
+    u = cfg.outer
+    if not (math.isfinite(u.lr) and u.lr > 0):
+        raise ConfigError(f"outer.lr must be a finite number > 0, got {u.lr}")
+    if not 0 <= u.momentum < 1:
+        raise ConfigError(f"outer.momentum must be in [0, 1), got {u.momentum}")
+    if u.nesterov and u.momentum == 0:
+        raise ConfigError("outer.nesterov needs outer.momentum > 0")
+    if u.every is not None:
+        positive("outer.every", u.every)
     positive("codistill.temperature", c.temperature)
     positive("codistill.alpha", c.alpha, strict=False)
     positive("codistill.alpha_steps", c.alpha_steps, strict=False)

@@ -37,12 +37,15 @@ def every(step: int, period: int) -> bool:
 
 def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -> Codistillation:
     """The component configured by `cfg.codistill` (models built by the task)."""
-    c, names = cfg.codistill, cfg.model_names()
-    return Codistillation(lambda j: task.build_model(names[j]), c.n_models, c.exchange_every, alpha,
-                          delay=c.exchange_delay, exchange=c.exchange, exchange_dir=c.exchange_dir,
+    c, names, o = cfg.codistill, cfg.model_names(), cfg.outer
+    exchange, every = c.exchange, c.exchange_every
+    if c.method != "distill" and c.n_models > 1:  # DiLoCo / local SGD: an outer step every H steps, no teachers
+        exchange, every = c.method, o.every or c.exchange_every
+    return Codistillation(lambda j: task.build_model(names[j]), c.n_models, every, alpha,
+                          delay=c.exchange_delay, exchange=exchange, exchange_dir=c.exchange_dir,
                           loss=c.loss, temperature=c.temperature, label_smoothing=cfg.train.label_smoothing,
                           teacher_mode=c.teacher_mode, teacher_precision=c.teacher_precision,
-                          seed=cfg.train.seed, device=device, topology=topo)
+                          outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo)
 
 
 class Trainer:
@@ -108,6 +111,8 @@ class Trainer:
             with self.attached:  # leaving it finishes a transfer still in flight
                 while self.step < self.total_steps:
                     self.train_step(next(batches))
+                    if self.step == self.total_steps:  # the last transfer / outer step (DiLoCo's
+                        self.codist.finish()  # changes the model) before the final eval and checkpoint
                     self.maybe_log()
                     self.maybe_eval()
                     self.maybe_checkpoint()

@@ -4,6 +4,7 @@
     bytes          bytes per worker per step, all-reduce vs codistillation: counters beside formulas
     slow_network   time to accuracy on two emulated machines joined by a shaped link (root, iproute2)
     stall          fraction of training time blocked in the exchange, synchronous vs asynchronous
+    torchft_diloco our DiLoCo against torchft's (lighthouse + managers, gloo, CPU): curves and accuracy
 
 Each prints a markdown table and writes `<name>.md` and `<name>.json` in the output directory.
 `--quick` runs a tiny version that checks the benchmark produces its table, not its speed.
@@ -17,7 +18,7 @@ from typing import Callable
 
 from .common import Result, write_result
 
-NAMES = ("step_overhead", "bytes", "slow_network", "stall")
+NAMES = ("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco")
 
 
 def _runner(name: str) -> Callable[..., Result]:
@@ -30,6 +31,8 @@ def _runner(name: str) -> Callable[..., Result]:
         from .slow_network import run
     elif name == "stall":
         from .stall import run
+    elif name == "torchft_diloco":
+        from .torchft_diloco import run
     else:
         raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}, all")
     return run

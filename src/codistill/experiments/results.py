@@ -83,6 +83,7 @@ def config_values(cfg: Config, world: int) -> dict:
         "peak_lr": scaled_lr(cfg.optim.lr, model_batch, s.reference_batch, s.scale_lr),
         "weight_decay": cfg.optim.weight_decay, "schedule": s.name, "milestones": list(s.milestones),
         "warmup_epochs": s.warmup_epochs, "exchange_every": cfg.codistill.exchange_every if n > 1 else None,
+        "method": cfg.codistill.method if n > 1 else None,
         "alpha": cfg.codistill.alpha if n > 1 else None, "distill_loss": cfg.codistill.loss if n > 1 else None,
         "label_smoothing": cfg.train.label_smoothing, "train_seed": cfg.train.seed,
     }
@@ -171,6 +172,10 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "val_acc0": Metric("val acc, model 0 (%)", _percent(_first("val_accuracy")), 2),
     "test_acc0": Metric("test acc, model 0 (%)", _percent(_first("test_accuracy")), 2),
+    "test_acc1": Metric("test acc, model 1 (%)", _percent(lambda r: r["test_accuracy"][1]
+                                                       if len(r.get("test_accuracy") or []) > 1 else None), 2),
+    "exchange_mb": Metric("inter-group MB sent per worker", lambda r: r["bytes_exchange"] / 1e6
+                          if r.get("bytes_exchange") is not None else None, 2, False),
     "test_acc_mean": Metric("test acc, mean of models (%)", _percent(_mean("test_accuracy")), 2),
     "ens_test_acc": Metric("ensemble test acc (%)", _percent(_ensemble("ensemble_test_accuracy")), 2),
     "ens_gain": Metric("ensemble gain over mean model (points)", _ens_gain, 2),

@@ -1,5 +1,5 @@
 """The reproduction suite as data: one `Experiment` per finding of Sodhani et al. (PAPER.md,
-"Findings" 1-7) and one beyond the paper.
+"Findings" 1-7) and two beyond the paper (ensembles; the peer methods DiLoCo and local SGD).
 
 An experiment is a base (config overrides on top of the suite's base) and a list of variants.
 A variant names the arm it takes from `codistill.compare.arm_configs` (matched in workers and
@@ -33,7 +33,8 @@ class Variant:
     name: str
     """Unique within its experiment; with the seed, it names the row and the run directory."""
     arm: str
-    """`allreduce`, `codistill` or `codistill_regularized` (see `codistill.compare.arm_configs`)."""
+    """`allreduce`, `codistill`, `codistill_regularized`, `diloco` or `localsgd` (see
+    `codistill.compare.arm_configs`)."""
     set: dict = field(default_factory=dict)
     """Overrides of the base, before the arms are derived."""
     scale: dict = field(default_factory=dict)
@@ -290,7 +291,35 @@ BEYOND = Experiment(
     columns=("val_acc0", "test_acc0", "test_acc_mean", "ens_test_acc", "ens_gain", "agreement", "train_loss",
              "wall"))
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (F1, F2, F3, F4, F5, F6, F7, BEYOND)}
+# Both models of the mixed pair take model.options, so they share only `hidden` (the CNN at its
+# default width 32, the MLP with one hidden width of 64).
+MIXED = {"model.name": ["cnn", "mlp"], "model.options": {"hidden": 64}}
+
+PEERS = Experiment(
+    "Peers", "Beyond the paper: codistillation against DiLoCo and local SGD",
+    "Not a claim of the paper. At matched workers, updates and inter-group bytes (an outer step every "
+    "H = T steps moves one model per worker, as one exchange does), DiLoCo (Douillard et al. 2023) and "
+    "local SGD average one architecture; codistillation alone can train different architectures "
+    "together. Measured at F1's 4x budget, where all-reduce has converged; the pair cnn + mlp is "
+    "trained together and each alone (alpha = 0) on the same workers.",
+    variants=(
+        Variant("allreduce-long", AR, scale=epochs(4)),  # F1's and F2's runs, reused
+        Variant("codistill-long", CD, scale=epochs(4)),
+        Variant("regularized-shifted-long", REG, scale=epochs(4)),
+        Variant("diloco-long", "diloco", scale=epochs(4)),
+        Variant("localsgd-long", "localsgd", scale=epochs(4)),
+        Variant("allreduce", AR, quick=True),
+        Variant("codistill", CD, quick=True),
+        Variant("diloco", "diloco", quick=True),
+        Variant("localsgd", "localsgd", quick=True),
+        Variant("mixed-together-long", CD, set=MIXED, scale=epochs(4), quick=True),
+        Variant("mixed-alone-long", CD, set=MIXED, scale=epochs(4), after={"codistill.alpha": 0.0}, quick=True),
+    ),
+    metrics=("test_acc0", "exchange_mb"),
+    columns=("val_acc0", "test_acc0", "test_acc1", "exchange_mb", "train_loss", "wall"),
+    select=("codistill-long", "regularized-shifted-long"))
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (F1, F2, F3, F4, F5, F6, F7, BEYOND, PEERS)}
 
 
 def seed_of(index: int) -> int:

@@ -275,4 +275,37 @@ def _beyond(t: Table):
     return "not confirmed", reason + "."
 
 
-JUDGES = {"F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond}
+def _peers(t: Table):
+    """Codistillation (the recipe best on validation) against the best of DiLoCo and local SGD at the
+    longest budget that ran, with all-reduce as the reference; then the mixed pair, together vs alone."""
+    suffix = "-long" if t.has("diloco-long") else ""
+    chosen = t.selected((f"codistill{suffix}", f"regularized-shifted{suffix}"))
+    if chosen is None:
+        raise Missing(f"codistill{suffix}")
+
+    def line(name, label):
+        acc, mb = t.get("test_acc0", name), t.get("exchange_mb", name)
+        return f"{label} {pts(acc)}% ({mb.mean:.1f} MB inter-group per worker)"
+
+    peers = {name: t.get("test_acc0", name) for name in (f"diloco{suffix}", f"localsgd{suffix}")}
+    best_peer = max(peers, key=lambda n: peers[n].mean)
+    cd = t.get("test_acc0", chosen)
+    side = compare(cd, peers[best_peer], ACC_FLOOR)
+    parts = [line(f"allreduce{suffix}", "all-reduce"), line(chosen, f"`{chosen}` (chosen on validation)"),
+             line(f"diloco{suffix}", "DiLoCo"), line(f"localsgd{suffix}", "local SGD")]
+    reason = ("test accuracy of model 0" + (" at four times the budget" if suffix else "") + ": "
+              + "; ".join(parts) + f". Codistillation is {['behind', 'on par with', 'ahead of'][side + 1]} "
+              f"the best peer ({best_peer.removesuffix(suffix)}).")
+    if t.has("mixed-together-long") and t.has("mixed-alone-long"):
+        gains = []
+        for metric, model in (("test_acc0", "cnn"), ("test_acc1", "mlp")):
+            together, alone = t.get(metric, "mixed-together-long"), t.get(metric, "mixed-alone-long")
+            word = ["worse", "similar", "better"][compare(together, alone, ACC_FLOOR) + 1]
+            gains.append(f"{model} {pts(together)}% together vs {pts(alone)}% alone ({word})")
+        reason += " Different architectures (only codistillation can pair them): " + "; ".join(gains) + "."
+    verdict = {1: "codistillation ahead of its peers", 0: "codistillation on par with its peers",
+               -1: "codistillation behind its peers"}[side]
+    return verdict, reason
+
+
+JUDGES = {"Peers": _peers, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond}

@@ -1,0 +1,145 @@
+"""DiLoCo and local SGD on the codistillation grid: periodic outer steps over the exchange group.
+
+Each model group trains as usual (DDP all-reduces its gradients every step, the config's optimizer
+and schedule are the inner optimizer). Every H steps, at the start of step s = H, 2H, ..., the
+groups of a column (the same replica index across models) do the outer step of DiLoCo
+(Douillard et al. 2023, Algorithm 1):
+
+    delta   = mean over groups of (theta_global - theta_local)      (the outer gradient)
+    theta_global <- OuterSGD(theta_global, delta)                    (Nesterov, lr 0.7, momentum 0.9)
+    theta_local  <- theta_global
+
+Local SGD (periodic model averaging) is the same step with outer SGD lr 1 and no momentum, i.e.
+theta_global <- mean of the groups' parameters. Floating-point buffers (BatchNorm statistics) are
+averaged. At step 0 every group starts from model 0's initialization (DiLoCo needs one starting
+point), and `finish` does a last outer step, so the groups end holding one model.
+
+`OuterSync` has the `codistill.exchange.Exchange` protocol (maybe_exchange, wait, finish,
+state_dict, load_state_dict, blocked_seconds, bytes in a CommCounter): `Codistillation` runs it as
+its exchange `diloco` / `localsgd` (codistillation.EXCHANGES), with no teachers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .accounting import CommCounter
+from .exchange import sync_buffers
+from .topology import Topology
+
+# (lr, momentum, nesterov) of local SGD's outer step: theta_global <- mean of the local models.
+AVERAGING = (1.0, 0.0, False)
+
+
+class OuterSync:
+    """Every `every` steps, one outer SGD step on the column's averaged parameter change."""
+
+    def __init__(self, model: nn.Module, topo: Topology, every: int, lr: float, momentum: float,
+                 nesterov: bool, counter: CommCounter | None = None):
+        if every <= 0:
+            raise ValueError(f"outer period must be > 0, got {every}")
+        self.model, self.topo, self.every = model, topo, every
+        self.counter = counter if counter is not None else CommCounter()
+        self.params = [p for p in model.parameters()]
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        # The outer optimizer owns a copy of the parameters: the global model of Algorithm 1.
+        self.global_params = [p.detach().clone() for p in self.params]
+        self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
+        self.dirty = True  # local steps taken since the last outer step
+        self.started = False  # every group holds model 0's initialization
+        self.blocked_seconds = 0.0
+        self._nbytes = sum(p.numel() * p.element_size() for p in self.params + self.buffers)
+
+    def maybe_exchange(self, step: int) -> bool:
+        """Call at the start of every step; returns True when the local model changed."""
+        t0 = time.perf_counter()
+        try:
+            if step == 0:
+                if not self.started:
+                    self.start_together()
+            elif step % self.every == 0:
+                self.outer_step()
+            else:
+                self.dirty = True
+                return False
+            self.dirty = True  # step s is about to be taken locally
+            return True
+        finally:
+            self.blocked_seconds += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Nothing runs in the background: outer steps complete inside `maybe_exchange`."""
+
+    def finish(self) -> None:
+        """The last outer step, so every group ends with the same model (idempotent)."""
+        if self.dirty:
+            t0 = time.perf_counter()
+            self.outer_step()
+            self.blocked_seconds += time.perf_counter() - t0
+
+    # -- the collectives ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def start_together(self) -> None:
+        """Every group takes model 0's initialization (parameters and buffers)."""
+        grid, replica = self.topo.grid, self.topo.replica_index
+        tensors = self.params + self.buffers
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=grid.rank(0, replica), group=self.topo.exchange_group)
+        _unflatten_into(flat, tensors)
+        for g, p in zip(self.global_params, self.params):
+            g.copy_(p)
+        self.started = True
+        if self.topo.job_model == 0:
+            self.counter.add_exchange(sent=(grid.n_models - 1) * self._nbytes, received=0)
+        else:
+            self.counter.add_exchange(sent=0, received=self._nbytes)
+
+    @torch.no_grad()
+    def outer_step(self) -> None:
+        """Average the parameter change over the column, apply the outer optimizer, reset locals."""
+        # Replica 0's buffers to every replica of its group first (DDP lets them drift between
+        # forwards), so that every worker ends with identical buffers.
+        sync_buffers(self.model, self.topo, self.counter)
+        n = self.topo.grid.n_models
+        deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
+        flat = torch.cat([t.reshape(-1) for t in deltas + [b.detach() for b in self.buffers]])
+        dist.all_reduce(flat, group=self.topo.exchange_group)  # sum over the n groups
+        flat /= n
+        # Counted as a ring all-reduce among n (accounting.py); for n = 2 that is one model's
+        # bytes, the same as one codistillation exchange.
+        sent = 2.0 * (n - 1) / n * flat.numel() * flat.element_size()
+        self.counter.add_exchange(sent=sent, received=sent)
+        mean_deltas = [torch.empty_like(d) for d in deltas]
+        _unflatten_into(flat, mean_deltas + self.buffers)
+        for g, d in zip(self.global_params, mean_deltas):
+            g.grad = d
+        self.outer.step()
+        for g, p in zip(self.global_params, self.params):
+            g.grad = None
+            p.copy_(g)
+        self.dirty = False
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"global": [g.clone() for g in self.global_params], "outer": self.outer.state_dict(),
+                "dirty": self.dirty}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for g, saved in zip(self.global_params, state["global"]):
+                g.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
+        self.dirty = state["dirty"]
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
