@@ -1,6 +1,6 @@
 """Datasets (a registry by name), splits and per-model sharded sampling."""
 
-from . import cifar, digits, idx, imagefolder, parallel  # noqa: F401  (explicit imports fill the registry)
+from . import cifar, digits, idx, imagefolder, parallel, text  # noqa: F401  (explicit imports fill the registry)
 from .base import DatasetSplits, TensorData
 from .registry import DATASETS, load_dataset, register_dataset
 from .sampling import ShardBatchSampler, eval_batches, make_loader
