@@ -23,8 +23,8 @@ def check_data(cfg: Config, world_size: int) -> None:
     from .data import load_dataset
     from .tasks import ClassificationTask, steps_per_epoch, task_class
 
-    if task_class(cfg) is ClassificationTask:
-        steps_per_epoch(cfg, world_size)  # loads the data once
+    if task_class(cfg) is ClassificationTask or getattr(task_class(cfg), "sized_without_run_dir", False):
+        steps_per_epoch(cfg, world_size)  # loads the data once (LM: builds its token cache)
     else:  # translation needs its tokenizer before it can batch: only check the files here
         load_dataset(cfg.data.name, cfg.data.root)
 

@@ -15,7 +15,9 @@ CURVES = {
     "train_loss.png": ("train/task_loss", "training loss (task)"),
     "val_accuracy.png": ("val/accuracy", "validation accuracy"),
     "param_distance.png": ("param_distance", "||theta_t - theta_0||"),
+    "val_perplexity.png": ("val/perplexity", "validation perplexity"),
 }
+ONLY_IF_LOGGED = {"val_perplexity.png"}  # sequence tasks log it; image runs get no empty plot
 
 
 def series(metrics_file: Path, key: str) -> tuple[list[int], list[float]]:
@@ -28,12 +30,13 @@ def plot_compare(out: str | Path, arms: list[str], model: int = 0) -> list[Path]
     out = Path(out)
     written = []
     for filename, (key, label) in CURVES.items():
+        paths = {arm: out / arm / f"model_{model}" / "metrics.jsonl" for arm in arms}
+        curves = {arm: series(p, key) for arm, p in paths.items() if p.is_file()}
+        if filename in ONLY_IF_LOGGED and not any(steps for steps, _ in curves.values()):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for arm in arms:
-            path = out / arm / f"model_{model}" / "metrics.jsonl"
-            if path.is_file():
-                steps, values = series(path, key)
-                ax.plot(steps, values, label=arm, marker="." if len(steps) < 30 else None)
+        for arm, (steps, values) in curves.items():
+            ax.plot(steps, values, label=arm, marker="." if len(steps) < 30 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -140,6 +140,10 @@ def check_config(cfg: Config, vocab_size: int) -> int:
 class LMTask:
     """Next-token prediction on a registered text corpus."""
 
+    # Its tokenizer and tokens live in the cache, not the run directory: `launch.check_data` can
+    # build the task, and so every bad input is reported, before the run directory is touched.
+    sized_without_run_dir = True
+
     def __init__(self, cfg: Config, device: torch.device, run_dir=None):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
         self.corpus = load_corpus(cfg)
@@ -149,6 +153,10 @@ class LMTask:
         self.blocks_per_batch = check_config(cfg, self.tokenizer.vocab_size)
         dtype = token_dtype(self.tokenizer.vocab_size)
         self.tokens = {s: np.memmap(cache / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "valid", "test")}
+        for split in ("valid", "test"):
+            if self.n_blocks(split) < 1:
+                raise DataError(f"{cfg.data.name}: the {split} split has {len(self.tokens[split])} tokens, "
+                                f"fewer than one block of lm.context={cfg.lm.context} needs")
 
     @classmethod
     def prepare(cls, cfg: Config, run_dir) -> None:
@@ -207,9 +215,6 @@ class LMTask:
         """
         split = "valid" if split == "val" else split
         n, count = topo.n_models, self.n_blocks(split)
-        if count < 1:
-            raise DataError(f"{self.cfg.data.name}: the {split} split has fewer than lm.context + 1 = "
-                            f"{self.cfg.lm.context + 1} tokens")
         per_batch = max(1, self.cfg.data.eval_batch_size // self.cfg.lm.context)
         stats = torch.zeros(2 * n + 4, dtype=torch.float64, device=self.device)
         was_training = model.training
