@@ -22,7 +22,7 @@ from .registry import register_model
 
 class DecoderLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int = 768, heads: int = 12, layers: int = 12,
-                 ffn: int | None = None, context: int = 1024, dropout: float = 0.1, pad_idx: int | None = None):
+                 ffn: int | None = None, context: int = 1024, dropout: float = 0.1):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by heads {heads}")
@@ -67,9 +67,8 @@ class DecoderLM(nn.Module):
         return out
 
 
-def _gpt(vocab: int, d_model: int, heads: int, layers: int, context: int, **options) -> DecoderLM:
-    options.pop("pad_idx", None)
-    options.setdefault("context", context)
+def _gpt(vocab: int, d_model: int, heads: int, layers: int, max_context: int, **options) -> DecoderLM:
+    options.setdefault("context", max_context)  # model.options may change it
     return DecoderLM(vocab, d_model, heads, layers, **options)
 
 
