@@ -226,3 +226,20 @@ def test_codistillation_of_gpt_tiny_on_gloo(corpus_dirs, tmp_path, n):
     # Peak resident memory per worker (docs/lm.md): the whole process, and what training added.
     print(json.dumps({"n_models": n, "peak_rss_mib_per_worker": [round(r["peak_rss_mb"]) for r in results],
                       "training_added_mib": [round(r["peak_rss_mb"] - r["rss_before_mb"]) for r in results]}))
+
+
+def test_compare_table_shows_perplexity_for_language_models():
+    from codistill.compare import format_table
+
+    def summary(n, losses):
+        return {"n_models": n, "replicas": 2 // n, "steps": 300, "ensemble_val_loss": 4.0,
+                "bytes_per_worker": {"allreduce": 0.0, "exchange": 0.0}, "samples_per_s": 5120.0,
+                "wall_seconds": 100.0,
+                "models": [{"val_perplexity": float(np.exp(v)), "test_perplexity": 60.0, "train_loss": v,
+                            "val_loss": v} for v in losses]}
+
+    table = format_table([{"name": "allreduce", "summary": summary(1, [4.5])},
+                          {"name": "codistill", "summary": summary(2, [4.2, 4.3])}])
+    assert "val ppl per model" in table and "tokens/s" in table and "acc" not in table
+    assert "| allreduce | 1 x 2 | 300 | 90.0 | - | 60.0 |" in table
+    assert "| codistill | 2 x 1 | 300 | 66.7 / 73.7 | 54.6 | 60.0 |" in table
