@@ -132,6 +132,9 @@ def check_config(cfg: Config, vocab_size: int) -> int:
             limit = getattr(build_model(name, vocab_size, (), **cfg.model.options), "context", None)
             if limit is not None and t > limit:
                 raise ConfigError(f"lm.context={t} is longer than model {name!r}'s maximum context {limit}")
+    if cfg.data.fraction != 1:
+        raise ConfigError("data.fraction applies to classification and translation; for language modeling "
+                          "give text_files a smaller train.txt")
     if cfg.data.batch_size % t:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} tokens must be a multiple of lm.context={t}")
     return cfg.data.batch_size // t
