@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from codistill.cli import main
-from codistill.config import load_config, replace
+from codistill.config import load_config
 from codistill.lm.corpus import block_split, load_text_files
 from codistill.lm.task import LMTask, cache_dir, load_corpus
 from codistill.models import build_model
@@ -48,9 +48,6 @@ def lm_config(root: Path, cache: Path, *extra: str):
 def corpus_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("lm")
     return write_text(base / "text"), base / "cache"
-
-
-ONE = Topology(Grid(1, 1), 0, None, None)
 
 
 # -- model -----------------------------------------------------------------------------------------
