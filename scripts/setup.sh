@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Data (Fashion-MNIST, the SWORD Bible modules) and iproute2 (ip, tc) for the slow-network benchmark.
-DEBIAN_DATA="dataset-fashion-mnist sword-text-kjv sword-text-sparv iproute2"
+DEBIAN_DATA="dataset-fashion-mnist sword-text-kjv sword-text-sparv sword-text-web iproute2"
 if command -v dpkg >/dev/null && command -v apt-get >/dev/null; then
     missing=""
     for pkg in $DEBIAN_DATA; do

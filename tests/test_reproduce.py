@@ -19,7 +19,7 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "LM"]
 
 
 def codistill(*args, timeout):
@@ -92,11 +92,11 @@ def test_mean_and_std_over_seeds():
     assert s.fmt(2) == "2.00 ± 1.00"
 
 
-def test_report_without_rows_has_eight_sections_not_yet_run(tmp_path):
+def test_report_without_rows_has_every_section_not_yet_run(tmp_path):
     doc = write_report(tmp_path / "out", tmp_path / "results.md", quick=True, out_arg=str(tmp_path / "out"))
     text = doc.read_text()
     assert [line[3:].split(":")[0] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
-    assert text.count(f"**Verdict: {NOT_RUN}.**") == 8
+    assert text.count(f"**Verdict: {NOT_RUN}.**") == len(SECTIONS)
     assert judge(EXPERIMENTS["F1"], [])[0] == NOT_RUN
 
 

@@ -14,6 +14,7 @@ Arms (Sodhani et al., Sec. 3-4):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import tasks
@@ -117,6 +118,8 @@ def _fmt_bytes(b: float) -> str:
 
 
 def format_table(results: list[dict]) -> str:
+    if all("val_perplexity" in m and "test_bleu" not in m for r in results for m in r["summary"]["models"]):
+        return format_lm_table(results)
     head = ("| arm | models x workers | steps | val acc per model (%) | ensemble val acc (%) | "
             "test acc model 0 (%) | train loss | param distance | all-reduce bytes/worker | "
             "exchange bytes/worker | wall (s) |")
@@ -131,6 +134,24 @@ def format_table(results: list[dict]) -> str:
                     f"{100 * s['models'][0]['test_accuracy']:.2f} | {loss:.4f} | {dist_:.2f} | "
                     f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
                     f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {s['wall_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def format_lm_table(results: list[dict]) -> str:
+    """Language models: perplexity (exp of NLL per token) instead of accuracy; samples/s are tokens/s."""
+    head = ("| arm | models x workers | steps | val ppl per model | ensemble val ppl | test ppl model 0 | "
+            "train loss | all-reduce bytes/worker | exchange bytes/worker | tokens/s | wall (s) |")
+    rows = [head, "|" + "---|" * 11]
+    for r in results:
+        s = r["summary"]
+        ppl = " / ".join(f"{m['val_perplexity']:.1f}" for m in s["models"])
+        loss = sum(m["train_loss"] for m in s["models"]) / len(s["models"])
+        ens = f"{math.exp(min(s['ensemble_val_loss'], 700.0)):.1f}" if s["n_models"] > 1 else "-"
+        rows.append(f"| {r['name']} | {s['n_models']} x {s['replicas']} | {s['steps']} | {ppl} | {ens} | "
+                    f"{s['models'][0]['test_perplexity']:.1f} | {loss:.4f} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {s['samples_per_s']:.0f} | "
+                    f"{s['wall_seconds']:.0f} |")
     return "\n".join(rows)
 
 

@@ -204,6 +204,23 @@ class TranslationConfig:
 
 
 @dataclass(frozen=True)
+class LMConfig:
+    context: int = 256
+    """Language modeling: tokens per training block (at most the model's context). `data.batch_size`
+    and `data.eval_batch_size` count tokens for LM datasets and must hold at least one block."""
+    vocab_size: int = 4000
+    """Subword vocabulary size of the BPE tokenizer trained on the training split (an error if the
+    corpus cannot train that many pieces)."""
+    cache_dir: str | None = None
+    """Where the tokenizer and the memory-mapped token ids of a corpus are cached, keyed by the
+    corpus files and vocabulary size; None is ~/.cache/codistill/lm ($XDG_CACHE_HOME)."""
+    sample_tokens: int = 200
+    """Tokens sampled from model 0 at the end of a run into sample.txt (0: no sample)."""
+    sample_top_k: int = 40
+    """Top-k of that sampling (1 = greedy); seeded with train.seed."""
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "codistill_regularized"])
     """Arms run by `codistill compare`, in order."""
@@ -224,6 +241,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
 
@@ -499,6 +517,10 @@ def validate(cfg: Config) -> None:
     positive("train.checkpoint_every", t.checkpoint_every, strict=False)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    positive("lm.context", cfg.lm.context)
+    positive("lm.vocab_size", cfg.lm.vocab_size)
+    positive("lm.sample_tokens", cfg.lm.sample_tokens, strict=False)
+    positive("lm.sample_top_k", cfg.lm.sample_top_k)
     positive("dist.nproc", cfg.dist.nproc)
     positive("dist.threads", cfg.dist.threads)
     positive("dist.timeout_s", cfg.dist.timeout_s)

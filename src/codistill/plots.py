@@ -15,7 +15,9 @@ CURVES = {
     "train_loss.png": ("train/task_loss", "training loss (task)"),
     "val_accuracy.png": ("val/accuracy", "validation accuracy"),
     "param_distance.png": ("param_distance", "||theta_t - theta_0||"),
+    "val_perplexity.png": ("val/perplexity", "validation perplexity"),
 }
+ONLY_IF_LOGGED = {"val_perplexity.png"}  # sequence tasks log it; image runs get no empty plot
 
 
 def series(metrics_file: Path, key: str) -> tuple[list[int], list[float]]:
@@ -27,11 +29,12 @@ def plot_lines(out: Path, lines: list[tuple[str, Path]]) -> list[Path]:
     """One PNG per curve in `out`, one line per (label, metrics.jsonl) that exists."""
     written = []
     for filename, (key, label) in CURVES.items():
+        curves = {name: series(path, key) for name, path in lines if path.is_file()}
+        if filename in ONLY_IF_LOGGED and not any(steps for steps, _ in curves.values()):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, path in lines:
-            if path.is_file():
-                steps, values = series(path, key)
-                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
+        for name, (steps, values) in curves.items():
+            ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from . import translation  # noqa: F401  (the task packages: each registers its datasets)
+from . import lm, translation  # noqa: F401  (the task packages: each registers its datasets)
 from .config import Config
 from .data import (ShardBatchSampler, check_splits, eval_batches, load_dataset, make_loader, make_splits,
                    model_indices, registered)

@@ -99,6 +99,8 @@ def describe_setting(experiment: Experiment, rows: list[dict], quick: bool) -> s
                      f"`{cd_c['distill_loss']}`")
     if experiment.family == "translation":
         lines.append("batches count source + target tokens")
+    elif experiment.family == "lm":
+        lines.append("batches count tokens, in fixed-length blocks of lm.context tokens")
     return "; ".join(lines) + "."
 
 

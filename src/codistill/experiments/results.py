@@ -184,6 +184,8 @@ METRICS: dict[str, Metric] = {
     "param_distance": Metric("||theta - theta_0|| (mean)", _mean("param_distance"), 2, False),
     "val_loss0": Metric("val NLL, model 0", _first("val_loss"), 4, False),
     "test_loss0": Metric("test NLL, model 0", _first("test_loss"), 4, False),
+    "val_ppl0": Metric("val perplexity, model 0", lambda r: math.exp(r["val_loss"][0]) if r.get("val_loss") else None,
+                       2, False),
     "test_bleu0": Metric("test BLEU, model 0", _first("test_bleu"), 2),
     "ens_val_loss": Metric("ensemble val NLL", _ensemble("ensemble_val_loss"), 4, False),
     "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),

@@ -308,4 +308,27 @@ def _peers(t: Table):
     return verdict, reason
 
 
-JUDGES = {"Peers": _peers, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond}
+def _lm(t: Table):
+    """F5's judgement for language models: NLL per token of the dropout setting chosen on validation."""
+    ar = t.get("val_loss0", "allreduce")
+    chosen = t.selected()
+    if chosen is None:
+        raise Missing(t.experiment.select[0])
+    cd = t.get("val_loss0", chosen)
+    reason = (f"validation NLL per token of `{chosen}` (chosen on validation) {cd.mean:.4f} vs {ar.mean:.4f} "
+              f"for all-reduce (perplexity {math.exp(cd.mean):.1f} vs {math.exp(ar.mean):.1f})")
+    if compare(cd, ar, NLL_FLOOR) <= 0:
+        if t.has("allreduce-drop0"):
+            control = t.get("val_loss0", "allreduce-drop0")
+            if compare(control, cd, NLL_FLOOR) < 0:
+                return "partly", (reason + f": codistillation reaches all-reduce's NLL, but all-reduce without "
+                                  f"dropout reaches {control.mean:.4f}, lower still.")
+        return "reproduced", reason + ": codistillation reaches all-reduce's NLL."
+    base = t.get("val_loss0", "codistill-drop0.1") if t.has("codistill-drop0.1") else None
+    if base is not None and compare(cd, base, NLL_FLOOR) < 0:
+        return "partly", reason + ": reducing dropout helps but does not close the gap."
+    return "not reproduced", reason + "."
+
+
+JUDGES = {"Peers": _peers, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
+          "LM": _lm}
