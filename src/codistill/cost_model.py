@@ -1,0 +1,130 @@
+"""What a step costs when model groups sit on different machines: compute + what crosses the slow link.
+
+The picture (docs/performance.md, "where codistillation pays"): W workers on M machines joined by a
+slow link (bandwidth B bit/s, latency L s per message); each machine's own links are fast and free
+here. Per step, one worker spends
+
+    allreduce      c + comm(ring all-reduce of G gradient bytes over W workers)
+    codistill      c + (n - 1) t + (1 - overlap) comm(state transfer of S bytes) / T
+    outer sync     c + (1 - overlap) comm(parameter all-reduce across groups) / H    (DiLoCo / local SGD)
+
+with c the worker's own forward + backward + optimizer step, t one teacher forward, T the exchange
+period and H the outer period. `overlap` is the fraction of the transfer hidden behind training
+(0 for a synchronous exchange; the asynchronous exchange measures it in `bench stall`).
+
+Bytes across the link, per direction of one machine's link (what limits the time):
+- the ring all-reduce sends 2 (W - 1) / W G along every ring edge; with the ring ordered by machine,
+  one edge per direction leaves each machine, so each machine's link carries 2 (W - 1) / W G per
+  direction per step, and the ring takes 2 (W - 1) sequential hops, each paying the latency;
+- an exchange brings each of the r workers of a model group the states of the n - 1 other models:
+  r (n - 1) S into each machine per exchange (one model group per machine), one latency;
+- an outer all-reduce across n groups, one per column of r workers: r 2 (n - 1) / n P per direction.
+
+`wire_overhead` turns payload into bytes on the wire (Ethernet + IP + TCP headers: 1514 bytes on the
+wire carry 1448 of payload at MTU 1500). Nothing here is fitted: every input is measured by the
+step-overhead and bytes benchmarks, or is the link's nominal rate.
+
+Time to a target = steps to the target (a property of the arm's optimization, not of the network:
+training is bitwise identical at every link rate) x seconds per step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import UserError
+
+WIRE_OVERHEAD = 1514 / 1448  # Ethernet (14) + IP (20) + TCP with timestamps (32) headers, MTU 1500
+
+_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(bit|kbit|mbit|gbit|tbit)(?:/s)?$")
+
+
+def parse_link_rate(text: str) -> float:
+    """'1gbit', '100mbit', '2.5Gbit/s' -> bits per second; a UserError on anything else."""
+    m = _RATE.match(text.strip().lower())
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--link: expected a rate such as 1gbit, 100mbit or 2.5gbit (units: "
+                        f"{', '.join(_UNITS)}), got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_rate(bits_per_s: float) -> str:
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits_per_s >= scale:
+            return f"{bits_per_s / scale:g} {unit}"
+    return f"{bits_per_s:g} bit/s"
+
+
+@dataclass(frozen=True)
+class Link:
+    bits_per_s: float
+    latency_s: float = 0.0
+    wire_overhead: float = WIRE_OVERHEAD
+
+    def seconds(self, payload_bytes: float, messages: int = 1) -> float:
+        """Time to move `payload_bytes` one way, in `messages` sequential messages."""
+        if payload_bytes <= 0:
+            return 0.0
+        return payload_bytes * self.wire_overhead * 8 / self.bits_per_s + messages * self.latency_s
+
+
+# -- bytes across the slow link, per direction of one machine's link ------------------------------
+
+def ring_allreduce_link_bytes(grad_bytes: float, world: int) -> float:
+    """Per step: the ring edge leaving a machine carries 2 (W - 1) / W G."""
+    return 2.0 * (world - 1) / world * grad_bytes if world > 1 else 0.0
+
+
+def exchange_link_bytes(state_bytes: float, n_models: int, replicas: int) -> float:
+    """Per exchange: each of the r workers of a machine's model group receives n - 1 states."""
+    return float(replicas * (n_models - 1) * state_bytes)
+
+
+def outer_allreduce_link_bytes(param_bytes: float, groups: int, replicas: int) -> float:
+    """Per outer step: r column all-reduces across the n groups, 2 (n - 1) / n P on each edge."""
+    return replicas * 2.0 * (groups - 1) / groups * param_bytes if groups > 1 else 0.0
+
+
+# -- seconds per step -----------------------------------------------------------------------------
+
+def allreduce_step_s(compute_s: float, grad_bytes: float, world: int, link: Link, overlap: float = 0.0) -> float:
+    """One all-reduce step with the workers spread over machines: every ring hop crosses in lock step."""
+    comm = link.seconds(ring_allreduce_link_bytes(grad_bytes, world), messages=2 * (world - 1))
+    return compute_s + (1.0 - overlap) * comm
+
+
+def codistill_step_s(compute_s: float, teacher_s: float, n_models: int, replicas: int, state_bytes: float,
+                     period: int, link: Link, overlap: float = 0.0) -> float:
+    """One codistillation step: own step, n - 1 teacher forwards, 1/T of an exchange not hidden."""
+    comm = link.seconds(exchange_link_bytes(state_bytes, n_models, replicas))
+    return compute_s + (n_models - 1) * teacher_s + (1.0 - overlap) * comm / period
+
+
+def outer_sync_step_s(compute_s: float, groups: int, replicas: int, param_bytes: float, period: int, link: Link,
+                      overlap: float = 0.0) -> float:
+    """DiLoCo / local SGD: inner steps inside each group, an all-reduce across groups every H steps."""
+    comm = link.seconds(outer_allreduce_link_bytes(param_bytes, groups, replicas), messages=2 * (groups - 1))
+    return compute_s + (1.0 - overlap) * comm / period
+
+
+def time_to_target_s(steps_to_target: int | None, step_s: float) -> float | None:
+    return None if steps_to_target is None else steps_to_target * step_s
+
+
+# -- from a run's summary.json --------------------------------------------------------------------
+
+def cross_group_bytes_per_step(summary: dict, groups: int) -> float:
+    """Bytes (all directions) crossing between `groups` machines per step, from the run's counters.
+
+    All-reduce (one model): `groups` ring edges cross machines, each carrying the per-worker ring
+    bytes. Codistillation (one model group per machine): every worker receives n - 1 states per
+    exchange from other machines, i.e. the W workers' exchange bytes cross. Gradients of a model
+    group stay on its machine.
+    """
+    steps = max(summary["steps"], 1)
+    b = summary["bytes_per_worker"]
+    if summary["n_models"] == 1:
+        return groups * b["allreduce"] / steps if groups > 1 else 0.0
+    return summary["world_size"] * b["exchange"] / steps
