@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, help="start N local workers (ignored under torchrun)")
         p.add_argument("--out", help="run directory (default: runs/<command>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        if name == "compare":
+            p.add_argument("--link", metavar="RATE", help="also project each arm's s/step and time to the "
+                           "all-reduce arm's final accuracy with a RATE link (1gbit, 100mbit) between model groups")
         if name == "train":
             p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
                            "(its own config.yaml; --config/--set/--out are not allowed)")
@@ -93,6 +96,11 @@ def _run(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: {summary['steps']} steps; run directory {args.resume}")
         return 0
+    link_bps = None
+    if getattr(args, "link", None) is not None:  # validated before anything is trained or written
+        from .cost_model import parse_link_rate
+
+        link_bps = parse_link_rate(args.link)
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.command == "config":
         print(config_mod.dump_yaml(cfg), end="")
@@ -110,7 +118,7 @@ def _run(args) -> int:
         return 0
     from .compare import run_compare
 
-    run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
+    run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc, link_bps=link_bps)
     return 0
 
 

@@ -109,6 +109,13 @@ def outer_sync_step_s(compute_s: float, groups: int, replicas: int, param_bytes:
     return compute_s + (1.0 - overlap) * comm / period
 
 
+def async_overlap(transfer_s: float, delay_steps: int, step_s: float) -> float:
+    """Fraction of a transfer hidden behind the D steps that train on while it runs (1 if it fits)."""
+    if transfer_s <= 0:
+        return 1.0
+    return min(1.0, delay_steps * step_s / transfer_s)
+
+
 def time_to_target_s(steps_to_target: int | None, step_s: float) -> float | None:
     return None if steps_to_target is None else steps_to_target * step_s
 
@@ -128,3 +135,38 @@ def cross_group_bytes_per_step(summary: dict, groups: int) -> float:
     if summary["n_models"] == 1:
         return groups * b["allreduce"] / steps if groups > 1 else 0.0
     return summary["world_size"] * b["exchange"] / steps
+
+
+# -- `codistill compare --link`: each arm's local measurements, projected onto a slow link ----------
+
+def project_arm(name: str, summary: dict, evals: list[dict], target: float, link: Link, groups: int,
+                delay: int = 0) -> dict:
+    """Projected s/step and time to `target` validation accuracy of one compare arm on `link`.
+
+    Assumes one model group per machine (`groups` machines; the all-reduce arm spread over as many):
+    the compute per step is the arm's own measured training clock per step on local workers
+    (metrics.jsonl, evaluations excluded; it already holds the teacher forwards and the local
+    all-reduce), to which the link's cost is added. Arms other than all-reduce and codistillation
+    are not projected (None) until their summaries count their cross-group bytes.
+    """
+    steps = max(summary["steps"], 1)
+    local_step = evals[-1]["time_without_eval"] / evals[-1]["step"] if evals and evals[-1]["step"] else None
+    hit = next((e["step"] for e in evals if e["accuracy"] >= target), None)
+    out = {"name": name, "local_s_per_step": local_step, "steps_to_target": hit,
+           "cross_group_bytes_per_step": cross_group_bytes_per_step(summary, groups), "s_per_step": None,
+           "time_to_target_s": None}
+    if local_step is None:
+        return out
+    world, b = summary["world_size"], summary["bytes_per_worker"]
+    if summary["n_models"] == 1 and name.startswith("allreduce"):
+        grad = b["allreduce"] / steps * world / (2.0 * (world - 1)) if world > 1 else 0.0
+        out["s_per_step"] = allreduce_step_s(local_step, grad, world, link) if groups > 1 else local_step
+    elif summary["n_models"] > 1 and summary.get("exchange", "collective") == "collective" and summary["exchanges"]:
+        n, r, period = summary["n_models"], summary["replicas"], summary["exchange_every"]
+        state = b["exchange"] / summary["exchanges"] / (n - 1)
+        transfer = link.seconds(exchange_link_bytes(state, n, r))
+        overlap = async_overlap(transfer, delay, local_step) if delay else 0.0
+        out["s_per_step"] = codistill_step_s(local_step, 0.0, n, r, state, period, link, overlap)
+    if out["s_per_step"] is not None:
+        out["time_to_target_s"] = time_to_target_s(hit, out["s_per_step"])
+    return out
