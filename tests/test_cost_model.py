@@ -8,6 +8,7 @@ from codistill import cost_model as cm
 from codistill.errors import UserError
 
 NO_HEADERS = dict(wire_overhead=1.0)
+NO_LAT = cm.Link(8e6, **NO_HEADERS)  # 1 MB/s, no latency
 
 
 def test_parse_link_rate():
@@ -64,6 +65,10 @@ def test_step_seconds():
     assert cm.async_overlap(2.0, delay_steps=10, step_s=0.1) == 0.5
     assert cm.async_overlap(0.5, delay_steps=10, step_s=0.1) == 1.0
     assert cm.async_overlap(0.0, delay_steps=0, step_s=0.1) == 1.0
+    # a run of 100 steps at T = 50: 2 exchanges of 2 s; step 0's is synchronous, the other half hidden
+    assert cm.codistill_run_s_per_step(0.1, 0.0, 2, 2, 1_000_000, 50, 100, NO_LAT) == pytest.approx(0.1 + 4.0 / 100)
+    assert cm.codistill_run_s_per_step(0.1, 0.0, 2, 2, 1_000_000, 50, 100, NO_LAT, delay=10) == \
+        pytest.approx(0.1 + 3.0 / 100)
     assert cm.time_to_target_s(120, 0.25) == 30.0
     assert cm.time_to_target_s(None, 0.25) is None
 

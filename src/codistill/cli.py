@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
-    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "all"))
+    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "sweep", "straggler", "all"))
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
     _add_reproduce(sub)

@@ -30,6 +30,7 @@ training is bitwise identical at every link rate) x seconds per step.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -114,6 +115,17 @@ def async_overlap(transfer_s: float, delay_steps: int, step_s: float) -> float:
     if transfer_s <= 0:
         return 1.0
     return min(1.0, delay_steps * step_s / transfer_s)
+
+
+def codistill_run_s_per_step(compute_s: float, teacher_s: float, n_models: int, replicas: int, state_bytes: float,
+                             period: int, steps: int, link: Link, delay: int = 0) -> float:
+    """Seconds per step averaged over a run of `steps`: ceil(steps / T) exchanges, the first (step 0)
+    always synchronous (nothing to train on before it), the others hidden as far as D steps allow."""
+    own = compute_s + (n_models - 1) * teacher_s
+    transfer = link.seconds(exchange_link_bytes(state_bytes, n_models, replicas))
+    hidden = async_overlap(transfer, delay, own) if delay else 0.0
+    exchanges = math.ceil(steps / period)
+    return own + (transfer + (exchanges - 1) * (1.0 - hidden) * transfer) / steps
 
 
 def time_to_target_s(steps_to_target: int | None, step_s: float) -> float | None:

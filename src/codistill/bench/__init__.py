@@ -4,6 +4,8 @@
     bytes          bytes per worker per step, all-reduce vs codistillation: counters beside formulas
     slow_network   time to accuracy on two emulated machines joined by a shaped link (root, iproute2)
     stall          fraction of training time blocked in the exchange, synchronous vs asynchronous
+    sweep          time to accuracy across link rates and model profiles; the cost model validated (root)
+    straggler      time to accuracy with one machine at half speed (root, cgroup CPU quota)
 
 Each prints a markdown table and writes `<name>.md` and `<name>.json` in the output directory.
 `--quick` runs a tiny version that checks the benchmark produces its table, not its speed.
@@ -17,7 +19,7 @@ from typing import Callable
 
 from .common import Result, write_result
 
-NAMES = ("step_overhead", "bytes", "slow_network", "stall")
+NAMES = ("step_overhead", "bytes", "slow_network", "stall", "sweep", "straggler")
 
 
 def _runner(name: str) -> Callable[..., Result]:
@@ -30,6 +32,10 @@ def _runner(name: str) -> Callable[..., Result]:
         from .slow_network import run
     elif name == "stall":
         from .stall import run
+    elif name == "sweep":
+        from .sweep import run
+    elif name == "straggler":
+        from .straggler import run
     else:
         raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}, all")
     return run
