@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..config import dump_yaml, replace
@@ -74,11 +75,18 @@ class CpuLimits:
         return join
 
     def __exit__(self, *exc) -> None:
-        for d in self.dirs:  # every process of ours has exited: the cgroups are empty
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        # Our launches have exited, but helpers they started (multiprocessing's resource tracker)
+        # may take a moment longer: a cgroup can be removed only once empty.
+        deadline = time.monotonic() + 30
+        for d in self.dirs:
+            while d.exists():
+                try:
+                    d.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        print(f"codistill: warning: could not remove cgroup {d} (still in use)", file=sys.stderr)
+                        break
+                    time.sleep(0.5)
 
 
 def settings(quick: bool) -> dict:
