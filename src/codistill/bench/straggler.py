@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..config import dump_yaml, replace
+from ..errors import UserError
 from ..run_log import atomic_write_text
 from .common import Result, fmt, machine_info, markdown_table
 from .slow_network import first_reaching, training_clock
@@ -41,7 +42,8 @@ def cgroup_version() -> int:
     controllers = CGROUP_V2 / "cgroup.controllers"
     if controllers.is_file() and "cpu" in controllers.read_text().split():
         return 2
-    raise RuntimeError("no cgroup cpu controller found (neither v1 /sys/fs/cgroup/cpu nor v2 cpu.max)")
+    raise UserError("bench straggler limits CPUs with a cgroup, but no cpu controller was found (neither v1 "
+                    "/sys/fs/cgroup/cpu nor v2 cpu.max); run it as root on a Linux host with cgroups")
 
 
 class CpuLimits:
