@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, help="start N local workers (ignored under torchrun)")
         p.add_argument("--out", help="run directory (default: runs/<command>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        if name == "compare":
+            p.add_argument("--link", metavar="RATE", help="also project each arm's s/step and time to the "
+                           "all-reduce arm's final accuracy with a RATE link (1gbit, 100mbit) between model groups")
         if name == "train":
             p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
                            "(its own config.yaml; --config/--set/--out are not allowed)")
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
-    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "all"))
+    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep",
+                                    "straggler", "all"))
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
     _add_reproduce(sub)
@@ -100,6 +104,11 @@ def _run(args) -> int:
         summary = train(cfg, args.resume, nproc=world, resume=True)
         _finish(summary, args.resume)
         return 0
+    link_bps = None
+    if getattr(args, "link", None) is not None:  # validated before anything is trained or written
+        from .cost_model import parse_link_rate
+
+        link_bps = parse_link_rate(args.link)
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.command == "config":
         print(config_mod.dump_yaml(cfg), end="")
@@ -126,7 +135,7 @@ def _run(args) -> int:
     preflight(cfg, world)  # everything, before the comparison directory is touched
     if not under_torchrun():  # under torchrun, rank 0 may already have created it
         check_run_dir(out, args.overwrite)
-    run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
+    run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc, link_bps=link_bps)
     return 0
 
 

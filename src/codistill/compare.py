@@ -77,7 +77,8 @@ def arm_configs(cfg: Config, world_size: int) -> list[tuple[str, Config]]:
     return [(name, arms[name]) for name in cfg.compare.arms]
 
 
-def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None) -> dict:
+def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None,
+                link_bps: float | None = None) -> dict:
     # Under torchrun every process runs this: the world is torchrun's, and only rank 0 touches
     # the directory and writes reports (each arm's own directory is prepared inside `train`).
     leader = is_leader()
@@ -98,8 +99,11 @@ def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: in
     report = {"arms": results}
     if not leader:
         return report
-    write_json(out / "compare.json", report)
     table = format_table(results)
+    if link_bps is not None:  # what the arms would cost with a slow link between model groups
+        report["link"] = {"bits_per_s": link_bps, "arms": link_projection(results, dict(arms), out, link_bps)}
+        table += "\n\n" + projection_table(report["link"]["arms"], link_bps, reference_arm(results))
+    write_json(out / "compare.json", report)
     atomic_write_text(out / "compare.md", compare_markdown(results, table))
     from .plots import plot_compare  # training never imports matplotlib
 
@@ -117,13 +121,55 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} PB"
 
 
+def cross_groups(results: list[dict]) -> int:
+    """Model groups of the comparison (machines, when each model group has its own)."""
+    return max(r["summary"]["n_models"] for r in results)
+
+
+def link_projection(results: list[dict], configs: dict, out: Path, link_bps: float) -> list[dict]:
+    """Each arm's cost-model projection onto a link of `link_bps` between model groups."""
+    from .bench.slow_network import training_clock
+    from .cost_model import Link, project_arm
+
+    target = reference_arm(results)["summary"]["models"][0]["val_accuracy"]
+    return [project_arm(r["name"], r["summary"], training_clock(out / r["name"]), target, Link(link_bps),
+                        cross_groups(results), delay=configs[r["name"]].codistill.exchange_delay)
+            for r in results]
+
+
+def reference_arm(results: list[dict]) -> dict:
+    """The arm whose final accuracy is the target: all-reduce when compared, else the first."""
+    return next((r for r in results if r["name"] == "allreduce"), results[0])
+
+
+def projection_table(projected: list[dict], link_bps: float, reference: dict) -> str:
+    from .cost_model import format_rate
+
+    target = 100 * reference["summary"]["models"][0]["val_accuracy"]
+    rows = [f"Projected on a {format_rate(link_bps)} link between model groups (cost model, one model group "
+            f"per machine; target: {target:.2f}% val accuracy, the {reference['name']} arm's final, model 0):",
+            "", "| arm | local s/step (measured) | projected s/step | step at target | projected time to target (s) |",
+            "|" + "---|" * 5]
+    for p in projected:
+        rows.append(f"| {p['name']} | {_fmt(p['local_s_per_step'], '.3f')} | {_fmt(p['s_per_step'], '.3f')} | "
+                    f"{_fmt(p['steps_to_target'], 'd', 'not reached')} | "
+                    f"{_fmt(p['time_to_target_s'], '.1f', 'not reached' if p['s_per_step'] else '-')} |")
+    return "\n".join(rows)
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
 def format_table(results: list[dict]) -> str:
     if all("val_perplexity" in m and "test_bleu" not in m for r in results for m in r["summary"]["models"]):
         return format_lm_table(results)
+    from .cost_model import cross_group_bytes_per_step
+
     head = ("| arm | models x workers | steps | val acc per model (%) | ensemble val acc (%) | "
             "test acc model 0 (%) | train loss | param distance | all-reduce bytes/worker | "
-            "exchange bytes/worker | wall (s) |")
-    rows = [head, "|" + "---|" * 11]
+            "exchange bytes/worker | cross-group bytes/step | wall (s) |")
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         s = r["summary"]
         accs = " / ".join(f"{100 * m['val_accuracy']:.2f}" for m in s["models"])
@@ -133,7 +179,8 @@ def format_table(results: list[dict]) -> str:
         rows.append(f"| {r['name']} | {s['n_models']} x {s['replicas']} | {s['steps']} | {accs} | {ens} | "
                     f"{100 * s['models'][0]['test_accuracy']:.2f} | {loss:.4f} | {dist_:.2f} | "
                     f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
-                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {s['wall_seconds']:.0f} |")
+                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | "
+                    f"{_fmt_bytes(cross_group_bytes_per_step(s, cross_groups(results)))} | {s['wall_seconds']:.0f} |")
     return "\n".join(rows)
 
 
@@ -158,7 +205,10 @@ def format_lm_table(results: list[dict]) -> str:
 def compare_markdown(results: list[dict], table: str) -> str:
     lines = ["# Matched comparison: all-reduce vs codistillation", "",
              "Same number of workers and of updates in every arm. Train loss and parameter distance "
-             "are means over the arm's models; val is the held-out validation split, test the test split.",
+             "are means over the arm's models; val is the held-out validation split, test the test split. "
+             "Cross-group bytes/step: what would cross between the model groups if each had its own machine "
+             "(the all-reduce arm spread over as many): all-reduce's ring edges between them every step, "
+             "codistillation's exchanges only.",
              "", table, "", "Plots: train_loss.png, val_accuracy.png, param_distance.png "
              "(model 0 of each arm, as the paper evaluates its first model).", ""]
     for r in results:

@@ -5,6 +5,8 @@
     slow_network   time to accuracy on two emulated machines joined by a shaped link (root, iproute2)
     stall          fraction of training time blocked in the exchange, synchronous vs asynchronous
     torchft_diloco our DiLoCo against torchft's (lighthouse + managers, gloo, CPU): curves and accuracy
+    sweep          time to accuracy across link rates and model profiles; the cost model validated (root)
+    straggler      time to accuracy with one machine at half speed (root, cgroup CPU quota)
 
 Each prints a markdown table and writes `<name>.md` and `<name>.json` in the output directory.
 `--quick` runs a tiny version that checks the benchmark produces its table, not its speed.
@@ -18,7 +20,7 @@ from typing import Callable
 
 from .common import Result, write_result
 
-NAMES = ("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco")
+NAMES = ("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep", "straggler")
 
 
 def _runner(name: str) -> Callable[..., Result]:
@@ -33,6 +35,10 @@ def _runner(name: str) -> Callable[..., Result]:
         from .stall import run
     elif name == "torchft_diloco":
         from .torchft_diloco import run
+    elif name == "sweep":
+        from .sweep import run
+    elif name == "straggler":
+        from .straggler import run
     else:
         raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}, all")
     return run

@@ -250,42 +250,49 @@ MASTER_PORT = 29577  # inside namespace 0, which holds nothing else
 
 
 def torchrun_train(link: TwoMachines, cli_args: list[str], log_dir: Path, timeout_s: float,
-                   nproc_per_node: int = 2) -> float:
+                   nproc_per_node: int = 2, preexec: dict | None = None) -> float:
     """`codistill train CLI_ARGS` on both machines under torchrun (static rendezvous on the link).
 
     Node k runs global ranks k * nproc_per_node ... (k + 1) * nproc_per_node - 1, so with
     rank = model * replicas + replica and replicas = nproc_per_node, machine k holds model k's group.
     gloo binds to the link's address (GLOO_SOCKET_IFNAME); pairs on one machine still talk over
     that machine's loopback. Returns the wall seconds of the whole launch; raises on failure, after
-    killing what is left of both launches (by process group id).
+    killing what is left of both launches (by process group id). `preexec[k]`, if given, runs in
+    machine k's launcher before it starts (e.g. joining a CPU-limited cgroup, inherited by its workers).
     """
+    argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+              "--nproc-per-node", str(nproc_per_node), "--master-addr", ADDRESSES[0],
+              "--master-port", str(MASTER_PORT), "--max-restarts", "0",
+              "-m", "codistill.cli", "train", *cli_args] for k in (0, 1)]
+    return run_on_machines(link, argvs, log_dir, timeout_s, preexec)
+
+
+def run_on_machines(link: TwoMachines, argvs: list[list[str]], log_dir: Path, timeout_s: float,
+                    preexec: dict | None = None) -> float:
+    """Run argvs[k] inside machine k, both at once; wall seconds until both succeeded, else raise."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     start = time.perf_counter()
     try:
-        for k in (0, 1):
+        for k, argv in enumerate(argvs):
             env = {**os.environ, "GLOO_SOCKET_IFNAME": DEVICES[k], "OMP_NUM_THREADS": "1",
                    "PYTHONUNBUFFERED": "1"}
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
-                    "--nproc-per-node", str(nproc_per_node), "--master-addr", ADDRESSES[0],
-                    "--master-port", str(MASTER_PORT), "--max-restarts", "0",
-                    "-m", "codistill.cli", "train", *cli_args]
             log = open(log_dir / f"node{k}.log", "w")
             logs.append(log)
             procs.append(subprocess.Popen(link.exec_argv(k, argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
+                                          start_new_session=True, preexec_fn=(preexec or {}).get(k)))
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"torchrun launch did not finish within {timeout_s:.0f} s; logs in {log_dir}")
+                raise RuntimeError(f"launch did not finish within {timeout_s:.0f} s; logs in {log_dir}")
             if any(p.poll() not in (None, 0) for p in procs):
                 break  # one node failed: do not wait for the other to time out
             time.sleep(0.2)
         codes = [p.poll() for p in procs]
-        if codes != [0, 0]:
+        if codes != [0] * len(procs):
             failed = next((k for k, c in enumerate(codes) if c not in (None, 0)), 0)
             tail = (log_dir / f"node{failed}.log").read_text()[-3000:]
-            raise RuntimeError(f"torchrun launch failed (exit codes {codes}); logs in {log_dir}:\n{tail}")
+            raise RuntimeError(f"launch failed (exit codes {codes}); logs in {log_dir}:\n{tail}")
         return time.perf_counter() - start
     finally:
         for p in procs:

@@ -49,8 +49,8 @@ def matched_configs(overrides: list[str], world: int) -> dict:
     return dict(arm_configs(cfg, world))
 
 
-def training_clock(run_dir: Path) -> list[dict]:
-    """Model 0's evaluations with the training clock, with and without the time spent evaluating.
+def training_clock(run_dir: Path, model: int = 0) -> list[dict]:
+    """Model `model`'s evaluations with the training clock, with and without the time spent evaluating.
 
     metrics.jsonl's "time" runs from the start barrier and includes evaluations; an evaluation at
     step s lasts from the training row of step s to the validation row of step s (the trainer logs
@@ -58,7 +58,7 @@ def training_clock(run_dir: Path) -> list[dict]:
     not training, and its cost differs between the arms (a model's evaluation is split over its own
     workers only).
     """
-    rows = read_jsonl(run_dir / "model_0" / "metrics.jsonl")
+    rows = read_jsonl(run_dir / f"model_{model}" / "metrics.jsonl")
     train_time = {r["step"]: r["time"] for r in rows if "train/loss" in r}
     evals, spent = [], 0.0
     for r in rows:

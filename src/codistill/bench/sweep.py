@@ -1,0 +1,275 @@
+"""Where codistillation pays: time to accuracy across link rates and model profiles, and the cost model
+checked on every measured cell.
+
+Two emulated machines (`netns.TwoMachines`, as `bench slow_network`), each with W/2 workers; the link
+is shaped with tc tbf to each rate of RATES in turn. Arms (matched workers and updates,
+`compare.arm_configs`): all-reduce (every step's gradient ring crosses the link) and codistillation
+with the asynchronous exchange (model k's group on machine k: only the exchange crosses). More arms
+slot in through `ARMS` / `run(arms=...)` once `compare.arm_configs` knows them (DiLoCo, local SGD).
+
+Two model profiles:
+- cnn: the small CNN, compute-heavy per byte (8.5 MFLOP per sample forward for 1.7 MB of gradient);
+- wide_mlp: a 784-512-512-10 MLP, 0.67 M parameters (2.7 MB) for 1.3 MFLOP per sample forward: about 10x
+  the bytes per FLOP of the cnn. What decides whether a link hurts is the link demand, the gradient
+  bytes a worker must move per second of its own computation; the table reports it, measured. On this
+  CPU the MLP demands a few hundred Mbit/s, the order of ResNet-50 or a Transformer on GPUs demanding
+  tens of Gbit/s of a 10 - 25 Gbit/s inter-node link: the ratio of demand to link rate, not either
+  alone, sets the regime (docs/performance.md gives the numbers).
+
+Per profile, a calibration cell first runs each arm on the unshaped link (veth without tbf); its
+training clock per step, minus its link time at the throughput measured there, is that arm's compute
+per step (own step, teacher forwards, local all-reduce). The cost model (`codistill.cost_model`) then
+predicts every shaped cell from that compute, the model's gradient and state bytes (its own tensors),
+and the nominal rate: nothing is fitted per cell. Validation: predicted vs measured s/step and time
+to target per cell, and their median absolute relative error (target <= 15%).
+
+Outputs per cell: s/step, link bytes per step (veth counters, both directions, TCP/IP included),
+updates and seconds to the target accuracy, accuracy at a fixed wall-clock budget (the all-reduce
+arm's whole training time in the calibration cell), and the cost model's predictions; one plot of
+time to target vs link rate per profile.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .. import cost_model as cm
+from ..compare import arm_configs
+from ..config import Config, dump_yaml, load_config, replace
+from ..models import build_model
+from ..run_log import atomic_write_text
+from .common import Result, fmt, fmt_bytes, machine_info, markdown_table
+from .slow_network import first_reaching, training_clock
+
+RATES = (1000, 100, 25, 10)
+ARMS = ("allreduce", "codistill")
+DELAY = 10  # asynchronous exchange: the transfer runs during the D steps after it starts
+TARGET_ERROR = 0.15
+
+PROFILES = {
+    "cnn": ["model.name=cnn"],
+    "wide_mlp": ["model.name=mlp", "model.options={hidden: 512, depth: 2}"],
+}
+
+
+def settings(quick: bool) -> dict:
+    if quick:  # checks the machinery, the tables and the plot, not the speeds
+        return {"rates": [100], "profiles": {"cnn": ["model.name=cnn_tiny"]}, "nproc_per_node": 1, "delay": 2,
+                "target": 0.5, "timeout_s": 300,
+                "overrides": ["data.name=digits", "data.batch_size=16", "train.steps=20", "optim.lr=0.1",
+                              "schedule.scale_lr=false", "codistill.exchange_every=5",
+                              "codistill.exchange_delay=2", "train.eval_every=5",
+                              "train.log_every=5", "schedule.warmup_epochs=0", "schedule.milestones=[]"]}
+    return {"rates": list(RATES), "profiles": PROFILES, "nproc_per_node": 2, "delay": DELAY, "target": 0.75,
+            "timeout_s": 1500,
+            "overrides": ["data.name=fashion_mnist", "data.batch_size=64", "train.steps=60",
+                          "codistill.exchange_every=25", f"codistill.exchange_delay={DELAY}",
+                          "train.eval_every=10", "train.log_every=10", "schedule.warmup_epochs=0.05",
+                          "schedule.milestones=[]"]}
+
+
+def sweep_configs(overrides: list[str], world: int, arms: tuple[str, ...]) -> dict[str, Config]:
+    cfg = load_config(None, ["train.progress=false", "dist.threads=1", f"compare.arms=[{', '.join(arms)}]",
+                             *overrides])
+    configs = dict(arm_configs(cfg, world))
+    if "allreduce" in configs:  # the all-reduce arm has no exchange: its delay field must stay 0
+        configs["allreduce"] = replace(configs["allreduce"], codistill__exchange_delay=0)
+    return configs
+
+
+def tensor_bytes(cfg: Config) -> dict:
+    """Gradient and state bytes of the config's model, from its own tensors (as `bench bytes`)."""
+    from ..data import load_dataset
+
+    splits = load_dataset(cfg.data.name)
+    model = build_model(cfg.model_names()[0], splits.num_classes, splits.input_shape, **cfg.model.options)
+    return {"grad": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+            "state": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_cell(link, cfg: Config, run_dir: Path, st: dict, preexec: dict | None = None) -> dict:
+    """One training run on the two machines: its clock, link bytes and accuracy over time."""
+    from .netns import torchrun_train
+
+    config_path = run_dir.parent / f"{run_dir.name}.yaml"
+    atomic_write_text(config_path, dump_yaml(cfg))
+    before = link.link_bytes()
+    torchrun_train(link, ["--config", str(config_path), "--out", str(run_dir), "--overwrite"],
+                   run_dir.parent / f"{run_dir.name}_logs", st["timeout_s"], nproc_per_node=st["nproc_per_node"],
+                   preexec=preexec)
+    after = link.link_bytes()
+    s = json.loads((run_dir / "summary.json").read_text())
+    evals = training_clock(run_dir)
+    hit = first_reaching(evals, st["target"])
+    link_bytes = (after["tx"] - before["tx"]) + (after["rx"] - before["rx"])
+    return {"n_models": s["n_models"], "replicas": s["replicas"], "steps": s["steps"],
+            "s_per_step": evals[-1]["time_without_eval"] / evals[-1]["step"],
+            "time_to_target": hit and hit["time_without_eval"], "step_at_target": hit and hit["step"],
+            "evals": evals, "val_accuracy": s["models"][0]["val_accuracy"],
+            "link_bytes_per_step": link_bytes / s["steps"]}
+
+
+def predict(arm: str, cfg: Config, compute_s: float, m: dict, link: cm.Link) -> float | None:
+    """The cost model's s/step of one arm on `link` (None for an arm it has no formula for yet)."""
+    if arm == "allreduce":
+        return cm.allreduce_step_s(compute_s, m["grad"], m["world"], link)
+    if arm.startswith("codistill"):
+        n = cfg.codistill.n_models
+        return cm.codistill_run_s_per_step(compute_s, 0.0, n, m["world"] // n, m["state"], cfg.codistill.exchange_every,
+                                           cfg.train.steps, link, cfg.codistill.exchange_delay)
+    return None
+
+
+def predicted_link_bytes(arm: str, cfg: Config, m: dict) -> float | None:
+    """Both directions, on the wire, per step (evaluation traffic not included)."""
+    if arm == "allreduce":
+        return 2 * cm.ring_allreduce_link_bytes(m["grad"], m["world"]) * cm.WIRE_OVERHEAD
+    if arm.startswith("codistill"):
+        n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
+        exchanges = -(-steps // period)
+        return 2 * cm.exchange_link_bytes(m["state"], n, m["world"] // n) * exchanges / steps * cm.WIRE_OVERHEAD
+    return None
+
+
+def accuracy_at(evals: list[dict], budget_s: float) -> float | None:
+    within = [e for e in evals if e["time_without_eval"] <= budget_s]
+    return within[-1]["accuracy"] if within else None
+
+
+def run(quick: bool = False, out: Path = Path("runs/bench"), arms: tuple[str, ...] = ARMS) -> Result:
+    from .netns import TwoMachines
+
+    st = settings(quick)
+    world = 2 * st["nproc_per_node"]
+    out = Path(out) / "sweep"
+    records = []
+    with TwoMachines(None) as link:
+        for profile, profile_sets in st["profiles"].items():
+            configs = sweep_configs(st["overrides"] + profile_sets, world, arms)
+            m = {**tensor_bytes(next(iter(configs.values()))), "world": world}
+            # Calibration: the unshaped link; what is left after its own link time is each arm's compute.
+            link.shape(None)
+            cal_mbit = link.measure_throughput(nbytes=20_000_000)
+            cal_link = cm.Link(cal_mbit * 1e6)
+            compute = {}
+            for arm, cfg in configs.items():
+                rec = run_cell(link, cfg, out / profile / "unshaped" / arm, st)
+                comm = (predict(arm, cfg, 0.0, m, cal_link) or 0.0)
+                compute[arm] = max(rec["s_per_step"] - comm, 0.0)
+                records.append({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit, "arm": arm,
+                                "calibration": True, "compute_s": compute[arm], **rec})
+                print(f"{profile} unshaped ({cal_mbit:.0f} Mbit/s) {arm}: {rec['s_per_step']:.3f} s/step", flush=True)
+            budget = next(r for r in records if r["profile"] == profile and r["calibration"])["evals"][-1][
+                "time_without_eval"]
+            for i, rate in enumerate(st["rates"]):
+                link.shape(rate)
+                mbit = link.measure_throughput(nbytes=int(rate * 1e6 / 8 * 0.5))
+                nominal = cm.Link(rate * 1e6)
+                for arm in (list(configs) if i % 2 == 0 else list(configs)[::-1]):  # alternate: drifts hit both
+                    cfg = configs[arm]
+                    rec = run_cell(link, cfg, out / profile / f"{rate}mbit" / arm, st)
+                    pred = predict(arm, cfg, compute[arm], m, nominal)
+                    rec.update({"profile": profile, "rate_mbit": rate, "measured_mbit": mbit, "arm": arm,
+                                "calibration": False, "compute_s": compute[arm], "budget_s": budget,
+                                "accuracy_at_budget": accuracy_at(rec["evals"], budget),
+                                "predicted_s_per_step": pred,
+                                "predicted_time_to_target": (pred * rec["step_at_target"]
+                                                             if pred is not None and rec["step_at_target"] else None),
+                                "predicted_link_bytes_per_step": predicted_link_bytes(arm, cfg, m),
+                                "link_demand_mbit": 8 * cm.ring_allreduce_link_bytes(m["grad"], world)
+                                / max(compute["allreduce"], 1e-9) / 1e6 if "allreduce" in compute else None})
+                    records.append(rec)
+                    print(f"{profile} {rate} Mbit/s {arm}: {rec['s_per_step']:.3f} s/step (predicted "
+                          f"{fmt(pred, '.3f')}), target at {fmt(rec['time_to_target'], '.1f')} s", flush=True)
+            for r in records:
+                if r["profile"] == profile:
+                    r.setdefault("model_bytes", m)
+    result = _result(quick, st, records, arms)
+    _plot(out.parent / "sweep_time_to_target.png", records)
+    return result
+
+
+def relative_errors(records: list[dict], key: str) -> list[float]:
+    return [abs(r[f"predicted_{key}"] - r[key]) / r[key] for r in records
+            if not r["calibration"] and r.get(f"predicted_{key}") is not None and r.get(key)]
+
+
+def _result(quick: bool, st: dict, records: list[dict], arms: tuple[str, ...]) -> Result:
+    rows = []
+    for r in records:
+        rate = "unshaped (calibration)" if r["calibration"] else f"{r['rate_mbit']} Mbit/s"
+        rows.append([r["profile"], f"{rate} ({r['measured_mbit']:.0f} measured)", r["arm"],
+                     f"{r['n_models']} x {r['replicas']}", r["steps"], f"{r['s_per_step']:.3f}",
+                     fmt(r.get("predicted_s_per_step"), ".3f"), fmt_bytes(r["link_bytes_per_step"]),
+                     fmt_bytes(r.get("predicted_link_bytes_per_step")),
+                     fmt(r["step_at_target"], "d", "-"), fmt(r["time_to_target"], ".1f", "not reached"),
+                     fmt(r.get("predicted_time_to_target"), ".1f"),
+                     fmt(r.get("accuracy_at_budget") and 100 * r["accuracy_at_budget"], ".2f")])
+    table = markdown_table(
+        ["profile", "link", "arm", "models x workers", "updates", "s/step", "predicted s/step",
+         "link bytes/step (veth)", "predicted bytes/step", f"step at {100 * st['target']:.0f}% val",
+         "time to target (s)", "predicted time to target (s)", "val acc at budget (%)"], rows)
+    step_err, ttt_err = relative_errors(records, "s_per_step"), relative_errors(records, "time_to_target")
+    med_step = statistics.median(step_err) if step_err else None
+    med_ttt = statistics.median(ttt_err) if ttt_err else None
+    speedups = []
+    for (profile, rate) in sorted({(r["profile"], r["rate_mbit"]) for r in records if not r["calibration"]},
+                                  key=lambda k: (k[0], -k[1])):
+        cell = {r["arm"]: r for r in records if r["profile"] == profile and r["rate_mbit"] == rate}
+        ar, cd = cell.get("allreduce"), cell.get("codistill")
+        if ar and cd and ar["time_to_target"] and cd["time_to_target"]:
+            speedups.append(f"{profile} at {rate} Mbit/s: codistillation {ar['time_to_target'] / cd['time_to_target']:.2f}x "
+                            f"as fast as all-reduce to the target (all-reduce link time / compute: "
+                            f"{(ar['s_per_step'] - ar['compute_s']) / max(ar['compute_s'], 1e-9):.1f})")
+    demand = {r["profile"]: r["link_demand_mbit"] for r in records if r.get("link_demand_mbit")}
+    notes = [f"W = {2 * st['nproc_per_node']} workers on two emulated machines; arms {', '.join(arms)} "
+             f"(codistillation asynchronous, D = {st['delay']}); "
+             f"{'digits, cnn_tiny (quick)' if quick else 'Fashion-MNIST, batch 64 per worker'}; one run per cell. "
+             "Times are the training clock without evaluations; link bytes are the veth counters (both directions, "
+             "evaluation traffic and TCP/IP included); predicted bytes are the exchange or ring payload on the wire.",
+             "Cost model: compute per step from each arm's unshaped calibration cell, bytes from the model's tensors, "
+             "the nominal tbf rate; nothing fitted per cell. Predicted time to target = predicted s/step x the "
+             "measured step at the target (steps to a target do not depend on the link).",
+             f"median absolute error of the cost model over {len(step_err)} measured cells: s/step "
+             f"{fmt(med_step and 100 * med_step, '.1f')}%, time to target {fmt(med_ttt and 100 * med_ttt, '.1f')}% "
+             f"(target <= {100 * TARGET_ERROR:.0f}%: "
+             f"{'met' if med_step is not None and med_step <= TARGET_ERROR else 'missed'} for s/step).",
+             "link demand (all-reduce gradient bytes per direction per second of compute, calibration cell): "
+             + ", ".join(f"{p} {d:.0f} Mbit/s" for p, d in demand.items()) + ".",
+             *speedups]
+    return Result(name="sweep", title="Where codistillation pays: time to accuracy across link rates",
+                  command=f"codistill bench sweep{' --quick' if quick else ''}", table=table, notes=notes,
+                  data={"target": st["target"], "runs": records, "median_error_s_per_step": med_step,
+                        "median_error_time_to_target": med_ttt, "arms": list(arms)},
+                  machine=machine_info())
+
+
+def _plot(path: Path, records: list[dict]) -> None:
+    """Time to target vs link rate, one panel per profile: measured (solid), cost model (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = sorted({r["profile"] for r in records})
+    fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
+    for ax, profile in zip(axes[0], profiles):
+        for arm in sorted({r["arm"] for r in records if r["profile"] == profile}):
+            cells = sorted((r for r in records if r["profile"] == profile and r["arm"] == arm and not r["calibration"]),
+                           key=lambda r: r["rate_mbit"])
+            rates = [r["rate_mbit"] for r in cells]
+            line, = ax.plot(rates, [r["time_to_target"] or float("nan") for r in cells], "o-", label=f"{arm} measured")
+            ax.plot(rates, [r["predicted_time_to_target"] or float("nan") for r in cells], "x--",
+                    color=line.get_color(), label=f"{arm} cost model")
+        ax.set_xscale("log")
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel("seconds to target accuracy")
+        ax.set_title(profile)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

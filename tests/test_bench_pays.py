@@ -1,0 +1,72 @@
+"""Quick modes of `bench sweep` and `bench straggler`: the machinery works and produces its tables.
+
+Like test_bench_quick.py's slow-network test, they need root and iproute2 (network namespaces) and,
+for the straggler, a cgroup cpu controller; CI runs as root, so a missing privilege is a failure
+saying what is missing, never a silent skip. They check the tables, not the speeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from codistill.bench.straggler import cgroup_version
+
+
+@pytest.fixture(autouse=True)
+def _needs_root_and_iproute2():
+    if os.geteuid() != 0:
+        pytest.fail("these benchmarks create network namespaces: run the tests as root (CI does)")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: install the Debian package iproute2")
+
+
+def bench(name, out, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "codistill.cli", "bench", name, "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "cdbench0" not in listed and "cdbench1" not in listed  # namespaces removed
+    return proc, json.loads((out / f"{name}.json").read_text())
+
+
+def test_sweep_quick(tmp_path):
+    proc, result = bench("sweep", tmp_path)
+    assert "| profile | link | arm | models x workers | updates | s/step | predicted s/step |" in proc.stdout
+    runs = result["data"]["runs"]
+    assert {(r["arm"], r["calibration"]) for r in runs} == {("allreduce", True), ("codistill", True),
+                                                              ("allreduce", False), ("codistill", False)}
+    assert len({r["steps"] for r in runs}) == 1  # matched updates
+    shaped = [r for r in runs if not r["calibration"]]
+    assert all(r["predicted_s_per_step"] > r["compute_s"] >= 0 for r in shaped)  # the link adds time
+    ar = next(r for r in shaped if r["arm"] == "allreduce")
+    cd = next(r for r in shaped if r["arm"] == "codistill")
+    assert ar["link_bytes_per_step"] > cd["link_bytes_per_step"] > 0  # the veth saw the exchange, less traffic
+    assert ar["predicted_link_bytes_per_step"] > cd["predicted_link_bytes_per_step"] > 0
+    assert result["data"]["median_error_s_per_step"] is not None
+    assert "median absolute error of the cost model" in proc.stdout
+    assert (tmp_path / "sweep_time_to_target.png").stat().st_size > 0
+
+
+def test_straggler_quick(tmp_path):
+    version = cgroup_version()
+    proc, result = bench("straggler", tmp_path)
+    assert "| arm | machines | CPUs machine 0 / 1 |" in proc.stdout
+    runs = result["data"]["runs"]
+    assert result["data"]["cgroup_version"] == version
+    assert {(r["arm"], r["condition"]) for r in runs} == {
+        (a, c) for a in ("allreduce", "codistill_storage") for c in ("even", "machine 1 at half speed")}
+    slow = next(r for r in runs if r["condition"] != "even")
+    assert slow["cores"][1] == slow["cores"][0] / 2
+    storage = [r for r in runs if r["arm"] == "codistill_storage"]
+    assert all(len(r["s_per_step"]) == 2 for r in storage)  # two independent jobs, one per machine
+    left = [name for name in ("codistill_machine0", "codistill_machine1")
+            if os.path.isdir(f"/sys/fs/cgroup/cpu/{name}") or os.path.isdir(f"/sys/fs/cgroup/{name}")]
+    assert left == []  # the cgroups were removed
