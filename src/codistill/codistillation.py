@@ -118,6 +118,8 @@ class Codistillation:
     seed: the run's seed; model j uses model_seed(seed, j) for its initialization and data order.
     device: where models live (default: the current CUDA device under NCCL, else the CPU).
     topology, counter: pass them to share a grid or byte counter already built.
+    wrap: wrap the model in DDP over its model group (False when a framework wraps it, as the
+        Lightning strategy does; `model` is then the module itself).
     """
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
@@ -126,7 +128,7 @@ class Codistillation:
                  temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
                  teacher_precision: str = "fp32", outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
-                 counter: CommCounter | None = None):
+                 counter: CommCounter | None = None, wrap: bool = True):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
@@ -147,7 +149,7 @@ class Codistillation:
             peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
             teachers = {j: build(j).to(self.device) for j in peers}
         self.teachers = Teachers(teachers, teacher_mode)
-        self.model = self._wrap(self.module)  # what to call forward on and optimize
+        self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         self.model.register_forward_pre_hook(self._before_forward)
         self.exchanger = make_exchange(exchange, self)
         self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
