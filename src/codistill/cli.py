@@ -117,13 +117,9 @@ def _run(args) -> int:
         raise UserError(f"--nproc must be > 0, got {args.nproc}")
     out = args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.command == "train":
-        from .distributed import is_leader, torchrun_world_size, under_torchrun
         from .launch import train
-        from .prelaunch import warn_before_launch
 
-        if is_leader():
-            warn_before_launch([cfg], torchrun_world_size() if under_torchrun() else args.nproc or cfg.dist.nproc)
-        summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc)
+        summary = train(cfg, out, overwrite=args.overwrite, nproc=args.nproc, warn=True)
         _finish(summary, out)
         return 0
     from .compare import run_compare

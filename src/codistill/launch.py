@@ -13,6 +13,7 @@ from .config import Config, check_world_size, dump_yaml, load_config
 from .distributed import init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
 from .faults import parse_fault
+from .prelaunch import warn_before_launch
 from .run_log import atomic_write_text, prepare_run_dir
 from .trainer import Trainer, run_worker
 
@@ -73,11 +74,12 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
 
 
 def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, warn: bool = False) -> dict:
     """Train one run into `out` (or continue it from its last checkpoint with `resume`); returns
-    its summary (on every worker under torchrun)."""
+    its summary (on every worker under torchrun). `warn`: print the pre-launch warnings
+    (prelaunch.py) once the config has passed every check."""
     if under_torchrun():
-        return _train_torchrun(cfg, Path(out), overwrite, resume)
+        return _train_torchrun(cfg, Path(out), overwrite, resume, warn)
     world = nproc if nproc is not None else cfg.dist.nproc
     preflight(cfg, world)
     if resume:
@@ -86,12 +88,14 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
         run_dir = prepare_run_dir(out, overwrite)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         prepare_task(cfg, run_dir)
+    if warn:  # after every check: a warning never comes with an error
+        warn_before_launch([cfg], world)
     spawn(run_worker, world, run_dir, args=(cfg, str(run_dir), resume), threads=cfg.dist.threads,
           timeout_s=cfg.dist.timeout_s)
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool) -> dict:
+def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool, warn: bool) -> dict:
     preflight(cfg, torchrun_world_size())  # every process, before any of them waits for the others
     # torchrun --max-restarts restarts every worker after a failure: continue from the checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -113,6 +117,8 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool) -> di
         dist.broadcast_object_list(error, src=0)
         if error[0] is not None:
             raise UserError(error[0]) if ctx.rank == 0 else SystemExit(2)
+        if warn and ctx.rank == 0:
+            warn_before_launch([cfg], ctx.world_size)
         return Trainer(cfg, ctx, out, resume=resume).fit()
     finally:
         shutdown()
