@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
     p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep",
-                                    "straggler", "all"))
+                                    "straggler", "gpu", "all"),
+                   help="gpu: the one-shot GPU validation (bench/gpu_check.py), one line per check")
+    p.add_argument("--cpu", action="store_true", help="gpu only: run the checks' logic on CPU with gloo")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
     _add_reproduce(sub)
@@ -85,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.command == "reproduce":
         return _reproduce(args)
+    if args.command == "bench" and args.name == "gpu":
+        from .bench import gpu_check
+
+        return gpu_check.main(["--out", args.out or f"runs/bench-gpu-{time.strftime('%Y%m%d-%H%M%S')}"]
+                              + (["--cpu"] if args.cpu else []))
     if args.command == "bench":
         from .bench import run_benchmarks
 

@@ -166,11 +166,25 @@ class Exchanger:
 
     def maybe_exchange(self, step: int) -> bool:
         """Call at the start of every step; returns True when teachers changed."""
+        # On CUDA, Work.wait() only makes the current stream wait for NCCL's: on the steps that wait
+        # for a transfer, synchronize before the clock starts (queued compute is not stall) and
+        # before it stops (the transfer is). Two host syncs every T steps, none on other steps.
+        cuda = self.send.device.type == "cuda" and self._waits_at(step)
+        if cuda:
+            torch.cuda.synchronize(self.send.device)
         t0 = time.perf_counter()
         try:
-            return self._maybe_exchange(step)
+            changed = self._maybe_exchange(step)
+            if cuda:
+                torch.cuda.synchronize(self.send.device)
+            return changed
         finally:
             self.blocked_seconds += time.perf_counter() - t0
+
+    def _waits_at(self, step: int) -> bool:
+        """Whether step `step` waits for a transfer (a synchronous one, or a pending one due)."""
+        due = self._pending is not None and step >= self._pending[0] + self.delay
+        return due or (self.should_start(step) and (self.delay == 0 or step == 0))
 
     def _maybe_exchange(self, step: int) -> bool:
         changed = False

@@ -36,6 +36,14 @@ class FlatState:
         self.buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
 
     @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers.values()), torch.empty(0)).device
+
+    def channels_last(self) -> list[bool]:
+        """Per tensor, whether its flat copy is in channels_last order (the module's layout)."""
+        return [cl for *_, cl in self.layout]
+
+    @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 

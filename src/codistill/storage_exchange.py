@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .accounting import CommCounter
 from .checkpoint import save_file, sha256_file
+from .errors import UserError
 from .exchange import Teachers, sync_buffers
 from .flat import FlatState
 from .topology import Topology
@@ -66,7 +67,8 @@ class StorageExchanger:
         self.send.pack(self.model)
         mine = self.directory / f"model_{self.model_index}"
         path = mine / f"step_{step:08d}.pt"
-        digest = save_file({"step": step, "model": self.model_index, "state": self.send.state_dict()}, path)
+        digest = save_file({"step": step, "model": self.model_index, "state": self.send.state_dict(),
+                            "channels_last": self.send.channels_last()}, path)
         _write_text(path.with_suffix(".sha256"), digest)
         self.counter.add_exchange(sent=self.send.nbytes, received=0)
         for old in sorted(mine.glob("step_*.pt"))[:-KEEP]:
@@ -80,6 +82,11 @@ class StorageExchanger:
                 state = self._read(path, flat)
                 if state is None:
                     continue
+                layout = state.get("channels_last")
+                if layout is not None and layout != flat.channels_last():
+                    # The flat buffers hold each weight in its writer's memory format.
+                    raise UserError(f"exchange file {path} was written by a job with another memory layout "
+                                    f"(model.channels_last differs): give every job the same model.channels_last")
                 if state["step"] != self.teachers.versions[j]:
                     flat.load_state_dict(state["state"])
                     self.teachers.mark_received(state["step"], [j])
@@ -114,7 +121,9 @@ class StorageExchanger:
         if self.topo.replicas == 1:
             return
         src = self.topo.grid.rank(0, 0)
-        versions = torch.tensor([self.teachers.versions[j] for j in self.teachers.flats], dtype=torch.int64)
+        device = next(iter(self.send.buffers.values())).device  # NCCL broadcasts device tensors only
+        versions = torch.tensor([self.teachers.versions[j] for j in self.teachers.flats], dtype=torch.int64,
+                                device=device)
         dist.broadcast(versions, src=src, group=self.topo.model_group)
         for j, v in zip(self.teachers.flats, versions.tolist()):
             self.teachers.mark_received(v, [j])

@@ -107,7 +107,9 @@ class ClassificationTask:
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         sampler = self.sampler(topo, seed)
         sampler.set_start_step(start_step)
-        return iter(make_loader(self.splits.train, sampler, self.cfg.data.num_workers)), sampler.steps_per_epoch
+        loader = make_loader(self.splits.train, sampler, self.cfg.data.num_workers,
+                             pin_memory=self.device.type == "cuda")
+        return iter(loader), sampler.steps_per_epoch
 
     def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch

@@ -8,6 +8,7 @@ maybe_eval, maybe_checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .codistillation import Codistillation
 from .config import Config, check_world_size
-from .distributed import DistContext
+from .distributed import DistContext, configure_device
 from .evaluation import parameter_distance
 from .faults import NonFiniteLossError, PeerError, inject_fault, parse_fault, peer_error
 from .metrics import MetricsWindow
@@ -28,6 +29,18 @@ from .run_log import RunLog, atomic_write_text, write_json
 from .schedules import apply_to_optimizer
 from .tasks import make_task
 from .topology import build_topology, model_seed
+
+
+def to_device(batch, device: torch.device):
+    """A batch's tensors (in tuples, lists, named tuples) on `device`, copied once, on the current
+    stream: the teachers (on their own CUDA stream) and the student then read the same copy."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch
 
 
 def every(step: int, period: int) -> bool:
@@ -56,6 +69,7 @@ class Trainer:
         check_world_size(cfg, ctx.world_size)
         c = cfg.codistill
         # A job trains all n models, or one of them with exchange through storage.
+        configure_device(self.device, cfg.train.deterministic)  # cuDNN autotuning + TF32, or determinism
         self.topo = topo = build_topology(c.n_models, c.model_index if c.exchange == "storage" else None)
         self.model_index = topo.model_index  # among all n models
         self.task = make_task(cfg, self.device, self.run_dir)
@@ -110,7 +124,9 @@ class Trainer:
         try:
             with self.attached:  # leaving it finishes a transfer still in flight
                 while self.step < self.total_steps:
-                    self.train_step(next(batches))
+                    batch = next(batches)
+                    with self._sync_debug():
+                        self.train_step(batch)
                     if self.step == self.total_steps:  # the last transfer / outer step (DiLoCo's
                         self.codist.finish()  # changes the model) before the final eval and checkpoint
                     self.maybe_log()
@@ -122,6 +138,14 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _sync_debug(self):
+        """With CODISTILL_SYNC_DEBUG=1 on CUDA, warn at every host synchronization inside a training
+        step that does not exchange (exchange steps synchronize on purpose: exchange.py)."""
+        if (not os.environ.get("CODISTILL_SYNC_DEBUG") or self.device.type != "cuda"
+                or self.step % self.codist.every == 0):
+            return contextlib.nullcontext()
+        return _SyncDebug()
 
     def maybe_exchange(self) -> None:
         """This step's exchange (train_step runs it too; tests call it to look at the teachers)."""
@@ -135,6 +159,7 @@ class Trainer:
         """
         s = self.schedules
         apply_to_optimizer(self.optimizer, self.step, s.lr, s.weight_decay)
+        batch = to_device(batch, self.device)
         teacher_logits = self.codist.teacher_logits(batch, self.teacher_forward)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
             logits, targets = self.task.forward(self.codist.model, batch)
@@ -316,6 +341,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class _SyncDebug:
+    def __enter__(self):
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def __exit__(self, *_):
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def run_worker(rank: int, world_size: int, init_method: str | None, cfg: Config, run_dir: str | None,

@@ -86,12 +86,13 @@ class ShardBatchSampler(Sampler[list[int]]):
         return self.steps_per_epoch
 
 
-def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over index batches; in-memory datasets fetch each batch in one indexing op."""
+def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over index batches; in-memory datasets fetch each batch in one indexing op.
+    pin_memory: page-locked batches, for asynchronous copies to a GPU."""
     batched = hasattr(dataset, "__getitems__") and hasattr(dataset, "inputs")
     # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run
     # would see different dropout masks than the uninterrupted one.
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=(lambda b: b) if batched else None, generator=torch.Generator())
 
 
