@@ -34,7 +34,7 @@ def run_local(runs: list[tuple[str, Config]], world_size: int, out: Path) -> dic
     """Train each (name, config) in turn on `world_size` local workers; returns summaries by name."""
     from ..distributed import spawn
 
-    out = Path(out).resolve()  # the rendezvous is a file:// URL: a relative path would name another file
+    out = Path(out).resolve()  # absolute: the spawned workers and the summaries name the same directories
     out.mkdir(parents=True, exist_ok=True)
     for name, cfg in runs:
         run_dir = prepare_run_dir(out / name, overwrite=True)

@@ -99,11 +99,21 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
     return arm, world
 
 
+# Settings added after the first result rows: at their defaults they train exactly as before they
+# existed, so they are left out of the identity and the earlier rows stay reusable.
+ADDED_LATER = (("outer", None), ("lm", None), ("codistill", "method"), ("train", "deterministic"))
+
+
 def config_hash(cfg: Config, world: int) -> str:
     """Identity of a run: the resolved config without what does not change training."""
-    tree = to_dict(cfg)
+    tree, default = to_dict(cfg), to_dict(Config())
     tree.pop("compare")  # only used to derive the arms, already applied
     tree["train"].pop("progress")
+    for section, key in ADDED_LATER:
+        if key is None and tree.get(section) == default[section]:
+            tree.pop(section)
+        elif key is not None and tree[section].get(key) == default[section][key]:
+            tree[section].pop(key)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(f"{text}\nworld={world}".encode()).hexdigest()[:16]
 
