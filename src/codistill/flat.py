@@ -86,8 +86,9 @@ class FlatState:
             buf.copy_(other.buffers[dt])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The buffers by dtype name (a copy): what exchange files and checkpoints hold."""
-        return {str(dt): b.clone() for dt, b in self.buffers.items()}
+        """The buffers by dtype name (a CPU copy, made only by the callers that write a file): what
+        exchange files and checkpoints hold."""
+        return {str(dt): b.detach().to("cpu", copy=True) for dt, b in self.buffers.items()}
 
     def shapes(self) -> dict[str, torch.Size]:
         return {str(dt): b.shape for dt, b in self.buffers.items()}

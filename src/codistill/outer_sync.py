@@ -127,7 +127,7 @@ class OuterSync:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"global": [g.clone() for g in self.global_params], "outer": self.outer.state_dict(),
+        return {"global": [g.detach().to("cpu", copy=True) for g in self.global_params], "outer": self.outer.state_dict(),
                 "dirty": self.dirty}
 
     def load_state_dict(self, state: dict) -> None:
