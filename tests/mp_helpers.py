@@ -49,5 +49,8 @@ def digits_config(**overrides):
         "schedule.name=constant", "schedule.warmup_epochs=0", "schedule.milestones=[]",
         "optim.lr=0.05", "optim.weight_decay=0.0005", "schedule.scale_lr=false",
         "train.progress=false", "train.log_every=2", "dist.threads=1",
+        # The mechanics tests distill from step 0 (the paper's constant alpha); the default burn-in
+        # has its own tests (test_prelaunch.py).
+        "codistill.alpha_schedule=constant", "codistill.alpha_steps=0",
     ])
     return replace(cfg, **overrides) if overrides else cfg

@@ -48,3 +48,25 @@ def test_epoch_valued_runs_count_their_steps(capsys):
     # images remain; at batch 16 x 2 replicas that is 40 steps per epoch, so 1.5 epochs = 60 updates.
     cfg = replace(digits_config(), codistill__exchange_every=60, train__epochs=1.5)
     assert "the run's 60 updates" in warn_before_launch([cfg], 4)
+
+
+def test_default_distills_from_the_first_exchange_of_trained_weights():
+    from codistill.config import load_config
+    from codistill.recipe import build_schedules
+
+    cfg = load_config(None, ["codistill.exchange_every=30"])
+    assert (cfg.codistill.alpha_schedule, cfg.codistill.alpha_steps) == ("burnin", None)
+    alpha = build_schedules(cfg, steps_per_epoch=100, model_batch=cfg.data.batch_size).alpha
+    assert [alpha(s) for s in (0, 29, 30, 99)] == [0.0, 0.0, cfg.codistill.alpha, cfg.codistill.alpha]
+    explicit = build_schedules(replace(cfg, codistill__alpha_steps=5), 100, cfg.data.batch_size).alpha
+    assert (explicit(4), explicit(5)) == (0.0, cfg.codistill.alpha)
+
+
+def test_default_burnin_warns_that_short_runs_barely_distill():
+    cfg = replace(digits_config(), codistill__exchange_every=50, codistill__alpha_schedule="burnin",
+                  codistill__alpha_steps=None)
+    message = untrained_teacher_warning(cfg, 42)
+    assert "no step distills" in message and "alpha_schedule=burnin codistill.alpha_steps" not in message
+    message = untrained_teacher_warning(cfg, 199)
+    assert "fewer than 4 exchange periods" in message and "149 distilling steps" in message
+    assert untrained_teacher_warning(cfg, 200) is None

@@ -83,11 +83,13 @@ class CodistillConfig:
     """tau, for `kl` and `ce`."""
     alpha: float = 1.0
     """Weight of the distillation term."""
-    alpha_schedule: str = "constant"
-    """`constant`; `burnin` (0 for the first alpha_steps steps, then alpha); `ramp` (linear from 0 to
-    alpha over alpha_steps steps)."""
-    alpha_steps: int = 0
-    """K for `burnin` and `ramp`."""
+    alpha_schedule: str = "burnin"
+    """`burnin` (0 for the first alpha_steps steps, then alpha: no distillation toward the random
+    initializations the exchange at step 0 hands out; measured better on 3 seeds, docs/peers.md);
+    `constant` (the paper's); `ramp` (linear from 0 to alpha over alpha_steps steps)."""
+    alpha_steps: int | None = None
+    """K for `burnin` and `ramp`; None means T (codistill.exchange_every): distill from the first
+    exchange of trained weights on."""
     teacher_mode: str = "eval"
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"
@@ -481,7 +483,8 @@ def validate(cfg: Config) -> None:
         positive("outer.every", u.every)
     positive("codistill.temperature", c.temperature)
     positive("codistill.alpha", c.alpha, strict=False)
-    positive("codistill.alpha_steps", c.alpha_steps, strict=False)
+    if c.alpha_steps is not None:
+        positive("codistill.alpha_steps", c.alpha_steps, strict=False)
     positive("data.batch_size", d.batch_size)
     positive("data.eval_batch_size", d.eval_batch_size)
     positive("data.num_workers", d.num_workers, strict=False)

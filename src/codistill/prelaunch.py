@@ -24,8 +24,19 @@ def untrained_teacher_warning(cfg: Config, steps: int) -> str | None:
     if c.n_models == 1 or c.method != "distill" or c.alpha == 0:
         return None
     T = c.exchange_every
-    fix = (f"lower codistill.exchange_every, train longer, or distill only from trained teachers with "
+    burnin = c.alpha_schedule == "burnin" and (c.alpha_steps is None or c.alpha_steps >= T)
+    fix = ("lower codistill.exchange_every or train longer" if burnin else
+           f"lower codistill.exchange_every, train longer, or distill only from trained teachers with "
            f"codistill.alpha_schedule=burnin codistill.alpha_steps={T}")
+    if burnin:  # the default: no distillation toward random teachers, but little of it at all
+        if T >= steps:
+            return (f"codistill.exchange_every={T} >= the run's {steps} updates: with the burn-in of "
+                    f"codistill.alpha_schedule=burnin no step distills, so this trains independent models; {fix}")
+        if steps < MIN_PERIODS * T:
+            return (f"{steps} updates are fewer than {MIN_PERIODS} exchange periods (T={T}): the burn-in "
+                    f"leaves {steps - T} distilling steps and {(steps - 1) // T} exchange(s) of trained weights, "
+                    f"too few for a meaningful comparison; {fix}")
+        return None
     if T >= steps:
         return (f"codistill.exchange_every={T} >= the run's {steps} updates: the teachers never hold "
                 f"trained weights, so codistillation distills toward random initializations (or, with a "

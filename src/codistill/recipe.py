@@ -68,5 +68,5 @@ def build_schedules(cfg: Config, steps_per_epoch: int, model_batch: int) -> Sche
                     milestones=milestones, gamma=s.gamma)
     wd_values = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
     wd = StageSchedule(tuple(wd_values), milestones if len(wd_values) > 1 else ())
-    alpha = AlphaSchedule(c.alpha_schedule, c.alpha, c.alpha_steps)
+    alpha = AlphaSchedule(c.alpha_schedule, c.alpha, c.alpha_steps if c.alpha_steps is not None else c.exchange_every)
     return Schedules(lr, wd, alpha, total, steps_per_epoch)

@@ -67,8 +67,14 @@ def base_config(experiment: Experiment, quick: bool) -> Config:
         if not path.is_file():
             raise UserError(f"{experiment.name} starts from {experiment.config}, which is not in {PACKAGE}; "
                             "reinstall codistill")
-    overrides = {**BASES[(experiment.family, quick)], **(experiment.quick_base if quick else experiment.base)}
+    overrides = {**PAPER_ALPHA, **BASES[(experiment.family, quick)],
+                 **(experiment.quick_base if quick else experiment.base)}
     return replace(load_config(path), **_dunder(overrides))
+
+
+# The suite reproduces the paper, whose alpha is constant from step 0 (the library's default burns in
+# for T steps, docs/peers.md); pinned, the rows keep their identity.
+PAPER_ALPHA = {"codistill.alpha_schedule": "constant", "codistill.alpha_steps": 0}
 
 
 def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: bool,
