@@ -161,7 +161,7 @@ def test_hung_peer_gives_a_timeout_error_not_a_hang(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dist.timeout_s=20" in proc.stderr and "peer hung or died" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert time.monotonic() - start < 120
+    assert time.monotonic() - start < 170  # a 20 s timeout, not the 200 s kill (slack for busy CI machines)
 
 
 @pytest.fixture(scope="module")
