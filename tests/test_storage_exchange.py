@@ -101,3 +101,30 @@ def test_a_dead_peer_group_only_makes_teachers_staler(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "m0" / "model_0" / "metrics.jsonl").read_text().splitlines()]
     staleness = [r["staleness"] for r in rows if "staleness" in r]
     assert staleness[-1] == 119 - last_teacher  # logged, growing once the peer is gone
+
+
+def _exchanger_with_layout(model_index: int, directory, channels_last: bool):
+    torch.manual_seed(model_index)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model("cnn_tiny", 10, (1, 8, 8)).to(memory_format=fmt)
+    teachers = Teachers({1 - model_index: build_model("cnn_tiny", 10, (1, 8, 8)).to(memory_format=fmt)})
+    topo = Topology(Grid(1, 1), 0, None, None, first_model=model_index, total_models=2)
+    return model, teachers, StorageExchanger(model, teachers, topo, 5, directory)
+
+
+def test_jobs_with_another_memory_layout_are_refused_not_scrambled(tmp_path):
+    from codistill.errors import UserError
+
+    # Same layout (channels_last on both sides): the teacher holds exactly the peer's weights.
+    _, teachers0, ex0 = _exchanger_with_layout(0, tmp_path / "same", channels_last=True)
+    model1, _, ex1 = _exchanger_with_layout(1, tmp_path / "same", channels_last=True)
+    ex1.maybe_exchange(0)
+    ex0.maybe_exchange(0)
+    for a, b in zip(teachers0.modules[1].state_dict().values(), model1.state_dict().values()):
+        assert torch.equal(a, b)
+    # A contiguous job reading a channels_last job's file would load permuted conv weights: refused.
+    _, _, ex0 = _exchanger_with_layout(0, tmp_path / "mixed", channels_last=False)
+    _, _, ex1 = _exchanger_with_layout(1, tmp_path / "mixed", channels_last=True)
+    ex1.maybe_exchange(0)
+    with pytest.raises(UserError, match="model.channels_last differs"):
+        ex0.maybe_exchange(0)
