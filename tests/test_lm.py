@@ -3,6 +3,7 @@ multi-process codistillation run of gpt_tiny (peak memory per worker printed for
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import resource
@@ -240,3 +241,14 @@ def test_compare_table_shows_perplexity_for_language_models():
     assert "val ppl per model" in table and "tokens/s" in table and "acc" not in table
     assert "| allreduce | 1 x 2 | 300 | 90.0 | - | 60.0 |" in table
     assert "| codistill | 2 x 1 | 300 | 66.7 / 73.7 | 54.6 | 60.0 |" in table
+
+
+def test_bible_web_is_the_debian_world_english_bible():
+    """The LM's default corpus (Debian sword-text-web, installed by scripts/setup.sh) loads."""
+    from codistill.data import load_dataset
+
+    corpus = load_dataset("bible_web")
+    train = list(itertools.islice(corpus.lines("train"), 100))
+    assert len(train) == 100 and all(isinstance(line, str) for line in train)
+    assert sum(len(line.split()) for line in train) > 1000  # verses of running text
+    assert next(iter(corpus.lines("test")), "").strip()

@@ -68,7 +68,7 @@ def block_split(count: int, block: int = BLOCK_VERSES) -> dict[str, list[int]]:
 
 @functools.lru_cache(maxsize=2)
 def load_bible_web(root: str | None = None) -> TextCorpus:
-    from ..translation.sword import read_verses
+    from ..data.sword import read_verses
 
     module = Path(root or SWORD_DIR) / WEB_MODULE
     verses = [v for v in read_verses(module) if v]  # headings and empty slots give ""
