@@ -54,9 +54,10 @@ def test_step_overhead_quick(tmp_path):
             per_repeat = r["efficiency_per_repeat"][n]
             assert len(per_repeat) == 3 and e == statistics.median(per_repeat)  # quick: 3 repeats
             assert f"| {name} | {n} |" in md and f"{e:.3f}" in md  # the table shows what was measured
-        # The measured step really ran the teachers: three teacher forwards on top of the own step
-        # cost more than a teacher-less step (a check of what was timed, not of a speed target).
-        assert med["codistill_n4"] > med["own"] and med["teacher"] > 0
+        # The measured step really ran the teachers: n - 1 teacher forwards per step, counted (a check of
+        # what was timed, not of a speed target).
+        assert r["teacher_forwards_per_step"] == {"2": 1, "4": 3}
+        assert all(v > 0 for v in med.values())
 
 
 def test_bytes_quick_counters_agree_with_formulas(tmp_path):

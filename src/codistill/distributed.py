@@ -210,6 +210,13 @@ def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: f
     except BaseException as e:  # noqa: BLE001 - every failure is reported by the parent
         _record_failure(Path(run_dir), local_rank, e)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    # The work is done and written. Skip the interpreter's teardown: under load, gloo's C++ threads
+    # can still be winding down while Python finalizes, and the worker then dies with SIGABRT
+    # ("terminate called without an active exception", seen in CI with torch 2.14) after a run that
+    # succeeded. Nothing is buffered but stdio, flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:

@@ -60,7 +60,8 @@ def _trainer(ctx, model: str, data: str, batch: int, n: int, exchange_dir: str, 
             "train.progress=false", f"codistill.teacher_precision={precision}", "train.steps=1000000"]
     if n > 1:
         sets += ["codistill.exchange=storage", f"codistill.exchange_dir={exchange_dir}", "codistill.model_index=0",
-                 "codistill.exchange_every=1000000"]
+                 "codistill.exchange_every=1000000",
+                 "codistill.alpha_schedule=constant"]  # the default burn-in would skip the teachers for T steps
     trainer = Trainer(load_config(None, sets), ctx, None)
     trainer.maybe_exchange()  # step 0's (publishes this model; no peer publishes here)
     trainer.teachers.mark_received(0)  # as after the first exchange with peers: every teacher takes part
@@ -109,7 +110,21 @@ def _time_variants(own, workers: dict, bf16, ns: list[int], repeats: int, iters:
     eff = {n: [(times["own"][r] + (n - 1) * times["teacher"][r]) / times[f"codistill_n{n}"][r]
                for r in range(repeats)] for n in ns}
     return {"median_s": {k: median(v) for k, v in times.items()}, "efficiency": {n: median(e) for n, e in eff.items()},
-            "efficiency_per_repeat": eff, "params": sum(p.numel() for p in own.model.parameters())}
+            "efficiency_per_repeat": eff, "params": sum(p.numel() for p in own.model.parameters()),
+            "teacher_forwards_per_step": {n: teacher_forwards(workers[n], batch_xy) for n in ns}}
+
+
+def teacher_forwards(trainer, batch_xy) -> int:
+    """Teacher forwards in one step of `trainer`, counted with hooks: what the timed step really ran
+    (a count, where a comparison of single-step times would be noise on a shared machine)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in trainer.teachers.modules.values()]
+    try:
+        trainer.train_step(batch_xy)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(calls)
 
 
 def teacher_variants(teachers: Teachers, x: torch.Tensor) -> dict:
