@@ -41,8 +41,8 @@ def test_sweep_quick(tmp_path):
     proc, result = bench("sweep", tmp_path)
     assert "| profile | link | arm | models x workers | updates | s/step | predicted s/step |" in proc.stdout
     runs = result["data"]["runs"]
-    assert {(r["arm"], r["calibration"]) for r in runs} == {("allreduce", True), ("codistill", True),
-                                                              ("allreduce", False), ("codistill", False)}
+    assert {(r["arm"], r["calibration"]) for r in runs} == {(a, c) for a in ("allreduce", "codistill", "diloco")
+                                                             for c in (True, False)}
     assert len({r["steps"] for r in runs}) == 1  # matched updates
     shaped = [r for r in runs if not r["calibration"]]
     assert all(r["predicted_s_per_step"] > r["compute_s"] >= 0 for r in shaped)  # the link adds time
@@ -50,6 +50,9 @@ def test_sweep_quick(tmp_path):
     cd = next(r for r in shaped if r["arm"] == "codistill")
     assert ar["link_bytes_per_step"] > cd["link_bytes_per_step"] > 0  # the veth saw the exchange, less traffic
     assert ar["predicted_link_bytes_per_step"] > cd["predicted_link_bytes_per_step"] > 0
+    diloco = next(r for r in shaped if r["arm"] == "diloco")  # an outer step every H: bytes of its order
+    assert ar["link_bytes_per_step"] > diloco["link_bytes_per_step"] > 0
+    assert diloco["predicted_s_per_step"] > diloco["compute_s"]
     assert result["data"]["median_error_s_per_step"] is not None
     assert "median absolute error of the cost model" in proc.stdout
     assert (tmp_path / "sweep_time_to_target.png").stat().st_size > 0

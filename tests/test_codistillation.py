@@ -23,10 +23,11 @@ def _state(module) -> torch.Tensor:
     return torch.cat([t.detach().double().flatten() for t in module.state_dict().values()])
 
 
-def _own_loop_worker(rank, world, delay):
+def _own_loop_worker(rank, world, delay, exchange_dtype="fp32"):
     import codistill as cd
 
-    codist = cd.Codistillation(_net, n_models=2, every=T, alpha=0.5, delay=delay, seed=3)
+    codist = cd.Codistillation(_net, n_models=2, every=T, alpha=0.5, delay=delay, seed=3,
+                               exchange_dtype=exchange_dtype)
     optimizer = torch.optim.SGD(codist.model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(rank)
     own, teacher, steps = [], [], []
@@ -72,6 +73,25 @@ def test_attach_counts_steps_and_exchanges_on_schedule(tmp_path, delay):
     assert len(r[0]["disjoint"]) == 50
 
 
+@pytest.mark.parametrize("delay", [0, 2])
+def test_bf16_exchange_sends_half_the_bytes_and_teachers_hold_the_rounded_weights(tmp_path, delay):
+    fp32 = run_workers(_own_loop_worker, 2, tmp_path, (delay, "fp32"))
+    bf16 = run_workers(_own_loop_worker, 2, tmp_path, (delay, "bf16"))
+    for rank, peer in ((0, 1), (1, 0)):
+        for step in range(STEPS):
+            started = step - step % T
+            source = started if step - started >= delay or started == 0 else started - T
+            sent = bf16[peer]["own"][source]
+            assert torch.equal(bf16[rank]["teacher"][step], sent.float().bfloat16().double()), (delay, rank, step)
+            if step >= T:  # by then the rounding has changed the training, not only the teachers
+                assert not torch.equal(bf16[rank]["own"][step], fp32[rank]["own"][step])
+        # The fp32 part of the state crosses at 2 bytes a value; num_batches_tracked stays int64.
+        n_float = sum(p.numel() for p in _net().state_dict().values() if p.is_floating_point())
+        assert fp32[rank]["counter"]["exchange_sent"] - bf16[rank]["counter"]["exchange_sent"] == \
+            2 * n_float * bf16[rank]["counter"]["exchanges"]
+        assert bf16[rank]["counter"]["exchange_received"] == bf16[rank]["counter"]["exchange_sent"]
+
+
 def test_shard_sampler_deals_disjoint_replica_shares_and_reshuffles_each_epoch():
     from codistill.data.sampling import ShardSampler
 
@@ -114,7 +134,8 @@ def test_summarize_is_pure():
         counter = {"allreduce_sent": 100.0 * (i + 1), "exchange_sent": 10.0, "exchange_received": 10.0,
                    "buffer_sync_sent": 0.0 if i % 2 else 4.0, "allreduce_calls": 3, "exchanges": 2}
         return {"index": i // 2, "name": "cnn_tiny", "train_loss": 0.5 + i, "train_accuracy": 0.25,
-                "param_distance": 1.5, "counter": counter, "blocked": blocked}
+                "param_distance": 1.5, "counter": counter, "blocked": blocked,
+                "peak_memory_mib": 100.0 + 10 * i, "peak_memory_kind": "process_rss"}
 
     ranks = [rank(i, b) for i, b in enumerate((1.0, 2.0, 0.5, 0.0))]
     ev = {"models": [{"loss": 0.1, "accuracy": 0.9}, {"loss": 0.2, "accuracy": 0.8}],
@@ -128,3 +149,4 @@ def test_summarize_is_pure():
                                      "buffer_sync": 2.0}
     assert s["exchange_blocked_fraction"] == 0.5 and s["samples_per_s"] == 10 * 32 * 2 / 4.0
     assert s["ensemble_test_accuracy"] == 0.95 and s["teacher_steps"] == {1: 10}
+    assert s["peak_memory_mib"] == 130.0 and s["peak_memory_kind"] == "process_rss"  # the worst worker

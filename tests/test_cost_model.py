@@ -62,6 +62,11 @@ def test_step_seconds():
     assert cm.codistill_step_s(0.1, 0.03, 4, 1, 1_000_000, 10, link) == pytest.approx(0.19 + 3.001 / 10)
     # outer sync (DiLoCo / local SGD), 2 groups of 2, H = 50: the exchange's bytes, no teachers
     assert cm.outer_sync_step_s(0.1, 2, 2, 1_000_000, 50, link) == pytest.approx(0.1 + 2.002 / 50)
+    # over 100 steps at H = 50: the start's broadcast (2.001 s) and outer steps at 50 and at the end
+    assert cm.outer_sync_run_s_per_step(0.1, 2, 2, 1_000_000, 50, 100, link) == \
+        pytest.approx(0.1 + (2.001 + 2 * 2.002) / 100)
+    assert cm.outer_sync_run_s_per_step(0.1, 2, 2, 1_000_000, 50, 101, link) == \
+        pytest.approx(0.1 + (2.001 + 3 * 2.002) / 101)
     assert cm.async_overlap(2.0, delay_steps=10, step_s=0.1) == 0.5
     assert cm.async_overlap(0.5, delay_steps=10, step_s=0.1) == 1.0
     assert cm.async_overlap(0.0, delay_steps=0, step_s=0.1) == 1.0

@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert rows["no_host_sync_in_step"]["status"] == "skipped"  # needs CUDA, and says so
     for name in set(CHECKS) - {"no_host_sync_in_step"}:
         assert rows[name]["status"] == "ok", rows[name]
-    assert "bitwise equal" in rows["checkpoint_kill_resume_bitwise"]["detail"]
+    assert "bitwise equal (2 models," in rows["checkpoint_kill_resume_bitwise"]["detail"]  # really compared
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAILED", "skipped"))]
     assert len(lines) == len(rows)  # one line per check
 

@@ -15,6 +15,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 STEPS, EVERY, WORLD = 60, 10, 4
+SEEDS = (0,)  # two models per run give the spread; a second seed doubles the slowest tests
 
 
 def lightning(out: Path, *args: str) -> list[dict]:
@@ -40,7 +41,7 @@ def accuracy_per_model(ranks: list[dict]) -> dict[int, float]:
 def codistilled(tmp_path_factory) -> dict[int, list[dict]]:
     base = tmp_path_factory.mktemp("lightning")
     return {seed: lightning(base / f"seed{seed}", "--strategy", "codistill", "--n-models", "2", "--seed", str(seed))
-            for seed in (0, 1)}
+            for seed in SEEDS}
 
 
 def test_one_model_is_lightnings_ddp_step_for_step(tmp_path):
@@ -66,10 +67,10 @@ def test_two_models_hold_each_others_weights_after_every_exchange(codistilled):
 
 def test_two_models_train_as_far_as_the_cli(codistilled, tmp_path):
     """Same data, model, optimizer, steps and exchange period: final validation accuracy within the
-    seed spread (2 seeds each; at least 4 points of tolerance, as 2 seeds give a rough spread)."""
+    spread of the models (at least 4 points of tolerance, as two models give a rough spread)."""
     ours = [a for ranks in codistilled.values() for a in accuracy_per_model(ranks).values()]
     cli = []
-    for seed in (0, 1):
+    for seed in SEEDS:
         out = tmp_path / f"cli{seed}"
         cmd = [sys.executable, "-m", "codistill.cli", "train", "--nproc", str(WORLD), "--out", str(out),
                "--set", "data.name=digits", "--set", "data.val_fraction=0.2", "--set", "data.batch_size=16",

@@ -135,3 +135,37 @@ def test_loss_with_padding_never_synchronizes_with_the_host(monkeypatch):
     assert torch.allclose(out["total"], expected)
     keep = y != -100
     assert torch.allclose(out["distill"], distillation_loss(s[keep], t[keep]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
+def test_mean_over_teachers_matches_each_teacher_in_value_and_gradient(kind):
+    torch.manual_seed(0)
+    s, y = torch.randn(7, 11, dtype=torch.float64), torch.randint(0, 11, (7,))
+    teachers = [torch.randn(7, 11, dtype=torch.float64) for _ in range(3)]
+    a = s.clone().requires_grad_()
+    out = codistillation_loss(a, teachers, y, alpha=1.0, kind=kind, temperature=2.0)
+    out["total"].backward()
+    b = s.clone().requires_grad_()
+    reference = torch.stack([distillation_loss(b, t, kind, 2.0) for t in teachers]).mean()
+    (F.cross_entropy(b, y) + reference).backward()
+    assert torch.allclose(out["distill"], reference, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_kl_to_many_teachers_keeps_no_per_teacher_copy_for_backward():
+    # A language model's logits are tokens x vocabulary per teacher: what autograd keeps for the
+    # backward pass must not grow with the number of teachers.
+    def saved_bytes(m):
+        s = torch.randn(64, 1000).requires_grad_()
+        teachers = [torch.randn(64, 1000) for _ in range(m)]
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            codistillation_loss(s, teachers, torch.zeros(64, dtype=torch.long), kind="kl")
+        return sum(sizes)
+
+    assert saved_bytes(4) == saved_bytes(2)

@@ -27,13 +27,9 @@ def run(*args, env=None, timeout=300):
 
 
 def final_states(run_dir: Path) -> dict:
-    manifest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    out = {}
-    for name in manifest["sha256"]:
-        if name.startswith("model_"):
-            state = torch.load(run_dir / "checkpoints" / manifest["dir"] / name, weights_only=True)
-            out[name] = state
-    return out
+    from codistill.checkpoint import latest_model_states
+
+    return latest_model_states(run_dir)
 
 
 def assert_same_states(a: dict, b: dict) -> None:

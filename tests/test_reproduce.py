@@ -142,13 +142,19 @@ def test_an_installed_copy_outside_any_checkout_finds_its_configs(tmp_path):
 # The smoke run of the whole suite, through the real command line
 
 
-@pytest.mark.timeout(900)
-def test_reproduce_all_quick_writes_rows_plots_report_and_resumes(tmp_path):
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    """`codistill reproduce all --quick`, run once for the tests below (it trains 14 short runs)."""
+    out = tmp_path_factory.mktemp("reproduce") / "results"
     start = time.perf_counter()
     proc = codistill("reproduce", "all", "--quick", "--out", str(out), timeout=840)
-    first = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.timeout(900)
+def test_reproduce_all_quick_writes_rows_plots_report_and_resumes(quick_suite):
+    out, first = quick_suite
     rows = all_rows(out)
     for name in SECTIONS:  # every experiment wrote its quick variants, one seed each
         e = EXPERIMENTS[name]
@@ -273,10 +279,8 @@ def test_peers_variants_resolve_to_matched_methods():
 
 
 @pytest.mark.timeout(900)
-def test_reproduce_peers_quick_runs_the_four_methods_and_the_mixed_pair(tmp_path):
-    out = tmp_path / "results"
-    proc = codistill("reproduce", "Peers", "--quick", "--out", str(out), timeout=840)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_reproduce_peers_quick_runs_the_four_methods_and_the_mixed_pair(quick_suite):
+    out, _ = quick_suite
     rows = {r["variant"]: r for r in res.read_rows(res.results_file(out, "Peers"))}
     assert sorted(rows) == sorted(v.name for v in variants_of(EXPERIMENTS["Peers"], quick=True))
     for method in ("diloco", "localsgd"):  # the groups end with one model

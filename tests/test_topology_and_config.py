@@ -56,6 +56,10 @@ def test_yaml_then_overrides(tmp_path):
     (["train.progress=maybe"], "train.progress must be bool"),
     (["model.name=[cnn, mlp, cnn]"], "model.name lists 3 models"),
     (["codistill.exchange_delay=60"], "exchange_delay must be <="),
+    (["codistill.exchange_dtype=int8"], "codistill.exchange_dtype must be one of fp32, bf16, fp16"),
+    (["codistill.exchange_dtype=bf16", "codistill.exchange=storage", "codistill.exchange_dir=x",
+      "codistill.model_index=0"], "exchange_dtype applies to exchange=collective only"),
+    (["codistill.exchange_dtype=bf16", "codistill.method=diloco"], "averages in fp32"),
     (["lr=0.1"], "must be section.key"),
 ])
 def test_bad_values_name_the_field(overrides, message):

@@ -122,6 +122,16 @@ def load_entry(run_dir: Path, manifest: dict, name: str):
     return load_file(run_dir / "checkpoints" / manifest["dir"] / name, manifest["sha256"][name])
 
 
+def latest_model_states(run_dir: Path) -> dict[str, dict]:
+    """{"model_0.pt": state, ...} of the run's newest checkpoint, each file checked against its
+    sha256 (for comparing runs: bitwise resume checks, the GPU check)."""
+    manifest = read_latest(Path(run_dir))
+    if manifest is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint")
+    return {name: load_entry(Path(run_dir), manifest, name) for name in sorted(manifest["sha256"])
+            if name.startswith("model_")}
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .bench import NAMES as BENCHMARKS
 from .errors import UserError
 
 
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     p = sub.add_parser("bench", help="performance benchmarks (docs/performance.md)")
-    p.add_argument("name", choices=("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep",
-                                    "straggler", "gpu", "all"),
+    p.add_argument("name", choices=(*BENCHMARKS, "gpu", "all"),
                    help="gpu: the one-shot GPU validation (bench/gpu_check.py), one line per check")
     p.add_argument("--cpu", action="store_true", help="gpu only: run the checks' logic on CPU with gloo")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")

@@ -10,7 +10,7 @@
 
 It owns everything codistillation adds to data-parallel training: the rank grid (`topology`), each
 model's seed, DDP over the model group, the frozen teachers, the exchange that refreshes them
-(collective or through storage, picked by `make_exchange`), the distillation loss, the teachers'
+(collective or through storage, picked from `EXCHANGES`), the distillation loss, the teachers'
 CUDA stream, and a sampler that shards data by replica with the model's seed. `Trainer`, the
 benchmarks and the README example all go through it.
 
@@ -44,7 +44,7 @@ from .topology import Topology, build_topology, model_seed
 def _collective(c: "Codistillation") -> Exchange:
     if not len(c.teachers):
         return NoExchange()
-    return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter)
+    return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter, wire_dtype=c.wire_dtype)
 
 
 def _storage(c: "Codistillation") -> Exchange:
@@ -76,13 +76,8 @@ EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {
     "diloco": _outer_sync(averaging=False), "localsgd": _outer_sync(averaging=True),
 }
 OUTER_SYNCS = ("diloco", "localsgd")  # exchanges that average the models themselves: no teachers
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # exchange_dtype -> on the wire
 DILOCO_OUTER = (0.7, 0.9, True)  # Douillard et al. 2023: outer Nesterov SGD, lr 0.7, momentum 0.9
-
-
-def make_exchange(kind: str, codist: "Codistillation") -> Exchange:
-    if kind not in EXCHANGES:
-        raise ValueError(f"unknown exchange {kind!r}; allowed: {', '.join(EXCHANGES)}")
-    return EXCHANGES[kind](codist)
 
 
 def _by_index(make_model: Callable) -> Callable[[int], nn.Module]:
@@ -115,6 +110,8 @@ class Codistillation:
         teachers, and all models start from model 0's initialization and end as one.
     loss, temperature, label_smoothing: the objective (losses.py).
     teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` runs them under autocast.
+    exchange_dtype: collective exchange only, `bf16` / `fp16` sends the fp32 weights rounded to it
+        (half the bytes); the teachers run from the rounded weights.
     seed: the run's seed; model j uses model_seed(seed, j) for its initialization and data order.
     device: where models live (default: the current CUDA device under NCCL, else the CPU).
     topology, counter: pass them to share a grid or byte counter already built.
@@ -126,17 +123,23 @@ class Codistillation:
                  alpha: float | Callable[[int], float] = 1.0, *, delay: int = 0, exchange: str = "collective",
                  exchange_dir: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
                  temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
-                 teacher_precision: str = "fp32", outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
+                 teacher_precision: str = "fp32", exchange_dtype: str = "fp32",
+                 outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
                  counter: CommCounter | None = None, wrap: bool = True):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
+        if exchange_dtype not in WIRE_DTYPES:
+            raise ValueError(f"unknown exchange_dtype {exchange_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
+        if exchange_dtype != "fp32" and exchange != "collective":
+            raise ValueError("exchange_dtype applies to the collective exchange only")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
         self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
+        self.wire_dtype = WIRE_DTYPES[exchange_dtype]
         self.device = device if device is not None else _default_device()
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)
@@ -151,7 +154,7 @@ class Codistillation:
         self.teachers = Teachers(teachers, teacher_mode)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         self.model.register_forward_pre_hook(self._before_forward)
-        self.exchanger = make_exchange(exchange, self)
+        self.exchanger = EXCHANGES[exchange](self)  # checked above
         self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.step = 0  # completed optimizer steps
         self._exchanged_step = -1  # the step whose exchange already ran

@@ -94,6 +94,9 @@ class CodistillConfig:
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"
     """`fp32`, or `bf16`: teacher forward passes under bf16 autocast (cheaper; measure its effect)."""
+    exchange_dtype: str = "fp32"
+    """Precision of the fp32 weights on the wire in the collective exchange: `fp32`, or `bf16` /
+    `fp16` (half the exchanged bytes; the teachers run from the rounded weights)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ CHOICES = {
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
     "codistill.teacher_precision": ("fp32", "bf16"),
+    "codistill.exchange_dtype": ("fp32", "bf16", "fp16"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("goyal", "cosine", "constant"),
     "dist.backend": ("auto", "gloo", "nccl"),
@@ -462,11 +466,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
         if c.exchange_delay:
             raise ConfigError("codistill.exchange_delay applies to exchange=collective only")
+        if c.exchange_dtype != "fp32":
+            raise ConfigError("codistill.exchange_dtype applies to exchange=collective only")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
                           f"({c.exchange_every}), got {c.exchange_delay}")
     if c.method != "distill":
+        if c.exchange_dtype != "fp32":
+            raise ConfigError(f"codistill.exchange_dtype applies to codistillation; codistill.method={c.method} "
+                              "averages in fp32")
         if c.exchange != "collective":
             raise ConfigError(f"codistill.method={c.method} needs codistill.exchange=collective")
         if len(set(cfg.model_names())) > 1:

@@ -128,6 +128,16 @@ def codistill_run_s_per_step(compute_s: float, teacher_s: float, n_models: int, 
     return own + (transfer + (exchanges - 1) * (1.0 - hidden) * transfer) / steps
 
 
+def outer_sync_run_s_per_step(compute_s: float, groups: int, replicas: int, param_bytes: float, period: int,
+                              steps: int, link: Link) -> float:
+    """DiLoCo / local SGD averaged over a run of `steps` (outer_sync.py): one broadcast of model 0's
+    start at step 0, a synchronous outer all-reduce at steps H, 2H, ... and a last one at the end."""
+    start = link.seconds(exchange_link_bytes(param_bytes, groups, replicas))
+    outer = link.seconds(outer_allreduce_link_bytes(param_bytes, groups, replicas), messages=2 * (groups - 1))
+    outer_steps = (steps - 1) // period + 1  # at H, 2H, ... below `steps`, and the final one
+    return compute_s + (start + outer_steps * outer) / steps
+
+
 def time_to_target_s(steps_to_target: int | None, step_s: float) -> float | None:
     return None if steps_to_target is None else steps_to_target * step_s
 

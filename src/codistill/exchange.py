@@ -145,7 +145,7 @@ class Exchanger:
     """Refreshes `teachers` from the other models every `every` steps."""
 
     def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, every: int,
-                 delay: int = 0, counter: CommCounter | None = None):
+                 delay: int = 0, counter: CommCounter | None = None, wire_dtype: torch.dtype | None = None):
         if every <= 0:
             raise ValueError(f"exchange period must be > 0, got {every}")
         if not 0 <= delay <= every:
@@ -160,6 +160,14 @@ class Exchanger:
         self.staging = {j: FlatState(m) for j, m in teachers.modules.items()} if delay else None
         self._pending: tuple[int, list] | None = None  # (source step, async works)
         self.blocked_seconds = 0.0  # wall time this worker spent inside the exchange (stall)
+        # Compressed exchange: the fp32 part of each state crosses as `wire_dtype` (bf16 / fp16),
+        # half the bytes; receivers widen it back, so the teachers run from the rounded weights.
+        self.wire = None
+        if wire_dtype is not None and torch.float32 in self.send.buffers:
+            numel = self.send.buffers[torch.float32].numel()
+            self.wire = {m: torch.empty(numel, dtype=wire_dtype, device=self.send.device)
+                         for m in range(topo.grid.n_models)}
+        self._unwire: dict[int, FlatState] | None = None  # where the wire buffers go once received
 
     def should_start(self, step: int) -> bool:
         return step % self.every == 0
@@ -206,14 +214,20 @@ class Exchanger:
         self.send.pack(self.model)
         grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats
+        if self.wire is not None:
+            self.wire[me].copy_(self.send.buffers[torch.float32])
+            self._unwire = targets
         works = []
         for m in range(grid.n_models):
             flat = self.send if m == me else targets[m]
-            for dtype in flat.buffers:
-                works.append(dist.broadcast(flat.buffers[dtype], src=grid.rank(m, replica),
+            for dtype, buffer in flat.buffers.items():
+                if dtype == torch.float32 and self.wire is not None:
+                    buffer = self.wire[m]
+                works.append(dist.broadcast(buffer, src=grid.rank(m, replica),
                                             group=self.topo.exchange_group, async_op=True))
-        received = sum(targets[j].nbytes for j in self.teachers.modules)
-        self.counter.add_exchange(sent=(grid.n_models - 1) * self.send.nbytes, received=received)
+        state_bytes = self.wire_nbytes(self.send)
+        self.counter.add_exchange(sent=(grid.n_models - 1) * state_bytes,
+                                  received=sum(self.wire_nbytes(targets[j]) for j in self.teachers.modules))
         self._pending = (step, works)
         self._into_staging = into is not None
 
@@ -223,7 +237,18 @@ class Exchanger:
             step, works = self._pending
             for w in works:
                 w.wait()
+            if self._unwire is not None:  # widen the received states into their fp32 buffers
+                for j, flat in self._unwire.items():
+                    flat.buffers[torch.float32].copy_(self.wire[j])
+                self._unwire = None
             self._pending = (step, [])
+
+    def wire_nbytes(self, flat: FlatState) -> int:
+        """Bytes one state takes on the wire (its fp32 part at the wire dtype when compressed)."""
+        if self.wire is None:
+            return flat.nbytes
+        fp32 = flat.buffers[torch.float32]
+        return flat.nbytes - fp32.numel() * (fp32.element_size() - self.wire[0].element_size())
 
     def finish(self) -> None:
         """Wait for the pending transfer and swap it into the teachers."""

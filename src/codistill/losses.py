@@ -23,9 +23,6 @@ IGNORE_INDEX = -100  # target of positions scored by nothing (padding of sequenc
 DISTILL_LOSSES = ("kl", "mse", "ce")
 
 
-IGNORE_INDEX = -100  # target of positions that count for nothing (padding in sequence tasks)
-
-
 def distillation_per_row(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
                          temperature: float = 1.0) -> torch.Tensor:
     """D(student, teacher) of each row of (N, C) logits, shape (N,).
@@ -79,5 +76,33 @@ def codistillation_loss(student: torch.Tensor, teachers: Sequence[torch.Tensor],
         distill = student.new_zeros(())
     else:
         weight = (target != ignore_index).to(student.dtype)
-        distill = torch.stack([distillation_loss(student, t, kind, temperature, weight) for t in teachers]).mean()
+        per_row = mean_distillation_per_row(student, teachers, kind, temperature)
+        distill = (per_row * weight).sum() / weight.sum().clamp_min(1)
     return {"total": task + alpha * distill, "task": task, "distill": distill}
+
+
+def mean_distillation_per_row(student: torch.Tensor, teachers: Sequence[torch.Tensor], kind: str = "kl",
+                              temperature: float = 1.0) -> torch.Tensor:
+    """1/m sum_t D(student, teacher_t) per row, shape (N,), in memory that does not grow with m.
+
+    For kl and ce the mean is taken against the teachers' mean probability p_bar (exact, since both
+    are linear in p_teacher): mean_t KL(p_t || p_s) = mean_t sum_c p_t log p_t - sum_c p_bar log p_s.
+    Autograd then keeps one student softmax and no per-teacher copy, which matters for language
+    models, whose logits are tokens x vocabulary floats per teacher. mse is averaged per teacher.
+    """
+    if kind == "mse" or len(teachers) == 1:
+        return torch.stack([distillation_per_row(student, t, kind, temperature) for t in teachers]).mean(0)
+    if kind not in ("kl", "ce"):
+        raise ValueError(f"unknown distillation loss {kind!r}; allowed: {', '.join(DISTILL_LOSSES)}")
+    tau, m = float(temperature), len(teachers)
+    with torch.no_grad():  # the teachers' side: no gradient, one teacher's temporaries at a time
+        p_bar = torch.zeros_like(student)
+        neg_entropy = student.new_zeros(student.shape[:-1])
+        for t in teachers:
+            log_p = F.log_softmax(t.detach().to(student.dtype) / tau, dim=-1)
+            p = log_p.exp()
+            p_bar.add_(p, alpha=1.0 / m)
+            if kind == "kl":
+                neg_entropy.add_((p * log_p).sum(-1), alpha=1.0 / m)
+    cross = -(p_bar * F.log_softmax(student / tau, dim=-1)).sum(-1)
+    return (neg_entropy + cross if kind == "kl" else cross) * (tau * tau)

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .faults import NonFiniteLossError
-
-IGNORE_INDEX = -100  # target of padding positions (codistillation_loss's ignore_index)
+from .losses import IGNORE_INDEX  # target of padding positions
 
 
 class MetricsWindow:

@@ -58,7 +58,7 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           delay=c.exchange_delay, exchange=exchange, exchange_dir=c.exchange_dir,
                           loss=c.loss, temperature=c.temperature, label_smoothing=cfg.train.label_smoothing,
                           teacher_mode=c.teacher_mode, teacher_precision=c.teacher_precision,
-                          outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo)
+                          exchange_dtype=c.exchange_dtype, outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo)
 
 
 class Trainer:
@@ -288,7 +288,9 @@ class Trainer:
                 "train_loss": self.last_train.get("train/task_loss"),
                 "train_accuracy": self.last_train.get("train/accuracy"),
                 "param_distance": parameter_distance(self.model, self.initial),
-                "counter": self.counter.as_dict(), "blocked": self.codist.blocked_seconds}
+                "counter": self.counter.as_dict(), "blocked": self.codist.blocked_seconds,
+                "peak_memory_mib": peak_memory_mib(self.device),
+                "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "process_rss"}
         ranks = [None] * self.topo.grid.world_size
         dist.all_gather_object(ranks, mine)
         leaders = [ranks[self.topo.grid.rank(m, 0)] for m in range(self.topo.job_models)]
@@ -333,8 +335,21 @@ def summarize(cfg: Config, ranks: list[dict], leaders: list[dict], val: dict, te
         "exchanges": counters[0]["exchanges"],
         "exchange_blocked_fraction": max(r["blocked"] for r in ranks) / max(wall_seconds, 1e-9),
         "wall_seconds": wall_seconds,
+        # Highest over the workers: what one worker needs (CUDA: tensors allocated; CPU: the whole
+        # process, torch's own libraries included).
+        "peak_memory_mib": max(r["peak_memory_mib"] for r in ranks),
+        "peak_memory_kind": ranks[0]["peak_memory_kind"],
         "samples_per_s": steps * model_batch * len(leaders) / max(wall_seconds, 1e-9),
     }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This worker's peak memory so far: CUDA tensors on a GPU, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def truncate_metrics(path: Path, step: int) -> None:

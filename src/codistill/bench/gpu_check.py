@@ -61,18 +61,15 @@ def train(out: Path, world: int, sets: list[str], backend: str, extra: list[str]
 
 
 def final_state(run: Path) -> dict:
-    import torch
+    from ..checkpoint import latest_model_states
 
-    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
-    directory = run / "checkpoints" / f"step_{latest['step']:08d}"
-    return {p.name: torch.load(p, map_location="cpu", weights_only=True)["model"]
-            for p in sorted(directory.glob("model_*.pt"))}
+    return {name: state["model"] for name, state in latest_model_states(run).items()}
 
 
 def same_states(a: dict, b: dict) -> bool:
     import torch
 
-    return a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    return bool(a) and a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
 
 
 def checks(cpu: bool, work: Path):
@@ -124,9 +121,12 @@ def checks(cpu: bool, work: Path):
         proc = codistill(["train", "--resume", str(work / "killed")])
         if proc.returncode != 0:
             raise RuntimeError(f"resume failed: {proc.stderr.strip().splitlines()[-1:]}")
-        if not same_states(final_state(work / "straight"), final_state(work / "killed")):
+        straight, killed = final_state(work / "straight"), final_state(work / "killed")
+        if not same_states(straight, killed):
             raise RuntimeError("the resumed run's final weights differ from the uninterrupted run's")
-        return "killed at step 12, resumed from step 10: final weights bitwise equal"
+        tensors = sum(len(state) for state in straight.values())
+        return (f"killed at step 12, resumed from step 10: final weights bitwise equal "
+                f"({len(straight)} models, {tensors} tensors compared)")
 
     def host_syncs():
         if cpu:

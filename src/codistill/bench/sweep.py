@@ -44,7 +44,7 @@ from .common import Result, fmt, fmt_bytes, machine_info, markdown_table
 from .slow_network import first_reaching, training_clock
 
 RATES = (1000, 100, 25, 10)
-ARMS = ("allreduce", "codistill")
+ARMS = ("allreduce", "codistill", "diloco")
 DELAY = 10  # asynchronous exchange: the transfer runs during the D steps after it starts
 TARGET_ERROR = 0.15
 
@@ -74,8 +74,9 @@ def sweep_configs(overrides: list[str], world: int, arms: tuple[str, ...]) -> di
     cfg = load_config(None, ["train.progress=false", "dist.threads=1", f"compare.arms=[{', '.join(arms)}]",
                              *overrides])
     configs = dict(arm_configs(cfg, world))
-    if "allreduce" in configs:  # the all-reduce arm has no exchange: its delay field must stay 0
-        configs["allreduce"] = replace(configs["allreduce"], codistill__exchange_delay=0)
+    for arm in ("allreduce", "diloco", "localsgd"):  # no asynchronous exchange: the delay stays 0
+        if arm in configs:
+            configs[arm] = replace(configs[arm], codistill__exchange_delay=0)
     return configs
 
 
@@ -116,10 +117,13 @@ def predict(arm: str, cfg: Config, compute_s: float, m: dict, link: cm.Link) -> 
     """The cost model's s/step of one arm on `link` (None for an arm it has no formula for yet)."""
     if arm == "allreduce":
         return cm.allreduce_step_s(compute_s, m["grad"], m["world"], link)
+    n = cfg.codistill.n_models
     if arm.startswith("codistill"):
-        n = cfg.codistill.n_models
         return cm.codistill_run_s_per_step(compute_s, 0.0, n, m["world"] // n, m["state"], cfg.codistill.exchange_every,
                                            cfg.train.steps, link, cfg.codistill.exchange_delay)
+    if arm in ("diloco", "localsgd"):
+        return cm.outer_sync_run_s_per_step(compute_s, n, m["world"] // n, m["state"], cfg.codistill.exchange_every,
+                                            cfg.train.steps, link)
     return None
 
 
@@ -131,6 +135,12 @@ def predicted_link_bytes(arm: str, cfg: Config, m: dict) -> float | None:
         n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
         exchanges = -(-steps // period)
         return 2 * cm.exchange_link_bytes(m["state"], n, m["world"] // n) * exchanges / steps * cm.WIRE_OVERHEAD
+    if arm in ("diloco", "localsgd"):
+        n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
+        r = m["world"] // n
+        start = cm.exchange_link_bytes(m["state"], n, r)  # one direction: group 0's model to the others
+        outer = 2 * cm.outer_allreduce_link_bytes(m["state"], n, r) * ((steps - 1) // period + 1)
+        return (start + outer) / steps * cm.WIRE_OVERHEAD
     return None
 
 
@@ -219,10 +229,14 @@ def _result(quick: bool, st: dict, records: list[dict], arms: tuple[str, ...]) -
     for (profile, rate) in sorted({(r["profile"], r["rate_mbit"]) for r in records if not r["calibration"]},
                                   key=lambda k: (k[0], -k[1])):
         cell = {r["arm"]: r for r in records if r["profile"] == profile and r["rate_mbit"] == rate}
-        ar, cd = cell.get("allreduce"), cell.get("codistill")
-        if ar and cd and ar["time_to_target"] and cd["time_to_target"]:
-            speedups.append(f"{profile} at {rate} Mbit/s: codistillation {ar['time_to_target'] / cd['time_to_target']:.2f}x "
-                            f"as fast as all-reduce to the target (all-reduce link time / compute: "
+        ar = cell.get("allreduce")
+        if not (ar and ar["time_to_target"]):
+            continue
+        faster = [f"{arm} {ar['time_to_target'] / r['time_to_target']:.2f}x" for arm, r in cell.items()
+                  if arm != "allreduce" and r["time_to_target"]]
+        if faster:
+            speedups.append(f"{profile} at {rate} Mbit/s, speed to the target relative to all-reduce: "
+                            f"{', '.join(faster)} (all-reduce link time / compute: "
                             f"{(ar['s_per_step'] - ar['compute_s']) / max(ar['compute_s'], 1e-9):.1f})")
     demand = {r["profile"]: r["link_demand_mbit"] for r in records if r.get("link_demand_mbit")}
     notes = [f"W = {2 * st['nproc_per_node']} workers on two emulated machines; arms {', '.join(arms)} "
