@@ -73,3 +73,20 @@ def test_straggler_quick(tmp_path):
     left = [name for name in ("codistill_machine0", "codistill_machine1")
             if os.path.isdir(f"/sys/fs/cgroup/cpu/{name}") or os.path.isdir(f"/sys/fs/cgroup/{name}")]
     assert left == []  # the cgroups were removed
+
+
+def test_hierarchical_check_compares_link_bytes_and_training():
+    from codistill.bench.sweep import hierarchical_check
+
+    def cell(arm, link, predicted, losses):
+        return {"profile": "cnn", "arm": arm, "calibration": True, "replicas": 2, "link_bytes_per_step": link,
+                "predicted_link_bytes_per_step": predicted, "val_losses": losses}
+
+    same = hierarchical_check([cell("codistill", 1000.0, 800.0, [0.5, 0.6]),
+                               cell("codistill_flat", 1900.0, 1600.0, [0.5, 0.6])])
+    assert same[0]["saved_bytes_per_step"] == 900.0 and same[0]["predicted_saved_bytes_per_step"] == 800.0
+    assert same[0]["identical_training"] and "identical (every validation loss equal)" in same[0]["note"]
+    differ = hierarchical_check([cell("codistill", 1000.0, 800.0, [0.5, 0.6]),
+                                 cell("codistill_flat", 1900.0, 1600.0, [0.5, 0.61])])
+    assert not differ[0]["identical_training"] and "NOT identical" in differ[0]["note"]
+    assert hierarchical_check([cell("codistill", 1000.0, 800.0, [0.5])]) == []  # no flat cell: nothing to say

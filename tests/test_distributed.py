@@ -178,3 +178,42 @@ def test_alpha_zero_matches_independent_training(tmp_path):
         alone = run_workers(_final_params_worker, 2, tmp_path,
                             (digits_config(codistill__n_models=1, train__steps=steps, train__seed=model),))
         assert _equal(alone[0]["state"], joint[2 * model]["state"]), model
+
+
+def test_hierarchical_exchange_gives_every_replica_the_same_teachers_over_one_column(tmp_path, codistill_run):
+    # Asynchronous (D = 2): the transfer lands in staging on replica 0, and reaches replica 1 from
+    # replica 0 when it is swapped in.
+    delay = 2
+    cfg = digits_config(codistill__n_models=2, codistill__exchange_every=T, codistill__exchange_delay=delay,
+                        codistill__exchange_hierarchical=True, train__steps=STEPS)
+    r = run_workers(_codistill_worker, 4, tmp_path, (cfg,))
+    for rank, peer_rank, j in ((0, 2, 1), (1, 3, 1), (2, 0, 0), (3, 1, 0)):
+        for step in range(STEPS):
+            started = step - step % T
+            source = started if step - started >= delay or started == 0 else started - T
+            assert _equal(r[rank]["teachers"][step][j], r[peer_rank]["own"][source]), (rank, step)
+    exchanges = len(range(0, STEPS, T))
+    for rank in range(4):
+        c, full = r[rank]["counter"], codistill_run[rank]["counter"]
+        assert c["exchanges"] == exchanges
+        if rank % 2 == 0:  # replica 0 of each model: the only cross-group traffic, as much as before
+            assert c["exchange_sent"] == full["exchange_sent"] and c["exchange_received"] == full["exchange_received"]
+            # One teacher per completed transfer (the one started at step 6 is still in flight),
+            # broadcast to the 1 other replica.
+            completed = len([s for s in range(0, STEPS, T) if s == 0 or s + delay < STEPS])
+            teachers = r[rank]["state_bytes"] * completed
+            assert c["buffer_sync_sent"] == full["buffer_sync_sent"] + teachers
+        else:
+            assert c["exchange_sent"] == c["exchange_received"] == 0
+
+
+def test_hierarchical_diloco_trains_exactly_as_the_full_columns(tmp_path):
+    def run(hierarchical):
+        cfg = digits_config(codistill__n_models=2, codistill__method="diloco", codistill__exchange_every=3,
+                            codistill__exchange_hierarchical=hierarchical, train__steps=8)
+        return run_workers(_final_params_worker, 4, tmp_path, (cfg,))
+
+    full, hierarchical = run(False), run(True)
+    for rank in range(4):
+        assert _equal(full[rank]["state"], hierarchical[rank]["state"]), rank
+    assert _equal(hierarchical[0]["state"], hierarchical[3]["state"])  # one model at the end

@@ -60,6 +60,8 @@ def test_yaml_then_overrides(tmp_path):
     (["codistill.exchange_dtype=bf16", "codistill.exchange=storage", "codistill.exchange_dir=x",
       "codistill.model_index=0"], "exchange_dtype applies to exchange=collective only"),
     (["codistill.exchange_dtype=bf16", "codistill.method=diloco"], "averages in fp32"),
+    (["codistill.exchange_hierarchical=true", "codistill.exchange=storage", "codistill.exchange_dir=x",
+      "codistill.model_index=0"], "exchange_hierarchical applies to exchange=collective only"),
     (["lr=0.1"], "must be section.key"),
 ])
 def test_bad_values_name_the_field(overrides, message):

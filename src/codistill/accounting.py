@@ -6,7 +6,10 @@ Conventions (logical payload, independent of the backend's algorithm):
 - an exchange: each worker sends its model's state to each of the n-1 peers of its exchange group,
   (n-1) x its state bytes, and receives every peer's state once;
 - before an exchange, replica 0 of each model broadcasts its buffers (BatchNorm statistics) to the
-  other replicas, (replicas-1) x buffer bytes, counted on replica 0 as `buffer_sync_sent`.
+  other replicas, (replicas-1) x buffer bytes, counted on replica 0 as `buffer_sync_sent`;
+- a hierarchical exchange sends states over replica 0's column only (the other replicas count the
+  exchange with 0 bytes); replica 0 then broadcasts the received teachers over its model group,
+  (replicas-1) x the teachers' bytes, also counted as `buffer_sync_sent` (in-group traffic).
 """
 
 from __future__ import annotations

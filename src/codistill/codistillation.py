@@ -44,7 +44,8 @@ from .topology import Topology, build_topology, model_seed
 def _collective(c: "Codistillation") -> Exchange:
     if not len(c.teachers):
         return NoExchange()
-    return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter, wire_dtype=c.wire_dtype)
+    return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter, wire_dtype=c.wire_dtype,
+                     hierarchical=c.hierarchical)
 
 
 def _storage(c: "Codistillation") -> Exchange:
@@ -62,7 +63,8 @@ def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
         from .outer_sync import AVERAGING, OuterSync
 
         lr, momentum, nesterov = AVERAGING if averaging else c.outer
-        sync = OuterSync(c.module, c.topo, c.every, lr, momentum, nesterov, counter=c.counter)
+        sync = OuterSync(c.module, c.topo, c.every, lr, momentum, nesterov, counter=c.counter,
+                         hierarchical=c.hierarchical)
         sync.start_together()  # one starting point (model 0's), before anyone records "initial"
         return sync
 
@@ -112,6 +114,8 @@ class Codistillation:
     teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` runs them under autocast.
     exchange_dtype: collective exchange only, `bf16` / `fp16` sends the fp32 weights rounded to it
         (half the bytes); the teachers run from the rounded weights.
+    hierarchical: collective exchange only, replica 0 of each model exchanges and then broadcasts the
+        teachers over its model group (the states cross between groups once, not once per replica).
     seed: the run's seed; model j uses model_seed(seed, j) for its initialization and data order.
     device: where models live (default: the current CUDA device under NCCL, else the CPU).
     topology, counter: pass them to share a grid or byte counter already built.
@@ -123,7 +127,7 @@ class Codistillation:
                  alpha: float | Callable[[int], float] = 1.0, *, delay: int = 0, exchange: str = "collective",
                  exchange_dir: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
                  temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
-                 teacher_precision: str = "fp32", exchange_dtype: str = "fp32",
+                 teacher_precision: str = "fp32", exchange_dtype: str = "fp32", hierarchical: bool = False,
                  outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
                  counter: CommCounter | None = None, wrap: bool = True):
@@ -133,13 +137,15 @@ class Codistillation:
             raise ValueError(f"unknown exchange_dtype {exchange_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
         if exchange_dtype != "fp32" and exchange != "collective":
             raise ValueError("exchange_dtype applies to the collective exchange only")
+        if hierarchical and exchange == "storage":
+            raise ValueError("hierarchical applies to the collective exchange and DiLoCo / local SGD")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
         self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
-        self.wire_dtype = WIRE_DTYPES[exchange_dtype]
+        self.wire_dtype, self.hierarchical = WIRE_DTYPES[exchange_dtype], hierarchical
         self.device = device if device is not None else _default_device()
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)

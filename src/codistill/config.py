@@ -94,6 +94,11 @@ class CodistillConfig:
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"
     """`fp32`, or `bf16`: teacher forward passes under bf16 autocast (cheaper; measure its effect)."""
+    exchange_hierarchical: bool = False
+    """Collective exchange with several replicas per model: only replica 0 of each model takes part
+    in the exchange between models, then broadcasts the teachers over its model group. With each
+    model group on one machine the states cross between machines once per machine instead of once per
+    replica; training is unchanged (every replica gets the same teachers)."""
     exchange_dtype: str = "fp32"
     """Precision of the fp32 weights on the wire in the collective exchange: `fp32`, or `bf16` /
     `fp16` (half the exchanged bytes; the teachers run from the rounded weights)."""
@@ -468,6 +473,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError("codistill.exchange_delay applies to exchange=collective only")
         if c.exchange_dtype != "fp32":
             raise ConfigError("codistill.exchange_dtype applies to exchange=collective only")
+        if c.exchange_hierarchical:
+            raise ConfigError("codistill.exchange_hierarchical applies to exchange=collective only")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "

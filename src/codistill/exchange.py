@@ -145,7 +145,8 @@ class Exchanger:
     """Refreshes `teachers` from the other models every `every` steps."""
 
     def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, every: int,
-                 delay: int = 0, counter: CommCounter | None = None, wire_dtype: torch.dtype | None = None):
+                 delay: int = 0, counter: CommCounter | None = None, wire_dtype: torch.dtype | None = None,
+                 hierarchical: bool = False):
         if every <= 0:
             raise ValueError(f"exchange period must be > 0, got {every}")
         if not 0 <= delay <= every:
@@ -168,6 +169,12 @@ class Exchanger:
             self.wire = {m: torch.empty(numel, dtype=wire_dtype, device=self.send.device)
                          for m in range(topo.grid.n_models)}
         self._unwire: dict[int, FlatState] | None = None  # where the wire buffers go once received
+        # Hierarchical exchange: only replica 0's column crosses between model groups (machines, when
+        # each model group is one machine); it then broadcasts what it received over its model group.
+        # The same bytes cross the slow link once instead of once per replica; every replica ends
+        # with the same teachers as before, so training is unchanged.
+        self.hierarchical = hierarchical and topo.replicas > 1
+        self._spread: dict[int, FlatState] | None = None  # received, not yet broadcast to the replicas
 
     def should_start(self, step: int) -> bool:
         return step % self.every == 0
@@ -214,6 +221,12 @@ class Exchanger:
         self.send.pack(self.model)
         grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats
+        if self.hierarchical:
+            self._spread = targets
+            if replica != 0:  # this replica receives from replica 0 of its own group, in `wait`
+                self.counter.add_exchange(sent=0, received=0)  # nothing crosses between groups here
+                self._pending, self._into_staging = (step, []), into is not None
+                return
         if self.wire is not None:
             self.wire[me].copy_(self.send.buffers[torch.float32])
             self._unwire = targets
@@ -241,7 +254,21 @@ class Exchanger:
                 for j, flat in self._unwire.items():
                     flat.buffers[torch.float32].copy_(self.wire[j])
                 self._unwire = None
+            if self._spread is not None:  # hierarchical: replica 0 hands the teachers to its group
+                self._broadcast_in_group(self._spread)
+                self._spread = None
             self._pending = (step, [])
+
+    def _broadcast_in_group(self, targets: dict[int, FlatState]) -> None:
+        """Every teacher's state from replica 0 to the other replicas of the model group (the fast,
+        local links that carry the group's gradient all-reduce every step)."""
+        src = self.topo.grid.rank(self.topo.job_model, 0)
+        for j in self.teachers.modules:
+            for buffer in targets[j].buffers.values():
+                dist.broadcast(buffer, src=src, group=self.topo.model_group)
+        if self.topo.rank == src:
+            self.counter.buffer_sync_sent += (self.topo.replicas - 1) * sum(
+                targets[j].nbytes for j in self.teachers.modules)
 
     def wire_nbytes(self, flat: FlatState) -> int:
         """Bytes one state takes on the wire (its fp32 part at the wire dtype when compressed)."""

@@ -39,7 +39,7 @@ class OuterSync:
     """Every `every` steps, one outer SGD step on the column's averaged parameter change."""
 
     def __init__(self, model: nn.Module, topo: Topology, every: int, lr: float, momentum: float,
-                 nesterov: bool, counter: CommCounter | None = None):
+                 nesterov: bool, counter: CommCounter | None = None, hierarchical: bool = False):
         if every <= 0:
             raise ValueError(f"outer period must be > 0, got {every}")
         self.model, self.topo, self.every = model, topo, every
@@ -52,6 +52,10 @@ class OuterSync:
         self.dirty = True  # local steps taken since the last outer step
         self.started = False  # every group holds model 0's initialization
         self.blocked_seconds = 0.0
+        # Hierarchical: only replica 0's column communicates across groups, then broadcasts the
+        # result over its model group (the replicas of a group hold identical models, so every
+        # column would compute the same average).
+        self.hierarchical = hierarchical and topo.replicas > 1
         self._nbytes = sum(p.numel() * p.element_size() for p in self.params + self.buffers)
 
     def maybe_exchange(self, step: int) -> bool:
@@ -89,12 +93,16 @@ class OuterSync:
         grid, replica = self.topo.grid, self.topo.replica_index
         tensors = self.params + self.buffers
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-        dist.broadcast(flat, src=grid.rank(0, replica), group=self.topo.exchange_group)
+        if self._crosses():
+            dist.broadcast(flat, src=grid.rank(0, replica), group=self.topo.exchange_group)
+        self._spread(flat)
         _unflatten_into(flat, tensors)
         for g, p in zip(self.global_params, self.params):
             g.copy_(p)
         self.started = True
-        if self.topo.job_model == 0:
+        if not self._crosses():
+            self.counter.add_exchange(sent=0, received=0)
+        elif self.topo.job_model == 0:
             self.counter.add_exchange(sent=(grid.n_models - 1) * self._nbytes, received=0)
         else:
             self.counter.add_exchange(sent=0, received=self._nbytes)
@@ -108,11 +116,13 @@ class OuterSync:
         n = self.topo.grid.n_models
         deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
         flat = torch.cat([t.reshape(-1) for t in deltas + [b.detach() for b in self.buffers]])
-        dist.all_reduce(flat, group=self.topo.exchange_group)  # sum over the n groups
+        if self._crosses():
+            dist.all_reduce(flat, group=self.topo.exchange_group)  # sum over the n groups
+        self._spread(flat)
         flat /= n
         # Counted as a ring all-reduce among n (accounting.py); for n = 2 that is one model's
         # bytes, the same as one codistillation exchange.
-        sent = 2.0 * (n - 1) / n * flat.numel() * flat.element_size()
+        sent = 2.0 * (n - 1) / n * flat.numel() * flat.element_size() if self._crosses() else 0.0
         self.counter.add_exchange(sent=sent, received=sent)
         mean_deltas = [torch.empty_like(d) for d in deltas]
         _unflatten_into(flat, mean_deltas + self.buffers)
@@ -123,6 +133,17 @@ class OuterSync:
             g.grad = None
             p.copy_(g)
         self.dirty = False
+
+    def _crosses(self) -> bool:
+        """Whether this worker communicates with the other groups (all do, unless hierarchical)."""
+        return not self.hierarchical or self.topo.replica_index == 0
+
+    def _spread(self, flat: torch.Tensor) -> None:
+        """Hierarchical: replica 0's result to the other replicas of its group."""
+        if self.hierarchical:
+            dist.broadcast(flat, src=self.topo.grid.rank(self.topo.job_model, 0), group=self.topo.model_group)
+            if self.topo.replica_index == 0:
+                self.counter.buffer_sync_sent += (self.topo.replicas - 1) * flat.numel() * flat.element_size()
 
     # -- checkpoints --------------------------------------------------------------------------
 

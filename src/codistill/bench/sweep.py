@@ -60,12 +60,13 @@ def settings(quick: bool) -> dict:
                 "target": 0.5, "timeout_s": 300,
                 "overrides": ["data.name=digits", "data.batch_size=16", "train.steps=20", "optim.lr=0.1",
                               "schedule.scale_lr=false", "codistill.exchange_every=5",
-                              "codistill.exchange_delay=2", "train.eval_every=5",
+                              "codistill.exchange_delay=2", "train.eval_every=5", "codistill.exchange_hierarchical=true",
                               "train.log_every=5", "schedule.warmup_epochs=0", "schedule.milestones=[]"]}
     return {"rates": list(RATES), "profiles": PROFILES, "nproc_per_node": 2, "delay": DELAY, "target": 0.75,
             "timeout_s": 1500,
             "overrides": ["data.name=fashion_mnist", "data.batch_size=64", "train.steps=60",
                           "codistill.exchange_every=25", f"codistill.exchange_delay={DELAY}",
+                          "codistill.exchange_hierarchical=true",
                           "train.eval_every=10", "train.log_every=10", "schedule.warmup_epochs=0.05",
                           "schedule.milestones=[]"]}
 
@@ -110,19 +111,25 @@ def run_cell(link, cfg: Config, run_dir: Path, st: dict, preexec: dict | None = 
             "s_per_step": evals[-1]["time_without_eval"] / evals[-1]["step"],
             "time_to_target": hit and hit["time_without_eval"], "step_at_target": hit and hit["step"],
             "evals": evals, "val_accuracy": s["models"][0]["val_accuracy"],
+            "val_losses": [model["val_loss"] for model in s["models"]],
             "link_bytes_per_step": link_bytes / s["steps"]}
+
+
+def crossing_replicas(cfg: Config, world: int) -> int:
+    """Workers per model group whose exchange crosses the link: 1 when hierarchical."""
+    return 1 if cfg.codistill.exchange_hierarchical else world // cfg.codistill.n_models
 
 
 def predict(arm: str, cfg: Config, compute_s: float, m: dict, link: cm.Link) -> float | None:
     """The cost model's s/step of one arm on `link` (None for an arm it has no formula for yet)."""
     if arm == "allreduce":
         return cm.allreduce_step_s(compute_s, m["grad"], m["world"], link)
-    n = cfg.codistill.n_models
+    n, r = cfg.codistill.n_models, crossing_replicas(cfg, m["world"])
     if arm.startswith("codistill"):
-        return cm.codistill_run_s_per_step(compute_s, 0.0, n, m["world"] // n, m["state"], cfg.codistill.exchange_every,
+        return cm.codistill_run_s_per_step(compute_s, 0.0, n, r, m["state"], cfg.codistill.exchange_every,
                                            cfg.train.steps, link, cfg.codistill.exchange_delay)
     if arm in ("diloco", "localsgd"):
-        return cm.outer_sync_run_s_per_step(compute_s, n, m["world"] // n, m["state"], cfg.codistill.exchange_every,
+        return cm.outer_sync_run_s_per_step(compute_s, n, r, m["state"], cfg.codistill.exchange_every,
                                             cfg.train.steps, link)
     return None
 
@@ -131,13 +138,12 @@ def predicted_link_bytes(arm: str, cfg: Config, m: dict) -> float | None:
     """Both directions, on the wire, per step (evaluation traffic not included)."""
     if arm == "allreduce":
         return 2 * cm.ring_allreduce_link_bytes(m["grad"], m["world"]) * cm.WIRE_OVERHEAD
+    n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
+    r = crossing_replicas(cfg, m["world"])
     if arm.startswith("codistill"):
-        n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
         exchanges = -(-steps // period)
-        return 2 * cm.exchange_link_bytes(m["state"], n, m["world"] // n) * exchanges / steps * cm.WIRE_OVERHEAD
+        return 2 * cm.exchange_link_bytes(m["state"], n, r) * exchanges / steps * cm.WIRE_OVERHEAD
     if arm in ("diloco", "localsgd"):
-        n, steps, period = cfg.codistill.n_models, cfg.train.steps, cfg.codistill.exchange_every
-        r = m["world"] // n
         start = cm.exchange_link_bytes(m["state"], n, r)  # one direction: group 0's model to the others
         outer = 2 * cm.outer_allreduce_link_bytes(m["state"], n, r) * ((steps - 1) // period + 1)
         return (start + outer) / steps * cm.WIRE_OVERHEAD
@@ -170,8 +176,16 @@ def run(quick: bool = False, out: Path = Path("runs/bench"), arms: tuple[str, ..
                 comm = (predict(arm, cfg, 0.0, m, cal_link) or 0.0)
                 compute[arm] = max(rec["s_per_step"] - comm, 0.0)
                 records.append({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit, "arm": arm,
-                                "calibration": True, "compute_s": compute[arm], **rec})
+                                "calibration": True, "compute_s": compute[arm], **rec,
+                                "predicted_link_bytes_per_step": predicted_link_bytes(arm, cfg, m)})
                 print(f"{profile} unshaped ({cal_mbit:.0f} Mbit/s) {arm}: {rec['s_per_step']:.3f} s/step", flush=True)
+            if "codistill" in configs and world // configs["codistill"].codistill.n_models > 1:
+                # The hierarchical exchange checked: the same run with every replica's column crossing.
+                flat = replace(configs["codistill"], codistill__exchange_hierarchical=False)
+                rec = run_cell(link, flat, out / profile / "unshaped" / "codistill_flat", st)
+                records.append({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit,
+                                "arm": "codistill_flat", "calibration": True, "compute_s": None, **rec,
+                                "predicted_link_bytes_per_step": predicted_link_bytes("codistill", flat, m)})
             budget = next(r for r in records if r["profile"] == profile and r["calibration"])["evals"][-1][
                 "time_without_eval"]
             for i, rate in enumerate(st["rates"]):
@@ -239,6 +253,7 @@ def _result(quick: bool, st: dict, records: list[dict], arms: tuple[str, ...]) -
                             f"{', '.join(faster)} (all-reduce link time / compute: "
                             f"{(ar['s_per_step'] - ar['compute_s']) / max(ar['compute_s'], 1e-9):.1f})")
     demand = {r["profile"]: r["link_demand_mbit"] for r in records if r.get("link_demand_mbit")}
+    hierarchy = hierarchical_check(records)
     notes = [f"W = {2 * st['nproc_per_node']} workers on two emulated machines; arms {', '.join(arms)} "
              f"(codistillation asynchronous, D = {st['delay']}); "
              f"{'digits, cnn_tiny (quick)' if quick else 'Fashion-MNIST, batch 64 per worker'}; one run per cell. "
@@ -253,12 +268,35 @@ def _result(quick: bool, st: dict, records: list[dict], arms: tuple[str, ...]) -
              f"{'met' if med_step is not None and med_step <= TARGET_ERROR else 'missed'} for s/step).",
              "link demand (all-reduce gradient bytes per direction per second of compute, calibration cell): "
              + ", ".join(f"{p} {d:.0f} Mbit/s" for p, d in demand.items()) + ".",
-             *speedups]
+             *speedups, *[h["note"] for h in hierarchy]]
     return Result(name="sweep", title="Where codistillation pays: time to accuracy across link rates",
                   command=f"codistill bench sweep{' --quick' if quick else ''}", table=table, notes=notes,
                   data={"target": st["target"], "runs": records, "median_error_s_per_step": med_step,
-                        "median_error_time_to_target": med_ttt, "arms": list(arms)},
+                        "median_error_time_to_target": med_ttt, "arms": list(arms), "hierarchical": hierarchy},
                   machine=machine_info())
+
+
+def hierarchical_check(records: list[dict]) -> list[dict]:
+    """Per profile, the unshaped codistillation cell with the hierarchical exchange against the same
+    run with every replica's column crossing: link bytes saved (measured vs predicted) and whether
+    training was identical (every model's validation loss equal)."""
+    out = []
+    for profile in sorted({r["profile"] for r in records}):
+        cal = {r["arm"]: r for r in records if r["profile"] == profile and r["calibration"]}
+        hier, flat = cal.get("codistill"), cal.get("codistill_flat")
+        if not (hier and flat):
+            continue
+        saved = flat["link_bytes_per_step"] - hier["link_bytes_per_step"]
+        predicted = flat["predicted_link_bytes_per_step"] - hier.get("predicted_link_bytes_per_step", 0.0)
+        identical = hier["val_losses"] == flat["val_losses"]
+        out.append({"profile": profile, "saved_bytes_per_step": saved, "predicted_saved_bytes_per_step": predicted,
+                    "identical_training": identical,
+                    "note": f"{profile}, hierarchical exchange ({flat['replicas']} replicas per machine): link bytes "
+                            f"per step {fmt_bytes(hier['link_bytes_per_step'])} vs {fmt_bytes(flat['link_bytes_per_step'])} "
+                            f"with every column crossing; saved {fmt_bytes(saved)} per step (predicted "
+                            f"{fmt_bytes(predicted)}: the exchange divided by the replicas per machine); training "
+                            f"{'identical (every validation loss equal)' if identical else 'NOT identical'}."})
+    return out
 
 
 def _plot(path: Path, records: list[dict]) -> None:
