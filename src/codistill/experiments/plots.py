@@ -94,7 +94,6 @@ def _lines(experiment: Experiment, rows: list[dict]):
 def _curves(experiment: Experiment, rows: list[dict]):
     """Model 0's curves at the longest budget run (one line per seed), then accuracy per budget."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    variants = {v.name: v for v in experiment.variants}
     first_seed = min(r["seed"] for r in rows)
     longest = max(r["steps"] for r in rows)
     colors: dict[str, str] = {}
@@ -116,7 +115,8 @@ def _curves(experiment: Experiment, rows: list[dict]):
     steps = {r["variant"]: r["steps"] for r in rows}
     by_arm: dict[str, list] = {}
     for name in _order(experiment, stats):
-        by_arm.setdefault(variants[name].arm if name in variants else name, []).append((steps[name], stats[name]))
+        line = name.removesuffix("-long").removesuffix("-short")  # one line per recipe across budgets
+        by_arm.setdefault(line, []).append((steps[name], stats[name]))
     ax = axes[3]
     for arm, points in by_arm.items():
         points.sort(key=lambda p: p[0])

@@ -210,6 +210,8 @@ def recipes(suffix: str = "", scale: dict | None = None, quick: tuple[str, ...] 
                  for name, arm, over in arms if unshifted or name != "regularized")
 
 
+BURNIN = {"codistill.alpha_schedule": "burnin", "codistill.alpha_steps": None}  # the library's default
+
 F1 = Experiment(
     "F1", "Out of the box, codistillation over-regularizes",
     "With the all-reduce recipe (constant weight decay, milestones halved), codistillation ends with a "
@@ -222,6 +224,11 @@ F1 = Experiment(
         Variant("codistill-short", CD, scale=epochs(1 / 3)),
         Variant("allreduce-long", AR, scale=epochs(4)),
         Variant("codistill-long", CD, scale=epochs(4)),
+        # The library's default since the untrained-teacher finding (docs/peers.md): no distillation
+        # toward the other model until it holds trained weights. The verdict stays about the paper's
+        # constant alpha; these rows show what the default changes.
+        Variant("codistill-burnin", CD, set=BURNIN),
+        Variant("codistill-burnin-long", CD, set=BURNIN, scale=epochs(4)),
     ),
     plot="curves", xlabel="budget (updates, the same for both arms)")
 
@@ -337,6 +344,13 @@ PEERS = Experiment(
         Variant("localsgd", "localsgd", quick=True),
         Variant("mixed-together-long", CD, set=MIXED, scale=epochs(4), quick=True),
         Variant("mixed-alone-long", CD, set=MIXED, scale=epochs(4), after={"codistill.alpha": 0.0}, quick=True),
+        # The library's default burn-in (no distillation toward the other model before its first
+        # trained exchange): does it prevent the CNN's collapse next to the MLP?
+        Variant("mixed-together-burnin-long", CD,
+                set={**MIXED, **BURNIN},
+                scale=epochs(4)),
+        # Compressed exchange: bf16 on the wire (half the bytes), teachers from the rounded weights.
+        Variant("codistill-bf16-exchange-long", CD, set={"codistill.exchange_dtype": "bf16"}, scale=epochs(4)),
     ),
     metrics=("test_acc0", "exchange_mb"),
     columns=("val_acc0", "test_acc0", "test_acc1", "exchange_mb", "train_loss", "wall"),
