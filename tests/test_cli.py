@@ -143,8 +143,8 @@ def test_readme_own_loop_example_runs_under_torchrun(tmp_path):
 
 def test_compare_smoke_on_digits(tmp_path):
     out = tmp_path / "cmp"
-    proc = codistill("compare", *DIGITS, "--set", "train.epochs=12", "--set", "data.batch_size=16",
-                     "--set", "schedule.milestones=[8, 10]", "--set", "schedule.warmup_epochs=0",
+    proc = codistill("compare", *DIGITS, "--set", "train.epochs=8", "--set", "data.batch_size=16",
+                     "--set", "schedule.milestones=[5, 7]", "--set", "schedule.warmup_epochs=0",
                      "--set", "codistill.exchange_every=10", "--nproc", "4", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("compare.md", "compare.json", "train_loss.png", "val_accuracy.png", "param_distance.png"):

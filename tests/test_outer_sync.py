@@ -67,7 +67,7 @@ def test_outer_step_matches_algorithm_1_in_one_process(tmp_path):
     assert first == pytest.approx(0.0025, abs=1e-15)
 
 
-def _grid_worker(rank, world, lr, momentum, nesterov):
+def _grid_worker(rank, world, lr, momentum, nesterov, hierarchical=False):
     from codistill.accounting import CommCounter
     from codistill.outer_sync import OuterSync
     from codistill.topology import build_topology
@@ -77,7 +77,8 @@ def _grid_worker(rank, world, lr, momentum, nesterov):
     net = _net()
     _set(net, 10.0 + model)  # different inits: step 0 must give everyone model 0's
     counter = CommCounter()
-    sync = OuterSync(net, topo, every=3, lr=lr, momentum=momentum, nesterov=nesterov, counter=counter)
+    sync = OuterSync(net, topo, every=3, lr=lr, momentum=momentum, nesterov=nesterov, counter=counter,
+                     hierarchical=hierarchical)
     sync.maybe_exchange(0)
     start = net[0].weight.item()
     # Local training: model m ends at 10 - (m + 1); replica 1's BatchNorm statistics drifted
@@ -89,12 +90,13 @@ def _grid_worker(rank, world, lr, momentum, nesterov):
                         dtype=torch.float64)
 
 
-@pytest.mark.parametrize("method", ["diloco", "localsgd"])
-def test_outer_step_over_the_grid_columns_gloo(tmp_path, method):
+@pytest.mark.parametrize("method, hierarchical", [("diloco", False), ("localsgd", False), ("diloco", True)])
+def test_outer_step_over_the_grid_columns_gloo(tmp_path, method, hierarchical):
+    # hierarchical: only replica 0's column all-reduces, then broadcasts in its group: same values.
     from codistill.outer_sync import AVERAGING
 
     settings = (0.7, 0.9, True) if method == "diloco" else AVERAGING
-    results = run_workers(_grid_worker, 4, tmp_path, settings)
+    results = run_workers(_grid_worker, 4, tmp_path, (*settings, hierarchical))
     expected = _nesterov_by_hand(10.0, [[9.0, 8.0]], *settings[:2])[0]
     if method == "localsgd":
         assert expected == 8.5  # plain averaging of the two models
@@ -106,7 +108,10 @@ def test_outer_step_over_the_grid_columns_gloo(tmp_path, method):
         assert running_mean == 2.0  # mean of replica 0's statistics of the two models (0 and 4)
         # Step 0 (model 0 sends its state to the other model), then one all-reduce among 2: 1x state.
         initial = nbytes if r is results[0] or r is results[1] else 0
-        assert sent == initial + nbytes
+        if hierarchical and (r is results[1] or r is results[3]):
+            assert sent == 0  # replica 1 of each group: nothing crosses between the groups
+        else:
+            assert sent == initial + nbytes
 
 
 def test_config_validates_outer_settings_and_methods():
