@@ -291,3 +291,25 @@ def test_reproduce_peers_quick_runs_the_four_methods_and_the_mixed_pair(quick_su
     verdict, reason = judge(EXPERIMENTS["Peers"], list(rows.values()))
     assert verdict.startswith("codistillation ") and "(smoke-test settings" in verdict
     assert "DiLoCo" in reason and "mlp" in reason and "together vs" in reason
+
+
+def test_budget_rule_reads_the_last_quarter_of_the_all_reduce_curve():
+    from codistill.experiments.budget import budget_line, convergence
+
+    def row(variant, steps, acc_points, arm="allreduce", loss_points=None):
+        curve = {"val/accuracy": acc_points, "val/loss": loss_points or []}
+        return {"variant": variant, "arm": arm, "steps": steps, "curve": curve}
+
+    flat = [[0, 0.1], [300, 0.80], [600, 0.895], [900, 0.899], [1200, 0.900]]  # +0.5 pts from 900 on
+    still = [[0, 0.1], [300, 0.60], [600, 0.700], [900, 0.760], [1200, 0.800]]
+    rows = [row("allreduce", 300, [[0, 0.1], [300, 0.6]]), row("allreduce-long", 1200, flat),
+            row("allreduce-long", 1200, [[0, 0.1], [900, 0.899], [1200, 0.899]]),
+            row("codistill-long", 1200, still, arm="codistill")]
+    c = convergence(rows)
+    assert (c.variant, c.steps, c.seeds) == ("allreduce-long", 1200, 2)
+    assert c.change == pytest.approx((0.001 + 0.0) / 2) and c.converged  # the longest all-reduce only
+    assert "converged by the rule" in budget_line(rows)
+    assert not convergence([row("allreduce", 1200, still)]).converged
+    nll = convergence([row("allreduce", 100, [], loss_points=[[0, 5.0], [75, 3.0], [100, 2.9]])], nll=True)
+    assert nll.metric == "val/loss" and nll.change == pytest.approx(0.1) and not nll.converged
+    assert "Not shown" in budget_line([{"variant": "allreduce", "arm": "allreduce", "steps": 9, "curve": None}])

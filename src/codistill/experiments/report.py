@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..run_log import atomic_write_text
 from . import results as res
+from .budget import ACC_RISE, NLL_DROP, budget_line
 from .plots import plot_experiment
 from .runner import base_config, load_rows
 from .suite import EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant
@@ -177,7 +178,8 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
             provenance += (f" **Reduced budget:** every epoch-valued setting x {budget:g} "
                            f"(`--budget {budget:g}`); these rows are not the suite's measurement.")
         lines += [provenance, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
-                  results_table(experiment, rows, selected), ""]
+                  results_table(experiment, rows, selected), "",
+                  budget_line(rows, nll=experiment.family in ("translation", "lm")), ""]
         if plot is not None:
             lines += [f"![{experiment.name}]({rel(plot)})", ""]
     else:
@@ -207,6 +209,10 @@ generator. {quick_note}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
   otherwise similar. A verdict from one seed is marked provisional, one from fewer than 3 says so.
+- Budget rule (issue 18; `experiments/budget.py`): a claim about trained models holds only at a budget
+  where all-reduce has converged, i.e. over the last quarter of its training its validation accuracy
+  rises by less than {acc_rise} points (its NLL falls by less than {nll_drop} nats for translation
+  and language modeling). Each section states the rule's result for its longest all-reduce run.
 
 | finding | verdict |
 |---|---|
@@ -238,6 +244,7 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     out_flag = (" --quick" if quick else "") + (f" --out {out_arg}" if out_arg != "results" else "")
     intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
                          seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
+                         acc_rise=f"{100 * ACC_RISE:.1f}", nll_drop=NLL_DROP,
                          summary="\n".join(summary))
     if notes.get("Summary"):
         intro += f"\n## Summary\n\n{notes['Summary']}\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 
-CURVE_KEYS = ("train/task_loss", "val/accuracy", "param_distance")
+CURVE_KEYS = ("train/task_loss", "val/accuracy", "val/loss", "param_distance")
 CURVE_POINTS = 60
 
 

@@ -205,8 +205,7 @@ class Suite:
         summary = train(cfg, run_dir.resolve(), overwrite=True, nproc=world)
         row.update(res.summary_values(summary))
         row["total_seconds"] = time.perf_counter() - start
-        if experiment.plot == "curves":
-            row["curve"] = res.read_curve(run_dir)
+        row["curve"] = res.read_curve(run_dir)  # every experiment: the budget rule reads it
         row.update(run_dir=str(run_dir), reused_from=None, command=self.command,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
         self._by_hash[digest] = row

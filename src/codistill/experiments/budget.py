@@ -1,0 +1,74 @@
+"""The budget rule: is a verdict's budget one where all-reduce has converged?
+
+A claim about trained models is judged where the all-reduce arm has stopped improving: over the
+last quarter of its training its validation accuracy rises by less than ACC_RISE (0.2 points) or,
+for tasks scored by NLL (translation, language modeling), its validation NLL falls by less than
+NLL_DROP (0.02 nats). Read from the curves stored in the result rows (model 0, mean over seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACC_RISE = 0.002  # 0.2 points of accuracy
+NLL_DROP = 0.02  # nats
+LAST = 0.25  # the last quarter of training
+
+
+@dataclass(frozen=True)
+class Convergence:
+    variant: str
+    steps: int
+    metric: str  # "val/accuracy" or "val/loss"
+    change: float  # over the last quarter: accuracy gained, or NLL lost (both positive when improving)
+    seeds: int
+
+    @property
+    def converged(self) -> bool:
+        return self.change < (ACC_RISE if self.metric == "val/accuracy" else NLL_DROP)
+
+    def sentence(self) -> str:
+        what = (f"validation accuracy rose {100 * self.change:+.2f} points" if self.metric == "val/accuracy"
+                else f"validation NLL fell {self.change:+.3f} nats")
+        rule = f"< {100 * ACC_RISE:.1f} points" if self.metric == "val/accuracy" else f"< {NLL_DROP} nats"
+        return (f"over the last quarter of `{self.variant}` ({self.steps} updates, {self.seeds} seed(s)) "
+                f"{what}: {'converged' if self.converged else 'NOT converged'} by the rule ({rule})")
+
+
+def last_quarter_change(points: list[list[float]], steps: int, metric: str) -> float | None:
+    """Improvement of `metric` from the last point at or before 3/4 of `steps` to the final point."""
+    if len(points) < 2:
+        return None
+    cut = (1 - LAST) * steps
+    before = [p for p in points if p[0] <= cut]
+    if not before:
+        return None
+    start, end = before[-1][1], points[-1][1]
+    return end - start if metric == "val/accuracy" else start - end
+
+
+def convergence(rows: list[dict], nll: bool = False) -> Convergence | None:
+    """The all-reduce arm at its longest budget with curves, or None when no row has one; `nll`:
+    judge the validation NLL (translation, language modeling) instead of the accuracy."""
+    candidates = [r for r in rows if r.get("arm") == "allreduce" and r.get("curve")]
+    if not candidates:
+        return None
+    steps = max(r["steps"] for r in candidates)
+    longest = [r for r in candidates if r["steps"] == steps]
+    variant = sorted({r["variant"] for r in longest})[0]
+    longest = [r for r in longest if r["variant"] == variant]
+    metric = "val/loss" if nll and any(r["curve"].get("val/loss") for r in longest) else "val/accuracy"
+    changes = [c for r in longest
+               if (c := last_quarter_change(r["curve"].get(metric) or [], steps, metric)) is not None]
+    if not changes:
+        return None
+    return Convergence(variant, steps, metric, sum(changes) / len(changes), len(changes))
+
+
+def budget_line(rows: list[dict], nll: bool = False) -> str:
+    """The report's statement of the rule for one experiment's rows."""
+    c = convergence(rows, nll)
+    if c is None:
+        return ("**Budget rule.** Not shown: no all-reduce row here stores its validation curve (rows made "
+                "before curves were kept for every experiment); rerun it to judge convergence.")
+    return f"**Budget rule.** {c.sentence()[0].upper()}{c.sentence()[1:]}."
