@@ -90,3 +90,24 @@ def test_hierarchical_check_compares_link_bytes_and_training():
                                  cell("codistill_flat", 1900.0, 1600.0, [0.5, 0.61])])
     assert not differ[0]["identical_training"] and "NOT identical" in differ[0]["note"]
     assert hierarchical_check([cell("codistill", 1000.0, 800.0, [0.5])]) == []  # no flat cell: nothing to say
+
+
+def test_time_to_target_uses_a_level_every_arm_reaches():
+    from codistill.bench.sweep import retarget
+
+    def cell(arm, calibration, accs, step_s):
+        evals = [{"step": 10 * (i + 1), "accuracy": a, "time_without_eval": 10 * (i + 1) * step_s}
+                 for i, a in enumerate(accs)]
+        return {"profile": "cnn", "arm": arm, "calibration": calibration, "evals": evals,
+                "predicted_s_per_step": None if calibration else step_s}
+
+    records = [cell("allreduce", True, [0.6, 0.76, 0.8], 0.2), cell("codistill", True, [0.5, 0.7, 0.737], 0.2),
+               cell("allreduce", False, [0.6, 0.76, 0.8], 1.0), cell("codistill", False, [0.5, 0.7, 0.737], 0.25)]
+    retarget(records, 0.75)
+    assert {r["target"] for r in records} == {0.735}  # codistillation's best, rounded down to 0.5 points
+    slow_ar, slow_cd = records[2], records[3]
+    assert (slow_ar["step_at_target"], slow_ar["time_to_target"]) == (20, 20.0)
+    assert (slow_cd["step_at_target"], slow_cd["time_to_target"]) == (30, 7.5)
+    assert slow_cd["predicted_time_to_target"] == 7.5
+    retarget(records, 0.7)  # reached by both: the configured target stays
+    assert {r["target"] for r in records} == {0.7}
