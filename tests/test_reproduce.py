@@ -313,3 +313,12 @@ def test_budget_rule_reads_the_last_quarter_of_the_all_reduce_curve():
     nll = convergence([row("allreduce", 100, [], loss_points=[[0, 5.0], [75, 3.0], [100, 2.9]])], nll=True)
     assert nll.metric == "val/loss" and nll.change == pytest.approx(0.1) and not nll.converged
     assert "Not shown" in budget_line([{"variant": "allreduce", "arm": "allreduce", "steps": 9, "curve": None}])
+
+
+def test_variants_filter_names_unknown_variants_before_training(tmp_path):
+    from codistill.errors import UserError
+    from codistill.experiments.runner import Suite
+
+    with pytest.raises(UserError, match="unknown variant.*codistill-nope.*known: .*codistill-burnin"):
+        Suite(tmp_path / "out").run([EXPERIMENTS["F1"]], 1, only=["codistill-burnin", "codistill-nope"])
+    assert not (tmp_path / "out").exists()

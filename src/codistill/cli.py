@@ -57,6 +57,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data and model, few steps, few variants")
     p.add_argument("--out", help="results directory (default: results; runs/reproduce-quick with --quick)")
     p.add_argument("--budget", type=float, default=1.0, help="multiply every epoch-valued setting (a reduced run)")
+    p.add_argument("--variants", nargs="+", metavar="VARIANT", help="run only these variants of the named experiments")
     p.add_argument("--report", action="store_true", help="only redraw the plots and rewrite the report from the rows")
     p.add_argument("--doc", help="report path (default: docs/results.md for --out results, else OUT/results.md)")
 
@@ -65,6 +66,7 @@ def _reproduce(args) -> int:
     from .experiments import reproduce
 
     return reproduce(args.names, seeds=args.seeds, quick=args.quick, out=args.out, budget=args.budget,
+                     variants=args.variants,
                      report=args.report, doc=args.doc)
 
 

@@ -19,7 +19,8 @@ QUICK_OUT = "runs/reproduce-quick"
 
 
 def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, out: str | None = None,
-              budget: float = 1.0, report: bool = False, doc: str | None = None) -> int:
+              budget: float = 1.0, report: bool = False, doc: str | None = None,
+              variants: list[str] | None = None) -> int:
     """Run the named experiments (none with `report` alone), then draw their plots and write the
     report. Returns the exit status: 1 when a run failed (its row is missing; rerun to retry)."""
     from ..distributed import is_leader
@@ -35,7 +36,7 @@ def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, o
     if names or not report:
         experiments = select(names)
         suite = Suite(out, quick=quick, budget=budget, command=shlex.join(["codistill", *sys.argv[1:]]))
-        written = suite.run(experiments, seeds)
+        written = suite.run(experiments, seeds, only=variants)
         failures = suite.failures
         if not is_leader():  # under torchrun: rank 0 alone reports
             return 1 if failures else 0

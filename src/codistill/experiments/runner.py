@@ -155,15 +155,21 @@ class Suite:
                 if row.get("config_hash") and not row.get("reused_from"):
                     self._by_hash.setdefault(row["config_hash"], row)
 
-    def run(self, experiments: list[Experiment], seeds: int) -> int:
-        """Runs what is missing; returns the number of rows written."""
+    def run(self, experiments: list[Experiment], seeds: int, only: list[str] | None = None) -> int:
+        """Runs what is missing (of the variants named in `only`, if given); returns the rows written."""
+        if only:
+            known = {v.name for e in experiments for v in variants_of(e, self.quick)}
+            unknown = [name for name in only if name not in known]
+            if unknown:
+                raise UserError(f"unknown variant(s) {', '.join(unknown)} of {', '.join(e.name for e in experiments)}; "
+                                f"known: {', '.join(sorted(known))}")
         written = 0
         for experiment in experiments:
             path = res.results_file(self.out, experiment.name)
             done = {res.row_key(r) for r in res.read_rows(path) if r.get("budget", 1.0) == self.budget}
             for seed in range(seeds):
                 for variant in variants_of(experiment, self.quick):
-                    if (experiment.name, variant.name, seed) in done:
+                    if (experiment.name, variant.name, seed) in done or (only and variant.name not in only):
                         continue
                     label = f"{experiment.name}/{variant.name}/s{seed}"
                     try:
