@@ -349,8 +349,9 @@ PEERS = Experiment(
         Variant("mixed-together-burnin-long", CD,
                 set={**MIXED, **BURNIN},
                 scale=epochs(4)),
-        # Compressed exchange: bf16 on the wire (half the bytes), teachers from the rounded weights.
-        Variant("codistill-bf16-exchange-long", CD, set={"codistill.exchange_dtype": "bf16"}, scale=epochs(4)),
+        # Compressed exchange: bf16 on the wire (half the bytes), teachers from the rounded weights;
+        # against `codistill` at the same (base) budget.
+        Variant("codistill-bf16-exchange", CD, set={"codistill.exchange_dtype": "bf16"}),
     ),
     metrics=("test_acc0", "exchange_mb"),
     columns=("val_acc0", "test_acc0", "test_acc1", "exchange_mb", "train_loss", "wall"),
