@@ -52,9 +52,16 @@ def _own_loop_worker(rank, world, delay, exchange_dtype="fp32"):
             "seed": codist.seed}
 
 
+@pytest.fixture(scope="module")
+def own_loop(tmp_path_factory):
+    """The own-loop run for delay 0 and 2 (fp32 exchange), shared by the tests below."""
+    return {delay: run_workers(_own_loop_worker, 2, tmp_path_factory.mktemp(f"own{delay}"), (delay,))
+            for delay in (0, 2)}
+
+
 @pytest.mark.parametrize("delay", [0, 2])
-def test_attach_counts_steps_and_exchanges_on_schedule(tmp_path, delay):
-    r = run_workers(_own_loop_worker, 2, tmp_path, (delay,))
+def test_attach_counts_steps_and_exchanges_on_schedule(own_loop, delay):
+    r = own_loop[delay]
     for rank, peer in ((0, 1), (1, 0)):
         assert r[rank]["steps"] == list(range(STEPS)) and r[rank]["after"] == STEPS
         assert r[rank]["seed"] == 3 + rank
@@ -74,8 +81,8 @@ def test_attach_counts_steps_and_exchanges_on_schedule(tmp_path, delay):
 
 
 @pytest.mark.parametrize("delay", [0, 2])
-def test_bf16_exchange_sends_half_the_bytes_and_teachers_hold_the_rounded_weights(tmp_path, delay):
-    fp32 = run_workers(_own_loop_worker, 2, tmp_path, (delay, "fp32"))
+def test_bf16_exchange_sends_half_the_bytes_and_teachers_hold_the_rounded_weights(tmp_path, own_loop, delay):
+    fp32 = own_loop[delay]
     bf16 = run_workers(_own_loop_worker, 2, tmp_path, (delay, "bf16"))
     for rank, peer in ((0, 1), (1, 0)):
         for step in range(STEPS):
