@@ -60,6 +60,10 @@ def test_default_distills_from_the_first_exchange_of_trained_weights():
     assert [alpha(s) for s in (0, 29, 30, 99)] == [0.0, 0.0, cfg.codistill.alpha, cfg.codistill.alpha]
     explicit = build_schedules(replace(cfg, codistill__alpha_steps=5), 100, cfg.data.batch_size).alpha
     assert (explicit(4), explicit(5)) == (0.0, cfg.codistill.alpha)
+    # Asynchronous exchange: step 30's weights are swapped in at step 30 + D; until then the teachers
+    # still hold step 0's random initializations.
+    delayed = build_schedules(replace(cfg, codistill__exchange_delay=10), 100, cfg.data.batch_size).alpha
+    assert (delayed(39), delayed(40)) == (0.0, cfg.codistill.alpha)
 
 
 def test_default_burnin_warns_that_short_runs_barely_distill():

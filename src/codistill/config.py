@@ -88,8 +88,8 @@ class CodistillConfig:
     initializations the exchange at step 0 hands out; measured better on 3 seeds, docs/peers.md);
     `constant` (the paper's); `ramp` (linear from 0 to alpha over alpha_steps steps)."""
     alpha_steps: int | None = None
-    """K for `burnin` and `ramp`; None means T (codistill.exchange_every): distill from the first
-    exchange of trained weights on."""
+    """K for `burnin` and `ramp`; None means T + D (codistill.exchange_every + exchange_delay):
+    distill from the first exchange of trained weights on (swapped in D steps after step T)."""
     teacher_mode: str = "eval"
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"

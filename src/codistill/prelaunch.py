@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from .config import Config
+from .recipe import first_trained_teacher
 
 MIN_PERIODS = 4
 """S >= MIN_PERIODS x T for a meaningful codistillation run: random teachers for at most 1/4 of it."""
@@ -24,17 +25,19 @@ def untrained_teacher_warning(cfg: Config, steps: int) -> str | None:
     if c.n_models == 1 or c.method != "distill" or c.alpha == 0:
         return None
     T = c.exchange_every
-    burnin = c.alpha_schedule == "burnin" and (c.alpha_steps is None or c.alpha_steps >= T)
+    K = c.alpha_steps if c.alpha_steps is not None else first_trained_teacher(cfg)  # burn-in steps
+    burnin = c.alpha_schedule == "burnin" and K >= T
     fix = ("lower codistill.exchange_every or train longer" if burnin else
            f"lower codistill.exchange_every, train longer, or distill only from trained teachers with "
            f"codistill.alpha_schedule=burnin codistill.alpha_steps={T}")
     if burnin:  # the default: no distillation toward random teachers, but little of it at all
-        if T >= steps:
-            return (f"codistill.exchange_every={T} >= the run's {steps} updates: with the burn-in of "
-                    f"codistill.alpha_schedule=burnin no step distills, so this trains independent models; {fix}")
+        if K >= steps:
+            return (f"the burn-in of codistill.alpha_schedule=burnin ({K} steps: until the exchange at step "
+                    f"T={T} has arrived) covers the run's {steps} updates: no step distills, so this trains "
+                    f"independent models; {fix}")
         if steps < MIN_PERIODS * T:
             return (f"{steps} updates are fewer than {MIN_PERIODS} exchange periods (T={T}): the burn-in "
-                    f"leaves {steps - T} distilling steps and {(steps - 1) // T} exchange(s) of trained weights, "
+                    f"leaves {steps - K} distilling steps and {(steps - 1) // T} exchange(s) of trained weights, "
                     f"too few for a meaningful comparison; {fix}")
         return None
     if T >= steps:

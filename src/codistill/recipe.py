@@ -54,6 +54,13 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, round(cfg.train.epochs * steps_per_epoch))
 
 
+def first_trained_teacher(cfg: Config) -> int:
+    """The first step whose teachers hold trained weights: the exchange at step T, swapped in D steps
+    later when asynchronous (before it, the teachers are the step-0 exchange's initializations)."""
+    c = cfg.codistill
+    return c.exchange_every + (c.exchange_delay if c.exchange == "collective" else 0)
+
+
 def build_schedules(cfg: Config, steps_per_epoch: int, model_batch: int) -> Schedules:
     """`model_batch` is the model's effective batch B (per-worker batch x replicas)."""
     s, o, c = cfg.schedule, cfg.optim, cfg.codistill
@@ -68,5 +75,5 @@ def build_schedules(cfg: Config, steps_per_epoch: int, model_batch: int) -> Sche
                     milestones=milestones, gamma=s.gamma)
     wd_values = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
     wd = StageSchedule(tuple(wd_values), milestones if len(wd_values) > 1 else ())
-    alpha = AlphaSchedule(c.alpha_schedule, c.alpha, c.alpha_steps if c.alpha_steps is not None else c.exchange_every)
+    alpha = AlphaSchedule(c.alpha_schedule, c.alpha, c.alpha_steps if c.alpha_steps is not None else first_trained_teacher(cfg))
     return Schedules(lr, wd, alpha, total, steps_per_epoch)
