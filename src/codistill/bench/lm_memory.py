@@ -31,7 +31,9 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
         sets += ["lm.vocab_size=1000", "lm.context=64", "data.batch_size=256"]
     path = Path(__file__).resolve().parents[1] / "configs" / "lm_tiny.yaml"
     runs = [(f"n{n}", load_config(path, [*sets, f"codistill.n_models={n}"])) for n in (1, 2, 4)]
-    summaries = run_local(runs, WORLD, Path(out) / "lm_memory_runs")
+    # One start of the workers per run: a process's peak resident set only ever grows, so runs
+    # sharing the processes would each report the largest so far.
+    summaries = {name: run_local([(name, c)], WORLD, Path(out) / "lm_memory_runs")[name] for name, c in runs}
     cfg = runs[0][1]
     tokens, vocab = cfg.data.batch_size, cfg.lm.vocab_size
     base = summaries["n1"]["peak_memory_mib"]
