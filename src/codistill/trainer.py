@@ -70,6 +70,8 @@ class Trainer:
         c = cfg.codistill
         # A job trains all n models, or one of them with exchange through storage.
         configure_device(self.device, cfg.train.deterministic)  # cuDNN autotuning + TF32, or determinism
+        if self.device.type == "cuda":  # the summary's peak memory is this run's, not the process's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.topo = topo = build_topology(c.n_models, c.model_index if c.exchange == "storage" else None)
         self.model_index = topo.model_index  # among all n models
         self.task = make_task(cfg, self.device, self.run_dir)
