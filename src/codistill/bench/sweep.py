@@ -352,11 +352,14 @@ def _plot(path: Path, records: list[dict]) -> None:
         for arm in sorted({r["arm"] for r in records if r["profile"] == profile}):
             cells = sorted((r for r in records if r["profile"] == profile and r["arm"] == arm and not r["calibration"]),
                            key=lambda r: r["rate_mbit"])
+            if not cells:  # calibration-only arms (the flat exchange check)
+                continue
             rates = [r["rate_mbit"] for r in cells]
             line, = ax.plot(rates, [r["time_to_target"] or float("nan") for r in cells], "o-", label=f"{arm} measured")
             ax.plot(rates, [r["predicted_time_to_target"] or float("nan") for r in cells], "x--",
                     color=line.get_color(), label=f"{arm} cost model")
         ax.set_xscale("log")
+        ax.set_yscale("log")  # all-reduce spans two orders of magnitude
         ax.set_xlabel("link rate (Mbit/s)")
         ax.set_ylabel("seconds to target accuracy")
         ax.set_title(profile)
