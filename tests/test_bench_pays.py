@@ -111,3 +111,21 @@ def test_time_to_target_uses_a_level_every_arm_reaches():
     assert slow_cd["predicted_time_to_target"] == 7.5
     retarget(records, 0.7)  # reached by both: the configured target stays
     assert {r["target"] for r in records} == {0.7}
+
+
+def test_straggler_times_use_a_level_every_arm_reaches_without_the_straggler():
+    from codistill.bench.straggler import retarget
+
+    def evals(accs, step_s):
+        return [{"step": 10 * (i + 1), "accuracy": a, "time_without_eval": 10 * (i + 1) * step_s}
+                for i, a in enumerate(accs)]
+
+    records = [{"arm": "allreduce", "condition": "even", "evals": [evals([0.7, 0.8], 0.1)]},
+               {"arm": "codistill_storage", "condition": "even", "evals": [evals([0.6, 0.72], 0.1),
+                                                                          evals([0.6, 0.7], 0.1)]},
+               {"arm": "codistill_storage", "condition": "slow", "evals": [evals([0.6, 0.73], 0.11),
+                                                                          evals([0.5, 0.6], 0.2)]}]
+    retarget(records, 0.75)
+    assert {r["target"] for r in records} == {0.72}
+    assert records[0]["step_at_target"] == [20]
+    assert records[2]["time_to_target"] == [20 * 0.11, None]  # model 1 on the slow machine: not reached
