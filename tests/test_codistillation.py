@@ -157,3 +157,15 @@ def test_summarize_is_pure():
     assert s["exchange_blocked_fraction"] == 0.5 and s["samples_per_s"] == 10 * 32 * 2 / 4.0
     assert s["ensemble_test_accuracy"] == 0.95 and s["teacher_steps"] == {1: 10}
     assert s["peak_memory_mib"] == 130.0 and s["peak_memory_kind"] == "process_rss"  # the worst worker
+
+
+def test_trained_teachers_only_skips_the_initial_weights_handed_out_at_step_0():
+    from codistill.exchange import Teachers
+
+    teachers = Teachers({1: _net(), 2: _net()})
+    x = torch.randn(4, 4)
+    assert teachers.available() == {} and teachers.logits(x) == []
+    teachers.mark_received(0)  # the exchange at step 0: initial weights
+    assert len(teachers.logits(x)) == 2 and teachers.logits(x, trained_only=True) == []
+    teachers.mark_received(25, models=[2])  # model 2's trained weights arrived, model 1's not yet
+    assert list(teachers.available(trained_only=True)) == [2] and len(teachers.logits(x, trained_only=True)) == 1

@@ -121,6 +121,9 @@ class Codistillation:
     topology, counter: pass them to share a grid or byte counter already built.
     wrap: wrap the model in DDP over its model group (False when a framework wraps it, as the
         Lightning strategy does; `model` is then the module itself).
+    trained_teachers_only: never distill toward a teacher that still holds the initial weights
+        handed out at step 0 (through storage, a slow peer's first trained file can arrive long after
+        step T); the trainer sets it with the default burn-in.
     """
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
@@ -130,7 +133,7 @@ class Codistillation:
                  teacher_precision: str = "fp32", exchange_dtype: str = "fp32", hierarchical: bool = False,
                  outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
-                 counter: CommCounter | None = None, wrap: bool = True):
+                 counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if exchange_dtype not in WIRE_DTYPES:
@@ -146,6 +149,7 @@ class Codistillation:
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
         self.wire_dtype, self.hierarchical = WIRE_DTYPES[exchange_dtype], hierarchical
+        self.trained_teachers_only = trained_teachers_only
         self.device = device if device is not None else _default_device()
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)
@@ -208,15 +212,15 @@ class Codistillation:
         the two overlap; `loss` waits for them.
         """
         self.maybe_exchange()
-        if self.current_alpha() <= 0 or not self.teachers.available():
+        if self.current_alpha() <= 0 or not self.teachers.available(self.trained_teachers_only):
             return []
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16")
         if self.teacher_stream is None:
             with amp:
-                return self.teachers.logits(batch, forward)
+                return self.teachers.logits(batch, forward, self.trained_teachers_only)
         self.teacher_stream.wait_stream(torch.cuda.current_stream(self.device))  # the batch is ready
         with torch.cuda.stream(self.teacher_stream), amp:
-            return self.teachers.logits(batch, forward)
+            return self.teachers.logits(batch, forward, self.trained_teachers_only)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
              *, teacher_inputs=None) -> dict[str, torch.Tensor]:

@@ -84,8 +84,9 @@ class CodistillConfig:
     alpha: float = 1.0
     """Weight of the distillation term."""
     alpha_schedule: str = "burnin"
-    """`burnin` (0 for the first alpha_steps steps, then alpha: no distillation toward the random
-    initializations the exchange at step 0 hands out; measured better on 3 seeds, docs/peers.md);
+    """`burnin` (0 for the first alpha_steps steps, then alpha, and never toward a teacher still
+    holding the initial weights the exchange at step 0 hands out, which through storage can last
+    past step T when a peer is slow; measured better on 3 seeds, docs/peers.md);
     `constant` (the paper's); `ramp` (linear from 0 to alpha over alpha_steps steps)."""
     alpha_steps: int | None = None
     """K for `burnin` and `ramp`; None means T + D (codistill.exchange_every + exchange_delay):

@@ -57,17 +57,21 @@ class Teachers:
     def __len__(self) -> int:
         return len(self.modules)
 
-    def available(self) -> dict[int, nn.Module]:
-        """Teachers that have received weights (exchange through storage may not have any yet)."""
-        return {j: m for j, m in self.modules.items() if self.versions[j] >= 0}
+    def available(self, trained_only: bool = False) -> dict[int, nn.Module]:
+        """Teachers that have received weights (exchange through storage may not have any yet);
+        `trained_only`: only those holding weights trained for at least one step (not the initial
+        weights that the exchange at step 0 hands out)."""
+        first = 1 if trained_only else 0
+        return {j: m for j, m in self.modules.items() if self.versions[j] >= first}
 
     @torch.no_grad()
-    def logits(self, batch, forward=None) -> list[torch.Tensor]:
+    def logits(self, batch, forward=None, trained_only: bool = False) -> list[torch.Tensor]:
         """Each available teacher's output on the student's own batch (the one teacher forward of
         the library). forward(teacher, batch) -> logits; default teacher(batch)."""
+        teachers = self.available(trained_only).values()
         if forward is None:
-            return [m(batch) for m in self.available().values()]
-        return [forward(m, batch) for m in self.available().values()]
+            return [m(batch) for m in teachers]
+        return [forward(m, batch) for m in teachers]
 
     def staleness(self, step: int) -> int:
         """Steps since the oldest teacher's weights were current (0 right after an exchange);

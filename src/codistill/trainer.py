@@ -58,7 +58,9 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           delay=c.exchange_delay, exchange=exchange, exchange_dir=c.exchange_dir,
                           loss=c.loss, temperature=c.temperature, label_smoothing=cfg.train.label_smoothing,
                           teacher_mode=c.teacher_mode, teacher_precision=c.teacher_precision,
-                          exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical, outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo)
+                          exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical,
+                          outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo,
+                          trained_teachers_only=c.alpha_schedule == "burnin")
 
 
 class Trainer:
