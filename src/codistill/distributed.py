@@ -15,6 +15,7 @@ refused before anything starts, with the variables to unset.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -213,7 +214,9 @@ def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: f
     # The work is done and written. Skip the interpreter's teardown: under load, gloo's C++ threads
     # can still be winding down while Python finalizes, and the worker then dies with SIGABRT
     # ("terminate called without an active exception", seen in CI with torch 2.14) after a run that
-    # succeeded. Nothing is buffered but stdio, flushed here.
+    # succeeded. The exit handlers still run (multiprocessing's unregisters its semaphores, or the
+    # parent's resource tracker warns about leaked ones); stdio is flushed.
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
