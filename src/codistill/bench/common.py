@@ -14,6 +14,7 @@ import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..run_log import atomic_write_text
 
@@ -121,3 +122,22 @@ def write_result(out: Path, result: Result) -> None:
 def child_env(threads: int = 1) -> dict:
     """Environment for training processes: one intra-op thread each, unbuffered output."""
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def reachable_target(best: list[float], target: float) -> float:
+    """`target`, or, when a run's best accuracy (`best`, one per run) falls short of it, the highest
+    level every run reaches, rounded down to 0.5 points: times to a target need a level all attain."""
+    reachable = min(best) if best else target
+    return target if reachable >= target else int(reachable * 200) / 200
+
+
+def report_main(report: Callable[[Path], Result], json_name: str) -> None:
+    """`python -m codistill.bench.NAME --report DIR`: redo a finished benchmark's files from DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=report.__doc__)
+    parser.add_argument("--report", required=True, type=Path, help=f"directory holding {json_name}")
+    args = parser.parse_args()
+    result = report(args.report)
+    write_result(args.report, result)
+    print(result.markdown())

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..config import dump_yaml, replace
 from ..errors import UserError
 from ..run_log import atomic_write_text
-from .common import Result, fmt, machine_info, markdown_table
+from .common import Result, fmt, machine_info, markdown_table, reachable_target
 from .slow_network import first_reaching, training_clock
 from .sweep import DELAY, sweep_configs
 
@@ -166,7 +166,7 @@ def retarget(records: list[dict], target: float) -> list[dict]:
     """Times to `target`, or, if some arm's model 0 never reaches it without the straggler, to the
     highest validation accuracy every arm's model 0 reaches there (rounded down to 0.5 points)."""
     best = [max(e["accuracy"] for e in r["evals"][0]) for r in records if r["condition"] == "even"]
-    t = target if not best or min(best) >= target else int(min(best) * 200) / 200
+    t = reachable_target(best, target)
     for r in records:
         hits = [first_reaching(e, t) for e in r["evals"]]
         r.update(target=t, time_to_target=[h and h["time_without_eval"] for h in hits],
@@ -225,13 +225,6 @@ def _result(quick: bool, st: dict, records: list[dict], version: int) -> Result:
 
 
 if __name__ == "__main__":  # python -m codistill.bench.straggler --report DIR: re-analyse a finished run
-    import argparse
+    from .common import report_main
 
-    from .common import write_result
-
-    parser = argparse.ArgumentParser(description=report.__doc__)
-    parser.add_argument("--report", required=True, type=Path, help="directory holding straggler.json")
-    args = parser.parse_args()
-    res = report(args.report)
-    write_result(args.report, res)
-    print(res.markdown())
+    report_main(report, "straggler.json")

@@ -40,7 +40,7 @@ from ..compare import arm_configs
 from ..config import Config, dump_yaml, load_config, replace
 from ..models import build_model
 from ..run_log import atomic_write_text
-from .common import Result, fmt, fmt_bytes, machine_info, markdown_table
+from .common import Result, fmt, fmt_bytes, machine_info, markdown_table, reachable_target
 from .slow_network import first_reaching, training_clock
 
 RATES = (1000, 100, 25, 10)
@@ -222,8 +222,7 @@ def common_target(records: list[dict], profile: str, target: float) -> float:
     level all arms attain, and steps to a level do not depend on the link (training is identical)."""
     best = [max(e["accuracy"] for e in r["evals"]) for r in records
             if r["profile"] == profile and r["calibration"] and r["arm"] != "codistill_flat" and r["evals"]]
-    reachable = min(best) if best else target
-    return target if reachable >= target else int(reachable * 200) / 200
+    return reachable_target(best, target)
 
 
 def retarget(records: list[dict], target: float) -> list[dict]:
@@ -371,13 +370,6 @@ def _plot(path: Path, records: list[dict]) -> None:
 
 
 if __name__ == "__main__":  # python -m codistill.bench.sweep --report DIR: re-analyse a finished sweep
-    import argparse
+    from .common import report_main
 
-    from .common import write_result
-
-    parser = argparse.ArgumentParser(description=report.__doc__)
-    parser.add_argument("--report", required=True, type=Path, help="directory holding sweep.json")
-    args = parser.parse_args()
-    res = report(args.report)
-    write_result(args.report, res)
-    print(res.markdown())
+    report_main(report, "sweep.json")
