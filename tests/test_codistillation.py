@@ -169,3 +169,20 @@ def test_trained_teachers_only_skips_the_initial_weights_handed_out_at_step_0():
     assert len(teachers.logits(x)) == 2 and teachers.logits(x, trained_only=True) == []
     teachers.mark_received(25, models=[2])  # model 2's trained weights arrived, model 1's not yet
     assert list(teachers.available(trained_only=True)) == [2] and len(teachers.logits(x, trained_only=True)) == 1
+
+
+def test_bf16_exchange_between_different_architectures(tmp_path):
+    # Each model's state crosses at its own size (a CNN and an MLP): one wire buffer per model.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "codistill.cli", "train", "--set", "data.name=digits",
+                           "--set", "model.name=[cnn_tiny, mlp]", "--set", "codistill.exchange_dtype=bf16",
+                           "--set", "codistill.exchange_every=2", "--set", "train.steps=6",
+                           "--set", "train.progress=false", "--nproc", "2", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["exchanges"] == 3 and summary["bytes_per_worker"]["exchange"] > 0

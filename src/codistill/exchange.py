@@ -169,9 +169,10 @@ class Exchanger:
         # half the bytes; receivers widen it back, so the teachers run from the rounded weights.
         self.wire = None
         if wire_dtype is not None and torch.float32 in self.send.buffers:
-            numel = self.send.buffers[torch.float32].numel()
-            self.wire = {m: torch.empty(numel, dtype=wire_dtype, device=self.send.device)
-                         for m in range(topo.grid.n_models)}
+            # One buffer per model of the column, each its own size (models may differ in architecture).
+            flats = {topo.job_model: self.send, **teachers.flats}
+            self.wire = {m: torch.empty(f.buffers[torch.float32].numel(), dtype=wire_dtype, device=self.send.device)
+                         for m, f in flats.items()}
         self._unwire: dict[int, FlatState] | None = None  # where the wire buffers go once received
         # Hierarchical exchange: only replica 0's column crosses between model groups (machines, when
         # each model group is one machine); it then broadcasts what it received over its model group.
@@ -279,7 +280,8 @@ class Exchanger:
         if self.wire is None:
             return flat.nbytes
         fp32 = flat.buffers[torch.float32]
-        return flat.nbytes - fp32.numel() * (fp32.element_size() - self.wire[0].element_size())
+        wire = next(iter(self.wire.values()))
+        return flat.nbytes - fp32.numel() * (fp32.element_size() - wire.element_size())
 
     def finish(self) -> None:
         """Wait for the pending transfer and swap it into the teachers."""
