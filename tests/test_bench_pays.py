@@ -56,6 +56,18 @@ def test_sweep_quick(tmp_path):
     assert result["data"]["median_error_s_per_step"] is not None
     assert "median absolute error of the cost model" in proc.stdout
     assert (tmp_path / "sweep_time_to_target.png").stat().st_size > 0
+    # A rerun into the same directory resumes from the recorded cells: nothing is trained again.
+    again, resumed = bench("sweep", tmp_path)
+    assert f"{len(runs)} cells already measured" in again.stdout and "s/step (predicted" not in again.stdout
+    assert [r["s_per_step"] for r in resumed["data"]["runs"]] == [r["s_per_step"] for r in runs]
+
+
+def test_report_without_results_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "codistill.bench.sweep", "--report", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("(the benchmark's output directory holds it)")
+    assert "no sweep.json there" in proc.stderr
 
 
 def test_straggler_quick(tmp_path):

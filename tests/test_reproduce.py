@@ -19,7 +19,7 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "LM"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM"]
 
 
 def codistill(*args, timeout):

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="the paper's findings: rows, plots, docs/results.md")
-    p.add_argument("names", nargs="*", metavar="NAME", help="F1 ... F7, Beyond, Peers, LM, or all (none with --report)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="F1 ... F7, Beyond, Peers, PeersMT, LM, or all (none with --report)")
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data and model, few steps, few variants")
     p.add_argument("--out", help="results directory (default: results; runs/reproduce-quick with --quick)")

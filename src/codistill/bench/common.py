@@ -138,6 +138,9 @@ def report_main(report: Callable[[Path], Result], json_name: str) -> None:
     parser = argparse.ArgumentParser(description=report.__doc__)
     parser.add_argument("--report", required=True, type=Path, help=f"directory holding {json_name}")
     args = parser.parse_args()
+    if not (args.report / json_name).is_file():
+        parser.exit(2, f"codistill: error: --report {args.report}: no {json_name} there (the benchmark's output "
+                       "directory holds it)\n")
     result = report(args.report)
     write_result(args.report, result)
     print(result.markdown())

@@ -10,7 +10,8 @@ what differs.
 Arms: all-reduce (every step waits for the slowest worker), codistillation with the collective
 asynchronous exchange (the exchange is a rendezvous of both machines every T steps), and
 codistillation through storage (`codistill.exchange=storage`: each model group is its own job on
-its own machine and never waits for the other; a slow peer only makes its teacher staler). Storage
+its own machine and never waits for the other; a slow peer only makes its teacher staler), and DiLoCo
+(its groups run H = T steps apart, then every worker waits for the outer all-reduce). Storage
 files go through the shared filesystem, not the emulated link. Time to target is model 0's (on
 machine 0, the fast one) and model 1's (on the slow machine), training clock without evaluations.
 """
@@ -99,7 +100,7 @@ def settings(quick: bool) -> dict:
                                           "codistill.exchange_every=5", "codistill.exchange_delay=2",
                                           "train.eval_every=5", "train.log_every=5", "schedule.warmup_epochs=0",
                                           "schedule.milestones=[]"]}
-    return {"arms": ["allreduce", "codistill", "codistill_storage"], "nproc_per_node": 2, "target": 0.75,
+    return {"arms": ["allreduce", "codistill", "codistill_storage", "diloco"], "nproc_per_node": 2, "target": 0.75,
             "timeout_s": 1500, "delay": DELAY,
             "overrides": ["data.name=fashion_mnist", "model.name=cnn", "data.batch_size=64", "train.steps=60",
                           "codistill.exchange_every=25", f"codistill.exchange_delay={DELAY}", "train.eval_every=10",
@@ -129,7 +130,7 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
 
     st = settings(quick)
     world = 2 * st["nproc_per_node"]
-    configs = sweep_configs(st["overrides"], world, ("allreduce", "codistill"))
+    configs = sweep_configs(st["overrides"], world, ("allreduce", "codistill", "diloco"))
     out = Path(out) / "straggler"
     share = (os.cpu_count() or 2) / 2  # each emulated machine's CPUs: half the host
     records = []

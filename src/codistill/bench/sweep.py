@@ -3,9 +3,13 @@ checked on every measured cell.
 
 Two emulated machines (`netns.TwoMachines`, as `bench slow_network`), each with W/2 workers; the link
 is shaped with tc tbf to each rate of RATES in turn. Arms (matched workers and updates,
-`compare.arm_configs`): all-reduce (every step's gradient ring crosses the link) and codistillation
-with the asynchronous exchange (model k's group on machine k: only the exchange crosses). More arms
-slot in through `ARMS` / `run(arms=...)` once `compare.arm_configs` knows them (DiLoCo, local SGD).
+`compare.arm_configs`): all-reduce (every step's gradient ring crosses the link), codistillation
+with the asynchronous, hierarchical exchange (model k's group on machine k: only the exchange crosses),
+DiLoCo and local SGD (an outer all-reduce over the link every H = T steps).
+
+Every finished cell is appended to `<out>/sweep/cells.jsonl`; a rerun into the same `--out` skips the
+cells recorded there (an interrupted sweep resumes; a new arm is added without measuring the others
+again). Delete the file to measure everything afresh.
 
 Two model profiles:
 - cnn: the small CNN, compute-heavy per byte (8.5 MFLOP per sample forward for 1.7 MB of gradient);
@@ -44,7 +48,7 @@ from .common import Result, fmt, fmt_bytes, machine_info, markdown_table, reacha
 from .slow_network import first_reaching, training_clock
 
 RATES = (1000, 100, 25, 10)
-ARMS = ("allreduce", "codistill", "diloco")
+ARMS = ("allreduce", "codistill", "diloco", "localsgd")
 DELAY = 10  # asynchronous exchange: the transfer runs during the D steps after it starts
 TARGET_ERROR = 0.15
 
@@ -55,14 +59,15 @@ PROFILES = {
 
 
 def settings(quick: bool) -> dict:
-    if quick:  # checks the machinery, the tables and the plot, not the speeds
-        return {"rates": [100], "profiles": {"cnn": ["model.name=cnn_tiny"]}, "nproc_per_node": 1, "delay": 2,
+    if quick:  # checks the machinery, the tables and the plot, not the speeds (local SGD's cells are
+        # DiLoCo's code path with a plain outer step: left out to keep the suite short)
+        return {"rates": [100], "arms": ("allreduce", "codistill", "diloco"), "profiles": {"cnn": ["model.name=cnn_tiny"]}, "nproc_per_node": 1, "delay": 2,
                 "target": 0.5, "timeout_s": 300,
                 "overrides": ["data.name=digits", "data.batch_size=16", "train.steps=20", "optim.lr=0.1",
                               "schedule.scale_lr=false", "codistill.exchange_every=5",
                               "codistill.exchange_delay=2", "train.eval_every=5", "codistill.exchange_hierarchical=true",
                               "train.log_every=5", "schedule.warmup_epochs=0", "schedule.milestones=[]"]}
-    return {"rates": list(RATES), "profiles": PROFILES, "nproc_per_node": 2, "delay": DELAY, "target": 0.75,
+    return {"rates": list(RATES), "arms": ARMS, "profiles": PROFILES, "nproc_per_node": 2, "delay": DELAY, "target": 0.75,
             "timeout_s": 1500,
             "overrides": ["data.name=fashion_mnist", "data.batch_size=64", "train.steps=60",
                           "codistill.exchange_every=25", f"codistill.exchange_delay={DELAY}",
@@ -155,44 +160,88 @@ def accuracy_at(evals: list[dict], budget_s: float) -> float | None:
     return within[-1]["accuracy"] if within else None
 
 
-def run(quick: bool = False, out: Path = Path("runs/bench"), arms: tuple[str, ...] = ARMS) -> Result:
+CELLS = "cells.jsonl"
+
+
+def cell_key(record: dict) -> tuple:
+    return record["profile"], record["rate_mbit"], record["arm"]
+
+
+def load_cells(path: Path) -> list[dict]:
+    """The cells a previous run into the same directory recorded (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    cells = []
+    for line in path.read_text().splitlines():
+        try:
+            cells.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return cells
+
+
+def run(quick: bool = False, out: Path = Path("runs/bench"), arms: tuple[str, ...] | None = None) -> Result:
     from .netns import TwoMachines
 
     st = settings(quick)
+    arms = tuple(arms or st["arms"])
     world = 2 * st["nproc_per_node"]
     out = Path(out) / "sweep"
-    records = []
+    out.mkdir(parents=True, exist_ok=True)
+    cells_path = out / CELLS
+    records = [r for r in load_cells(cells_path) if r.get("quick", False) == quick and r["arm"] in (*arms, "codistill_flat")]
+    done = {cell_key(r) for r in records}
+    if done:
+        print(f"sweep: {len(done)} cells already measured in {cells_path} are kept (delete it to measure again)",
+              flush=True)
+
+    def record(rec: dict) -> None:
+        rec["quick"] = quick
+        records.append(rec)
+        with cells_path.open("a") as f:  # one line per finished cell: the resume point
+            f.write(json.dumps(rec) + "\n")
+
     with TwoMachines(None) as link:
         for profile, profile_sets in st["profiles"].items():
             configs = sweep_configs(st["overrides"] + profile_sets, world, arms)
             m = {**tensor_bytes(next(iter(configs.values()))), "world": world}
+            compute = {r["arm"]: r["compute_s"] for r in records
+                       if r["profile"] == profile and r["calibration"] and r["compute_s"] is not None}
             # Calibration: the unshaped link; what is left after its own link time is each arm's compute.
-            link.shape(None)
-            cal_mbit = link.measure_throughput(nbytes=20_000_000)
-            cal_link = cm.Link(cal_mbit * 1e6)
-            compute = {}
-            for arm, cfg in configs.items():
+            todo = [arm for arm in configs if (profile, None, arm) not in done]
+            flat_todo = ("codistill" in configs and world // configs["codistill"].codistill.n_models > 1
+                         and (profile, None, "codistill_flat") not in done)
+            if todo or flat_todo:
+                link.shape(None)
+                cal_mbit = link.measure_throughput(nbytes=20_000_000)
+                cal_link = cm.Link(cal_mbit * 1e6)
+            for arm in todo:
+                cfg = configs[arm]
                 rec = run_cell(link, cfg, out / profile / "unshaped" / arm, st)
                 comm = (predict(arm, cfg, 0.0, m, cal_link) or 0.0)
                 compute[arm] = max(rec["s_per_step"] - comm, 0.0)
-                records.append({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit, "arm": arm,
-                                "calibration": True, "compute_s": compute[arm], **rec,
-                                "predicted_link_bytes_per_step": predicted_link_bytes(arm, cfg, m)})
+                record({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit, "arm": arm,
+                        "calibration": True, "compute_s": compute[arm], **rec,
+                        "predicted_link_bytes_per_step": predicted_link_bytes(arm, cfg, m)})
                 print(f"{profile} unshaped ({cal_mbit:.0f} Mbit/s) {arm}: {rec['s_per_step']:.3f} s/step", flush=True)
-            if "codistill" in configs and world // configs["codistill"].codistill.n_models > 1:
+            if flat_todo:
                 # The hierarchical exchange checked: the same run with every replica's column crossing.
                 flat = replace(configs["codistill"], codistill__exchange_hierarchical=False)
                 rec = run_cell(link, flat, out / profile / "unshaped" / "codistill_flat", st)
-                records.append({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit,
-                                "arm": "codistill_flat", "calibration": True, "compute_s": None, **rec,
-                                "predicted_link_bytes_per_step": predicted_link_bytes("codistill", flat, m)})
-            budget = next(r for r in records if r["profile"] == profile and r["calibration"])["evals"][-1][
-                "time_without_eval"]
+                record({"profile": profile, "rate_mbit": None, "measured_mbit": cal_mbit,
+                        "arm": "codistill_flat", "calibration": True, "compute_s": None, **rec,
+                        "predicted_link_bytes_per_step": predicted_link_bytes("codistill", flat, m)})
+            first = next(r for r in records if r["profile"] == profile and r["calibration"])
+            budget = first["evals"][-1]["time_without_eval"]  # the first arm's (all-reduce's) training time
             for i, rate in enumerate(st["rates"]):
+                todo = [arm for arm in (list(configs) if i % 2 == 0 else list(configs)[::-1])  # alternate:
+                        if (profile, rate, arm) not in done]  # drifts hit both ends
+                if not todo:
+                    continue
                 link.shape(rate)
                 mbit = link.measure_throughput(nbytes=int(rate * 1e6 / 8 * 0.5))
                 nominal = cm.Link(rate * 1e6)
-                for arm in (list(configs) if i % 2 == 0 else list(configs)[::-1]):  # alternate: drifts hit both
+                for arm in todo:
                     cfg = configs[arm]
                     rec = run_cell(link, cfg, out / profile / f"{rate}mbit" / arm, st)
                     pred = predict(arm, cfg, compute[arm], m, nominal)
@@ -205,7 +254,7 @@ def run(quick: bool = False, out: Path = Path("runs/bench"), arms: tuple[str, ..
                                 "predicted_link_bytes_per_step": predicted_link_bytes(arm, cfg, m),
                                 "link_demand_mbit": 8 * cm.ring_allreduce_link_bytes(m["grad"], world)
                                 / max(compute["allreduce"], 1e-9) / 1e6 if "allreduce" in compute else None})
-                    records.append(rec)
+                    record(rec)
                     print(f"{profile} {rate} Mbit/s {arm}: {rec['s_per_step']:.3f} s/step (predicted "
                           f"{fmt(pred, '.3f')}), target at {fmt(rec['time_to_target'], '.1f')} s", flush=True)
             for r in records:

@@ -313,6 +313,29 @@ def _peers(t: Table):
     return verdict, reason
 
 
+def _peers_mt(t: Table):
+    """Translation: codistillation (the regularization chosen on validation) against the better of
+    DiLoCo and local SGD by validation NLL of model 0, with all-reduce as the reference."""
+    chosen = t.selected()
+    if chosen is None:
+        raise Missing(t.experiment.select[0])
+
+    def line(name, label):
+        return (f"{label} {t.get('val_loss0', name).mean:.4f} (test BLEU {pts(t.get('test_bleu0', name))}, "
+                f"{t.get('exchange_mb', name).mean:.1f} MB inter-group per worker)")
+
+    peers = {name: t.get("val_loss0", name) for name in ("diloco", "localsgd")}
+    best_peer = min(peers, key=lambda n: peers[n].mean)
+    side = -compare(t.get("val_loss0", chosen), peers[best_peer], NLL_FLOOR)  # lower NLL is ahead
+    reason = ("validation NLL of model 0: " + "; ".join(
+        [line("allreduce", "all-reduce"), line(chosen, f"`{chosen}` (chosen on validation)"),
+         line("diloco", "DiLoCo"), line("localsgd", "local SGD")])
+        + f". Codistillation is {['behind', 'on par with', 'ahead of'][side + 1]} the best peer ({best_peer}).")
+    verdict = {1: "codistillation ahead of its peers", 0: "codistillation on par with its peers",
+               -1: "codistillation behind its peers"}[side]
+    return verdict, reason
+
+
 def _lm(t: Table):
     """F5's judgement for language models: NLL per token of the dropout setting chosen on validation."""
     ar = t.get("val_loss0", "allreduce")
@@ -335,5 +358,5 @@ def _lm(t: Table):
     return "not reproduced", reason + "."
 
 
-JUDGES = {"Peers": _peers, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
+JUDGES = {"Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
           "LM": _lm}
