@@ -83,6 +83,19 @@ def test_torchft_diloco_quick_agrees_bit_for_bit(tmp_path):
     assert ours == theirs and len(ours) == 4  # one point per outer step (40 steps, H = 10)
 
 
+def test_training_clock_counts_waiting_for_a_peer_as_training(tmp_path):
+    from codistill.bench.slow_network import training_clock
+
+    rows = [{"step": 10, "train/loss": 1.0, "time": 1.0},
+            {"step": 10, "val/accuracy": 0.5, "eval_start": 4.0, "time": 5.0},  # waited 3 s for a slow peer
+            {"step": 20, "train/loss": 0.9, "time": 6.0},
+            {"step": 20, "val/accuracy": 0.6, "time": 6.5}]  # a row from before eval_start existed
+    (tmp_path / "model_0").mkdir()
+    (tmp_path / "model_0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = training_clock(tmp_path)
+    assert [e["time_without_eval"] for e in evals] == [4.0, 5.0]  # evaluations cost 1 s and 0.5 s
+
+
 def test_slow_network_quick(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("bench slow_network creates network namespaces: run the tests as root (CI does)")

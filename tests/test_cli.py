@@ -103,6 +103,9 @@ def test_train_writes_run_directory(tmp_path):
         assert {"train/task_loss", "train/distill_loss", "lr", "weight_decay", "alpha", "staleness",
                 "bytes/allreduce", "bytes/exchange", "samples_per_s", "param_distance"} <= train_rows[0].keys()
         assert any("val/ensemble_accuracy" in r and "val/disagreement" in r for r in rows)
+        train_time = {r["step"]: r["time"] for r in train_rows}
+        for r in (r for r in rows if "val/accuracy" in r):  # evaluation starts after the last training row
+            assert train_time.get(r["step"], 0.0) <= r["eval_start"] <= r["time"]
         assert list((run / f"model_{m}" / "tensorboard").iterdir())
     # Rerunning with --overwrite replaces the directory.
     proc = codistill("train", *DIGITS, "--set", "train.steps=2", "--nproc", "2", "--out", str(run), "--overwrite")

@@ -219,6 +219,11 @@ class Trainer:
     def maybe_eval(self, force: bool = False) -> None:
         if not (force or every(self.step, self.eval_every) or self.step == self.total_steps):
             return
+        # Evaluation gathers over the grid, so a worker that ran ahead waits for the slowest inside it;
+        # the barrier makes that wait happen before `eval_start`, where it counts as training time
+        # (a straggler's cost), and the evaluation's own duration is what follows.
+        dist.barrier()
+        eval_start = time.perf_counter() - self._t0
         result = self.task.evaluate(self.model, "val", self.topo)
         result["step"] = self.step
         self.last_eval = result
@@ -228,7 +233,7 @@ class Trainer:
                                  "val/ensemble_accuracy": result["ensemble"]["accuracy"],
                                  "val/ensemble_loss": result["ensemble"]["loss"],
                                  "val/disagreement": result["disagreement"],
-                                 "time": time.perf_counter() - self._t0})
+                                 "eval_start": eval_start, "time": time.perf_counter() - self._t0})
 
     def _progress_bar(self):
         if self.topo.rank != 0 or not self.cfg.train.progress:

@@ -52,18 +52,19 @@ def matched_configs(overrides: list[str], world: int) -> dict:
 def training_clock(run_dir: Path, model: int = 0) -> list[dict]:
     """Model `model`'s evaluations with the training clock, with and without the time spent evaluating.
 
-    metrics.jsonl's "time" runs from the start barrier and includes evaluations; an evaluation at
-    step s lasts from the training row of step s to the validation row of step s (the trainer logs
-    before it evaluates), so its duration is known and can be taken out: evaluating is measuring,
-    not training, and its cost differs between the arms (a model's evaluation is split over its own
-    workers only).
+    metrics.jsonl's "time" runs from the start barrier and includes evaluations; an evaluation lasts
+    from its `eval_start` (after the barrier that lets every worker catch up: waiting for a slower
+    peer is training time) to its validation row, so its duration is known and can be taken out:
+    evaluating is measuring, not training, and its cost differs between the arms (a model's
+    evaluation is split over its own workers only). Rows written before `eval_start` existed count
+    from the training row of the same step instead.
     """
     rows = read_jsonl(run_dir / f"model_{model}" / "metrics.jsonl")
     train_time = {r["step"]: r["time"] for r in rows if "train/loss" in r}
     evals, spent = [], 0.0
     for r in rows:
         if "val/accuracy" in r:
-            spent += r["time"] - train_time.get(r["step"], r["time"])
+            spent += r["time"] - r.get("eval_start", train_time.get(r["step"], r["time"]))
             evals.append({"step": r["step"], "accuracy": r["val/accuracy"], "time": r["time"],
                           "time_without_eval": r["time"] - spent})
     return evals
