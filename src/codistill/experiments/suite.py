@@ -385,13 +385,17 @@ LM = Experiment(
     "Not in the paper (Anil et al. 2018 codistill language models at scale). As F5 for translation: at "
     "matched workers and updates, codistillation reaches all-reduce's validation NLL per token once "
     "dropout is reduced, and the all-reduce control with the same reduction tells whether the gain is "
-    "codistillation's or the reduced regularization's.",
+    "codistillation's or the reduced regularization's. DiLoCo and local SGD (beyond the claim) at the same "
+    "workers, updates and inter-group bytes.",
     variants=(
         Variant("allreduce", AR),
         Variant("codistill-drop0.1", CD),
         Variant("codistill-drop0.05", CD, set={"model.options": {"dropout": 0.05}}, quick=True),
         Variant("codistill-drop0", CD, set={"model.options": {"dropout": 0.0}}),
         Variant("allreduce-drop0", AR, set={"model.options": {"dropout": 0.0}}),
+        # The peers (docs/peers.md) at the same workers, updates and inter-group bytes (H = T).
+        Variant("diloco", "diloco"),
+        Variant("localsgd", "localsgd"),
     ),
     family="lm", config="configs/lm_tiny.yaml", metrics=("val_loss0", "val_ppl0"),
     columns=("val_loss0", "val_ppl0", "test_loss0", "ens_val_loss", "train_loss", "wall"),

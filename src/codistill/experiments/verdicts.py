@@ -344,7 +344,9 @@ def _lm(t: Table):
         raise Missing(t.experiment.select[0])
     cd = t.get("val_loss0", chosen)
     reason = (f"validation NLL per token of `{chosen}` (chosen on validation) {cd.mean:.4f} vs {ar.mean:.4f} "
-              f"for all-reduce (perplexity {math.exp(cd.mean):.1f} vs {math.exp(ar.mean):.1f})")
+              f"for all-reduce (perplexity {math.exp(cd.mean):.1f} vs {math.exp(ar.mean):.1f})"
+              + "".join(f", {label} {t.get('val_loss0', name).mean:.4f}" for name, label in
+                        (("diloco", "DiLoCo"), ("localsgd", "local SGD")) if t.has(name)))
     if compare(cd, ar, NLL_FLOOR) <= 0:
         if t.has("allreduce-drop0"):
             control = t.get("val_loss0", "allreduce-drop0")
