@@ -207,6 +207,20 @@ def test_f5_is_only_partly_reproduced_when_the_all_reduce_control_does_better_st
     assert verdict == "partly" and "4.5000, lower still" in reason
 
 
+def test_translation_peers_are_judged_on_validation_nll_against_the_better_peer():
+    pm = EXPERIMENTS["PeersMT"]
+    losses = {"allreduce": 4.6, "codistill-ls0.1-drop0.1": 4.8, "codistill-ls0.05-drop0.05": 4.7,
+              "codistill-ls0-drop0": 4.62, "diloco": 4.9, "localsgd": 4.61}
+    rows = [{**r, "bytes_exchange": 2e6} for r in _rows("PeersMT", losses, "val_loss")]
+    verdict, reason = judge(pm, rows)  # 4.62 vs local SGD's 4.61: within the 0.02-nat floor
+    assert verdict == "codistillation on par with its peers"
+    assert "`codistill-ls0-drop0` (chosen on validation) 4.6200" in reason and "best peer (localsgd)" in reason
+    rows = [{**r, "bytes_exchange": 2e6} for r in _rows("PeersMT", {**losses, "localsgd": 4.75}, "val_loss")]
+    assert judge(pm, rows)[0] == "codistillation ahead of its peers"  # lower NLL is ahead
+    rows = [{**r, "bytes_exchange": 2e6} for r in _rows("PeersMT", {**losses, "diloco": 4.5}, "val_loss")]
+    assert judge(pm, rows)[0] == "codistillation behind its peers"
+
+
 def _acc_rows(experiment: str, accs: dict[str, tuple[float, float]], seeds: int = 3) -> list[dict]:
     """Synthetic rows: (validation, test) accuracy of model 0 per variant, the same for every seed."""
     return [{"experiment": experiment, "variant": v, "seed": s, "val_accuracy": [va], "test_accuracy": [te]}
