@@ -148,13 +148,15 @@ def test_compare_smoke_on_digits(tmp_path):
     out = tmp_path / "cmp"
     proc = codistill("compare", *DIGITS, "--set", "train.epochs=8", "--set", "data.batch_size=16",
                      "--set", "schedule.milestones=[5, 7]", "--set", "schedule.warmup_epochs=0",
-                     "--set", "codistill.exchange_every=10", "--nproc", "4", "--out", str(out), timeout=600)
+                     "--set", "codistill.exchange_every=10", "--nproc", "4", "--out", str(out),
+                     "--set", "compare.arms=[allreduce, codistill, codistill_regularized, diloco, localsgd]",
+                     timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("compare.md", "compare.json", "train_loss.png", "val_accuracy.png", "param_distance.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "compare.json").read_text())
     arms = {a["name"]: a["summary"] for a in report["arms"]}
-    assert list(arms) == ["allreduce", "codistill", "codistill_regularized"]
+    assert list(arms) == ["allreduce", "codistill", "codistill_regularized", "diloco", "localsgd"]
     steps = {s["steps"] for s in arms.values()}
     assert len(steps) == 1  # matched updates
     assert all(s["world_size"] == 4 for s in arms.values())  # matched workers
@@ -169,4 +171,8 @@ def test_compare_smoke_on_digits(tmp_path):
 
     reg_cfg = yaml.safe_load((out / "codistill_regularized" / "config.yaml").read_text())
     assert reg_cfg["optim"]["weight_decay"] == [0.0005, 0.00005, 0.0]
-    assert "| allreduce |" in proc.stdout and "| codistill_regularized |" in proc.stdout
+    for name in arms:  # every arm in the printed table
+        assert f"| {name} |" in proc.stdout, name
+    for name in ("diloco", "localsgd"):  # the groups end holding one model
+        accs = {m["val_accuracy"] for m in arms[name]["models"]}
+        assert len(arms[name]["models"]) == 2 and len(accs) == 1, name
