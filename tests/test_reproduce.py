@@ -221,6 +221,21 @@ def test_translation_peers_are_judged_on_validation_nll_against_the_better_peer(
     assert judge(pm, rows)[0] == "codistillation behind its peers"
 
 
+def test_peers_verdict_reports_the_mixed_pair_under_each_alpha_schedule():
+    accs = {"allreduce-long": (0.906, 0.906), "codistill-long": (0.90, 0.90), "regularized-shifted-long": (0.9, 0.9),
+            "diloco-long": (0.895, 0.895), "localsgd-long": (0.90, 0.90),
+            "mixed-together-long": (0.57, 0.57), "mixed-alone-long": (0.907, 0.907),
+            "mixed-together-burnin-long": (0.896, 0.896)}
+    mlp = {"mixed-together-long": 0.868, "mixed-alone-long": 0.873, "mixed-together-burnin-long": 0.872}
+    rows = [{**r, "bytes_exchange": 1e7, "test_accuracy": [*r["test_accuracy"], mlp.get(r["variant"], 0.9)]}
+            for r in _acc_rows("Peers", accs)]
+    verdict, reason = judge(EXPERIMENTS["Peers"], rows)
+    assert verdict == "codistillation on par with its peers"
+    assert "with the paper's constant alpha, cnn 57.00 ± 0.00% together vs 90.70 ± 0.00% alone (worse)" in reason
+    assert "with the library's default burn-in, cnn 89.60 ± 0.00% together vs 90.70 ± 0.00% alone (worse); " \
+           "mlp 87.20 ± 0.00% together vs 87.30 ± 0.00% alone (similar)" in reason
+
+
 def _acc_rows(experiment: str, accs: dict[str, tuple[float, float]], seeds: int = 3) -> list[dict]:
     """Synthetic rows: (validation, test) accuracy of model 0 per variant, the same for every seed."""
     return [{"experiment": experiment, "variant": v, "seed": s, "val_accuracy": [va], "test_accuracy": [te]}

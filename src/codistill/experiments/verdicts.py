@@ -301,13 +301,19 @@ def _peers(t: Table):
     reason = ("test accuracy of model 0" + (" at four times the budget" if suffix else "") + ": "
               + "; ".join(parts) + f". Codistillation is {['behind', 'on par with', 'ahead of'][side + 1]} "
               f"the best peer ({best_peer.removesuffix(suffix)}).")
-    if t.has("mixed-together-long") and t.has("mixed-alone-long"):
-        gains = []
-        for metric, model in (("test_acc0", "cnn"), ("test_acc1", "mlp")):
-            together, alone = t.get(metric, "mixed-together-long"), t.get(metric, "mixed-alone-long")
-            word = ["worse", "similar", "better"][compare(together, alone, ACC_FLOOR) + 1]
-            gains.append(f"{model} {pts(together)}% together vs {pts(alone)}% alone ({word})")
-        reason += " Different architectures (only codistillation can pair them): " + "; ".join(gains) + "."
+    pairs = [(name, label) for name, label in (("mixed-together-long", "the paper's constant alpha"),
+                                               ("mixed-together-burnin-long", "the library's default burn-in"))
+             if t.has(name)]
+    if pairs and t.has("mixed-alone-long"):
+        parts = []
+        for name, label in pairs:
+            gains = []
+            for metric, model in (("test_acc0", "cnn"), ("test_acc1", "mlp")):
+                together, alone = t.get(metric, name), t.get(metric, "mixed-alone-long")
+                word = ["worse", "similar", "better"][compare(together, alone, ACC_FLOOR) + 1]
+                gains.append(f"{model} {pts(together)}% together vs {pts(alone)}% alone ({word})")
+            parts.append(f"with {label}, " + "; ".join(gains))
+        reason += " Different architectures (only codistillation can pair them): " + ". ".join(parts) + "."
     verdict = {1: "codistillation ahead of its peers", 0: "codistillation on par with its peers",
                -1: "codistillation behind its peers"}[side]
     return verdict, reason
