@@ -280,6 +280,9 @@ def _beyond(t: Table):
     return "not confirmed", reason + "."
 
 
+SIDE_WORDS = ("behind", "on par with", "ahead of")  # by `compare`'s -1, 0, 1
+
+
 def _peers(t: Table):
     """Codistillation (the recipe best on validation) against the best of DiLoCo and local SGD at the
     longest budget that ran, with all-reduce as the reference; then the mixed pair, together vs alone."""
@@ -299,7 +302,7 @@ def _peers(t: Table):
     parts = [line(f"allreduce{suffix}", "all-reduce"), line(chosen, f"`{chosen}` (chosen on validation)"),
              line(f"diloco{suffix}", "DiLoCo"), line(f"localsgd{suffix}", "local SGD")]
     reason = ("test accuracy of model 0" + (" at four times the budget" if suffix else "") + ": "
-              + "; ".join(parts) + f". Codistillation is {['behind', 'on par with', 'ahead of'][side + 1]} "
+              + "; ".join(parts) + f". Codistillation is {SIDE_WORDS[side + 1]} "
               f"the best peer ({best_peer.removesuffix(suffix)}).")
     pairs = [(name, label) for name, label in (("mixed-together-long", "the paper's constant alpha"),
                                                ("mixed-together-burnin-long", "the library's default burn-in"))
@@ -314,9 +317,7 @@ def _peers(t: Table):
                 gains.append(f"{model} {pts(together)}% together vs {pts(alone)}% alone ({word})")
             parts.append(f"with {label}, " + "; ".join(gains))
         reason += " Different architectures (only codistillation can pair them): " + ". ".join(parts) + "."
-    verdict = {1: "codistillation ahead of its peers", 0: "codistillation on par with its peers",
-               -1: "codistillation behind its peers"}[side]
-    return verdict, reason
+    return f"codistillation {SIDE_WORDS[side + 1]} its peers", reason
 
 
 def _peers_mt(t: Table):
@@ -336,10 +337,8 @@ def _peers_mt(t: Table):
     reason = ("validation NLL of model 0: " + "; ".join(
         [line("allreduce", "all-reduce"), line(chosen, f"`{chosen}` (chosen on validation)"),
          line("diloco", "DiLoCo"), line("localsgd", "local SGD")])
-        + f". Codistillation is {['behind', 'on par with', 'ahead of'][side + 1]} the best peer ({best_peer}).")
-    verdict = {1: "codistillation ahead of its peers", 0: "codistillation on par with its peers",
-               -1: "codistillation behind its peers"}[side]
-    return verdict, reason
+        + f". Codistillation is {SIDE_WORDS[side + 1]} the best peer ({best_peer}).")
+    return f"codistillation {SIDE_WORDS[side + 1]} its peers", reason
 
 
 def _lm(t: Table):
