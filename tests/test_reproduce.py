@@ -351,3 +351,27 @@ def test_variants_filter_names_unknown_variants_before_training(tmp_path):
     with pytest.raises(UserError, match="unknown variant.*codistill-nope.*known: .*codistill-burnin"):
         Suite(tmp_path / "out").run([EXPERIMENTS["F1"]], 1, only=["codistill-burnin", "codistill-nope"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_stopped_half_way_continues_from_its_checkpoint_to_the_same_row(tmp_path, monkeypatch, capsys):
+    """A session stop in the middle of a long run: the rerun continues from the run's checkpoint (it
+    does not start over) and its row equals that of a run never stopped (resume is exact on CPU)."""
+    from codistill.experiments import runner
+
+    monkeypatch.setattr(runner, "CHECKPOINT_EVERY", 10)
+    f1 = EXPERIMENTS["F1"]
+    straight = runner.Suite(tmp_path / "straight", quick=True)
+    assert straight.run([f1], seeds=1, only=["codistill"]) == 1
+
+    stopped = runner.Suite(tmp_path / "stopped", quick=True)
+    monkeypatch.setenv("CODISTILL_FAULT", "raise@0:25")
+    assert stopped.run([f1], seeds=1, only=["codistill"]) == 0 and stopped.failures
+    monkeypatch.delenv("CODISTILL_FAULT")
+    capsys.readouterr()
+    again = runner.Suite(tmp_path / "stopped", quick=True)
+    assert again.run([f1], seeds=1, only=["codistill"]) == 1
+    assert "resuming from its checkpoint at step 20" in capsys.readouterr().out
+    a, b = (res.read_rows(res.results_file(d, "F1"))[0] for d in (tmp_path / "straight", tmp_path / "stopped"))
+    assert a["config_hash"] == b["config_hash"]
+    for key in ("test_accuracy", "val_loss", "train_loss", "param_distance", "ensemble_test_loss"):
+        assert a[key] == b[key], key

@@ -105,6 +105,7 @@ def summary_values(summary: dict) -> dict:
         "ensemble_val_accuracy": summary.get("ensemble_val_accuracy"),
         "ensemble_test_accuracy": summary.get("ensemble_test_accuracy"),
         "ensemble_val_loss": summary.get("ensemble_val_loss"),
+        "ensemble_test_loss": summary.get("ensemble_test_loss"),
         "val_disagreement": summary.get("val_disagreement"), "test_disagreement": summary.get("test_disagreement"),
         "bytes_allreduce": summary["bytes_per_worker"]["allreduce"],
         "bytes_exchange": summary["bytes_per_worker"]["exchange"],
@@ -188,6 +189,7 @@ METRICS: dict[str, Metric] = {
                        2, False),
     "test_bleu0": Metric("test BLEU, model 0", _first("test_bleu"), 2),
     "ens_val_loss": Metric("ensemble val NLL", _ensemble("ensemble_val_loss"), 4, False),
+    "ens_test_loss": Metric("ensemble test NLL", _ensemble("ensemble_test_loss"), 4, False),
     "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),
     "steps": Metric("steps", lambda r: r.get("steps"), 0),
 }

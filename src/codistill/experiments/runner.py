@@ -1,6 +1,7 @@
 """Run the suite: each (experiment, variant, seed) is one `train(...)` call and one row.
 
-A row already present is skipped, so an interrupted suite resumes. A run whose resolved config
+A row already present is skipped, so an interrupted suite resumes; a run stopped half-way continues
+from its last checkpoint (saved every CHECKPOINT_EVERY updates). A run whose resolved config
 (and world size) equals one already recorded in any results file under `out` is not trained again:
 its row is copied with `reused_from` naming the original (the all-reduce baseline at the base
 budget is shared by F1, F2, F3, F6, F7 and Beyond).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bench.common import git_commit
+from ..checkpoint import CheckpointError, read_latest
 from ..compare import arm_configs
 from ..config import Config, load_config, replace, to_dict
 from ..distributed import is_leader, torchrun_world_size, under_torchrun
@@ -30,6 +32,9 @@ class Run:
     seed: int  # seed number: 0, 1, 2, ...
     cfg: Config  # the arm's resolved config
     world: int
+
+
+CHECKPOINT_EVERY = 250  # updates; a few seconds of saving against minutes of training lost at a stop
 
 
 def _say(message: str) -> None:
@@ -116,6 +121,7 @@ def config_hash(cfg: Config, world: int) -> str:
     tree, default = to_dict(cfg), to_dict(Config())
     tree.pop("compare")  # only used to derive the arms, already applied
     tree["train"].pop("progress")
+    tree["train"]["checkpoint_every"] = 0  # when to save does not change training (resume is exact)
     for section, key in ADDED_LATER:
         if key is None and tree.get(section) == default[section]:
             tree.pop(section)
@@ -206,9 +212,14 @@ class Suite:
         _say(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
               f"{cfg.train.steps} steps -> {run_dir}")
         start = time.perf_counter()
+        if cfg.train.checkpoint_every == 0:  # a long run survives a session stop
+            cfg = replace(cfg, train__checkpoint_every=CHECKPOINT_EVERY)
+        resume = interrupted(run_dir, digest, world)
+        if resume:
+            _say(f"[{label}] resuming from its checkpoint at step {read_latest(run_dir)['step']}")
         # Absolute: the workers meet through a file:// URL in the run directory, and a relative path
         # there would be read as a host name.
-        summary = train(cfg, run_dir.resolve(), overwrite=True, nproc=world)
+        summary = train(cfg, run_dir.resolve(), overwrite=not resume, resume=resume, nproc=world)
         row.update(res.summary_values(summary))
         row["total_seconds"] = time.perf_counter() - start
         row["curve"] = res.read_curve(run_dir)  # every experiment: the budget rule reads it
@@ -219,6 +230,22 @@ class Suite:
         _say(f"[{label}] done in {row['total_seconds']:.0f} s: test accuracy "
               + ", ".join(f"{100 * a:.2f}%" for a in acc if a is not None))
         return row
+
+
+def interrupted(run_dir: Path, digest: str, world: int) -> bool:
+    """Whether `run_dir` holds a sound checkpoint of this very run (same config identity and world)
+    that it has not finished: then the runner continues it instead of starting over. Anything else
+    (no checkpoint, a damaged one, another config, a finished run whose row was not written) trains
+    from scratch."""
+    from ..launch import resume_config
+
+    if not (run_dir / "config.yaml").is_file() or (run_dir / "summary.json").is_file():
+        return False
+    try:
+        cfg, saved_world = resume_config(run_dir)
+    except (UserError, CheckpointError, ValueError, OSError):
+        return False
+    return saved_world == world and config_hash(cfg, world) == digest
 
 
 def load_rows(out: str | Path, experiment: Experiment) -> list[dict]:
