@@ -16,7 +16,7 @@ from codistill.experiments import results as res
 from codistill.experiments.report import write_report
 from codistill.experiments.runner import config_hash, select, variant_config, variants_of
 from codistill.experiments.suite import EXPERIMENTS
-from codistill.experiments.verdicts import NOT_RUN, judge
+from codistill.experiments.verdicts import NOT_RUN, judge, judge_budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM"]
@@ -193,7 +193,9 @@ def test_reproduce_all_quick_writes_rows_plots_report_and_resumes(quick_suite):
 
 def _rows(experiment: str, values: dict[str, float], key: str, seeds: int = 3) -> list[dict]:
     """Synthetic rows: `key` (e.g. val_loss) of model 0 per variant, the same for every seed."""
-    return [{"experiment": experiment, "variant": v, "seed": s, key: [x], "test_loss": [x], "test_bleu": [1.0]}
+    return [{"experiment": experiment, "variant": v, "seed": s, key: [x], "test_loss": [x], "test_bleu": [1.0],
+             "config": {"n_models": 1 if v.startswith(("allreduce", "diloco", "localsgd")) else 2},
+             "ensemble_val_loss": x - 0.1}
             for v, x in values.items() for s in range(seeds)]
 
 
@@ -205,6 +207,42 @@ def test_f5_is_only_partly_reproduced_when_the_all_reduce_control_does_better_st
     assert judge(f5, _rows("F5", {**losses, "allreduce-ls0-drop0": 4.62}, "val_loss"))[0] == "reproduced"
     verdict, reason = judge(f5, _rows("F5", {**losses, "allreduce-ls0-drop0": 4.5}, "val_loss"))
     assert verdict == "partly" and "4.5000, lower still" in reason
+
+
+def test_f5_is_judged_at_the_trained_budget_once_its_four_arms_ran():
+    f5 = EXPERIMENTS["F5"]
+    base = {"allreduce": 4.7, "codistill-ls0.1-drop0.1": 4.8, "codistill-ls0.05-drop0.05": 4.7,
+            "codistill-ls0-drop0": 4.6, "allreduce-ls0-drop0": 4.5}
+    trained = {"allreduce-trained": 2.90, "allreduce-ls0-drop0-trained": 3.30,
+               "codistill-ls0.1-drop0.1-trained": 3.00}
+    verdict, reason = judge(f5, _rows("F5", {**base, **trained}, "val_loss"))
+    assert verdict == "partly" and "trained budget" not in reason  # one trained arm missing: the base decides
+    trained["codistill-ls0-drop0-trained"] = 2.91  # within the 0.02-nat floor of all-reduce
+    verdict, reason = judge(f5, _rows("F5", {**base, **trained}, "val_loss"))
+    assert verdict == "reproduced", reason
+    assert reason.startswith("At the trained budget: validation NLL of `codistill-ls0-drop0-trained` "
+                             "(chosen on validation) 2.9100 vs 2.9000 for all-reduce")
+    assert "all-reduce without label smoothing and dropout: 3.3000, so its regularization helps it here" in reason
+    assert "IWSLT'14" in reason and "At the base budget: validation NLL of `codistill-ls0-drop0`" in reason
+    budgets = judge_budgets(f5, _rows("F5", {**base, **trained}, "val_loss"))
+    assert budgets["base"][0] == "partly" and budgets["trained"][0] == "reproduced"
+    trained["codistill-ls0-drop0-trained"] = 2.95
+    assert judge(f5, _rows("F5", {**base, **trained}, "val_loss"))[0] == "partly"  # helps, gap stays
+    trained["codistill-ls0-drop0-trained"] = 3.05
+    assert judge(f5, _rows("F5", {**base, **trained}, "val_loss"))[0] == "not reproduced"
+
+
+def test_f6_is_judged_in_the_over_fitting_regime_at_the_long_budget():
+    f6 = EXPERIMENTS["F6"]
+    base = {f"{arm}-data-1/{k}": (0.86, 0.86) for arm in ("allreduce", "codistill") for k in (1, 2, 4, 8)}
+    long = {f"allreduce-data-1/{k}-long": (0.9, 0.9 - 0.01 * k) for k in (1, 4, 16)}
+    long |= {f"codistill-data-1/{k}-long": (0.9, 0.9 - 0.005 * k) for k in (1, 4, 16)}
+    verdict, reason = judge(f6, _acc_rows("F6", {**base, **long}))
+    assert verdict == "reproduced", reason
+    assert reason.startswith("At four times the budget: codistill minus all-reduce test accuracy: "
+                             "+0.50 at 1/1, +2.00 at 1/4, +8.00 at 1/16")
+    del long["codistill-data-1/16-long"]
+    assert judge(f6, _acc_rows("F6", {**base, **long}))[0] == "not reproduced"  # the base budget's
 
 
 def test_translation_peers_are_judged_on_validation_nll_against_the_better_peer():

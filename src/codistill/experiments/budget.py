@@ -47,10 +47,12 @@ def last_quarter_change(points: list[list[float]], steps: int, metric: str) -> f
     return end - start if metric == "val/accuracy" else start - end
 
 
-def convergence(rows: list[dict], nll: bool = False) -> Convergence | None:
-    """The all-reduce arm at its longest budget with curves, or None when no row has one; `nll`:
-    judge the validation NLL (translation, language modeling) instead of the accuracy."""
-    candidates = [r for r in rows if r.get("arm") == "allreduce" and r.get("curve")]
+def convergence(rows: list[dict], nll: bool = False, variant: str | None = None) -> Convergence | None:
+    """The all-reduce arm `variant` (default: the one at the longest budget with curves), or None
+    when no such row has a curve; `nll`: judge the validation NLL (translation, language modeling)
+    instead of the accuracy."""
+    candidates = [r for r in rows if r.get("arm") == "allreduce" and r.get("curve")
+                  and (variant is None or r["variant"] == variant)]
     if not candidates:
         return None
     steps = max(r["steps"] for r in candidates)
@@ -65,9 +67,9 @@ def convergence(rows: list[dict], nll: bool = False) -> Convergence | None:
     return Convergence(variant, steps, metric, sum(changes) / len(changes), len(changes))
 
 
-def budget_line(rows: list[dict], nll: bool = False) -> str:
-    """The report's statement of the rule for one experiment's rows."""
-    c = convergence(rows, nll)
+def budget_line(rows: list[dict], nll: bool = False, variant: str | None = None) -> str:
+    """The report's statement of the rule for one experiment's rows (judged on `variant`)."""
+    c = convergence(rows, nll, variant)
     if c is None:
         return ("**Budget rule.** Not shown: no all-reduce row here stores its validation curve (rows made "
                 "before curves were kept for every experiment); rerun it to judge convergence.")

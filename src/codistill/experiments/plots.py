@@ -53,10 +53,15 @@ def _bars_on(ax, experiment: Experiment, rows: list[dict], metric: str) -> None:
 
 
 def _bars(experiment: Experiment, rows: list[dict]):
-    metrics = experiment.metrics
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        _bars_on(ax, experiment, rows, metric)
+    """One row of panels per budget (base, trained): their scales differ too much to share an axis."""
+    metrics, suffix = experiment.metrics, experiment.trained
+    groups = [g for g in ([r for r in rows if not r["variant"].endswith(suffix)],
+                          [r for r in rows if r["variant"].endswith(suffix)]) if g] if suffix else [rows]
+    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(4.2 * len(metrics), 3.8 * len(groups)),
+                             squeeze=False)
+    for ax_row, group in zip(axes, groups):
+        for ax, metric in zip(ax_row, metrics):
+            _bars_on(ax, experiment, group, metric)
     return fig
 
 
@@ -128,3 +133,40 @@ def _curves(experiment: Experiment, rows: list[dict]):
     if by_arm:
         ax.legend(fontsize=7)
     return fig
+
+
+def plot_budget(experiment: Experiment, rows: list[dict], variants: list[str], path: str | Path,
+                nll: bool) -> Path | None:
+    """The curves behind the budget rule: validation metric of the all-reduce `variants` with the last
+    quarter shaded, and training against validation loss (over-fitting shows as the two parting).
+    One line per seed. None when no row of `variants` stores a curve."""
+    mine = [r for r in rows if r["variant"] in variants and r.get("curve")]
+    if not mine:
+        return None
+    metric, label = ("val/loss", "validation NLL") if nll else ("val/accuracy", "validation accuracy")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    first_seed = {}
+    for row in mine:
+        color = f"C{variants.index(row['variant'])}"
+        first = first_seed.setdefault(row["variant"], row["seed"]) == row["seed"]
+        points = row["curve"].get(metric) or []
+        left.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=".",
+                  label=row["variant"] if first else None)
+        for key, style, what in (("train/task_loss", "-", "training"), ("val/loss", "--", "validation")):
+            points = row["curve"].get(key) or []
+            right.plot([p[0] for p in points], [p[1] for p in points], style, color=color, alpha=0.8,
+                       label=f"{row['variant']} ({what})" if first else None)
+    steps = max(r["steps"] for r in mine)
+    left.axvspan(0.75 * steps, steps, color="gray", alpha=0.15, label="last quarter (budget rule)")
+    left.set_ylabel(label, fontsize=8)
+    right.set_ylabel("loss (task)", fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{experiment.name}: all-reduce's convergence at the judged budget", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..run_log import atomic_write_text
 from . import results as res
-from .budget import ACC_RISE, NLL_DROP, budget_line
-from .plots import plot_experiment
+from .budget import ACC_RISE, NLL_DROP, budget_line, convergence
+from .plots import plot_budget, plot_experiment
 from .runner import base_config, load_rows
 from .suite import EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant
-from .verdicts import ACC_FLOOR, NLL_FLOOR, NOT_RUN, Table, judge
+from .verdicts import ACC_FLOOR, NLL_FLOOR, NOT_RUN, Table, judge, judge_budgets
 
 
 def rows_for_report(rows: list[dict]) -> tuple[list[dict], float | None]:
@@ -150,17 +150,60 @@ def read_notes(out: Path) -> dict[str, str]:
     return {name: "\n".join(lines).strip() for name, lines in notes.items() if "\n".join(lines).strip()}
 
 
+def judged_budget(experiment: Experiment, rows: list[dict]) -> tuple[str, list[str]]:
+    """(suffix, all-reduce variants) of the budget the report judges and shows the rule for: the
+    trained budget once any all-reduce row has it, else the base budget ([] for an experiment with
+    one budget: the rule then takes the longest all-reduce run)."""
+    if not experiment.trained:
+        return "", []
+    ran = {r["variant"] for r in rows if r.get("arm") == "allreduce"}
+    for suffix in (experiment.trained, ""):
+        names = [v.name for v in experiment.variants if v.arm == "allreduce" and v.name in ran
+                 and v.name.endswith(experiment.trained) == bool(suffix)]
+        if names:
+            return suffix, names
+    return "", []
+
+
+def standing(budgets: dict[str, tuple[str, str]], trained: bool) -> str:
+    """Where a claim stands across budgets, in a few words (the summary table)."""
+    base, at_trained = (budgets[k][0].split(" (")[0] for k in ("base", "trained"))
+    if not trained:
+        return f"{base} (one budget)"
+    if at_trained == NOT_RUN:
+        return f"{base} at the base budget; the trained budget has not fully run"
+    if at_trained in ("reproduced", "confirmed"):
+        return "holds at the trained budget"
+    if at_trained == "partly":
+        return "partly holds at the trained budget"
+    if base in ("reproduced", "confirmed"):
+        return "holds only at the short budget"
+    return "does not hold at this scale"
+
+
 def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Path, quick: bool,
-            out_arg: str, note: str | None = None) -> tuple[str, str]:
-    """(markdown section, verdict); draws the experiment's plot from the same rows."""
+            out_arg: str, note: str | None = None) -> tuple[str, str, str]:
+    """(markdown section, verdict, summary-table row); draws the experiment's plots from the same rows."""
     rows, budget = rows_for_report(all_rows)
     verdict, reason = judge(experiment, rows)
+    budgets = judge_budgets(experiment, rows)
+    nll = experiment.family in ("translation", "lm")
+    suffix, rule_variants = judged_budget(experiment, rows)
+    rule = convergence(rows, nll, rule_variants[0] if rule_variants else None)
+    converged = "not shown" if rule is None else (
+        f"{'yes' if rule.converged else 'no'} ({rule.steps} updates: "
+        + (f"val accuracy {100 * rule.change:+.2f} points" if rule.metric == "val/accuracy"
+           else f"val NLL {-rule.change:+.3f} nats") + " over the last quarter)")
+    summary_row = (f"| [{experiment.name}: {experiment.title}](#{_anchor(experiment)}) | {verdict} | "
+                   f"{standing(budgets, bool(experiment.trained))} | {converged} |")
     if rows and budget != 1.0 and verdict != NOT_RUN:
         verdict += f" (reduced budget x{budget:g})"
     table = Table(experiment, rows)
     selected = table.selected() if rows and experiment.select else None
     rel = lambda p: os.path.relpath(p, doc_dir)  # noqa: E731
     plot = plot_experiment(experiment, rows, out / f"{experiment.name}.png") if rows else None
+    curves = plot_budget(experiment, rows, rule_variants or ([rule.variant] if rule else []),
+                         out / f"{experiment.name}-budget.png", nll) if rows else None
     variants = "\n".join(f"- {describe_variant(v)}" for v in experiment.variants)
     lines = [f"## {experiment.name}: {experiment.title}", "",
              f"**The paper's claim.** {experiment.claim}", "",
@@ -179,7 +222,9 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
                            f"(`--budget {budget:g}`); these rows are not the suite's measurement.")
         lines += [provenance, "", "Mean ± standard deviation over seeds (one seed: the value alone).", "",
                   results_table(experiment, rows, selected), "",
-                  budget_line(rows, nll=experiment.family in ("translation", "lm")), ""]
+                  budget_line(rows, nll, rule_variants[0] if rule_variants else None), ""]
+        if curves is not None:
+            lines += [f"![{experiment.name}: all-reduce's curves at the judged budget]({rel(curves)})", ""]
         if plot is not None:
             lines += [f"![{experiment.name}]({rel(plot)})", ""]
     else:
@@ -187,7 +232,7 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     lines += [f"**Verdict: {verdict}.** {reason}", ""]
     if note:
         lines += [f"**Discussion.** {note}", ""]
-    return "\n".join(lines), verdict
+    return "\n".join(lines), verdict, summary_row
 
 
 INTRO = """# Reproduction of Sodhani et al., "A Closer Look at Codistillation for Distributed Training"
@@ -214,8 +259,12 @@ generator. {quick_note}
   rises by less than {acc_rise} points (its NLL falls by less than {nll_drop} nats for translation
   and language modeling). Each section states the rule's result for its longest all-reduce run.
 
-| finding | verdict |
-|---|---|
+Where an experiment has a trained budget (image: four times the base budget; translation: 2,000
+updates on a quarter of the corpus), its verdict is judged there once every variant there ran, with
+the base budget's beside it in its section; the last column applies the budget rule where it is judged.
+
+| finding | verdict | across budgets | all-reduce converged where judged (rule) |
+|---|---|---|---|
 {summary}
 """
 
@@ -227,9 +276,9 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     notes = {} if quick else read_notes(out)
     for e in EXPERIMENTS.values():
         rows = load_rows(out, e)
-        text, verdict = section(e, rows, out.resolve(), doc_dir, quick, out_arg, notes.get(e.name))
+        text, _, row = section(e, rows, out.resolve(), doc_dir, quick, out_arg, notes.get(e.name))
         sections.append(text)
-        summary.append(f"| [{e.name}: {e.title}](#{_anchor(e)}) | {verdict} |")
+        summary.append(row)
     quick_note = ("**These rows come from `--quick` (the smoke test: tiny models, a few steps, one seed); "
                   "they check the machinery and measure nothing.**" if quick else "")
     trained = [r for e in EXPERIMENTS.values() for r in load_rows(out, e)

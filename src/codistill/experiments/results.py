@@ -188,6 +188,8 @@ METRICS: dict[str, Metric] = {
     "val_ppl0": Metric("val perplexity, model 0", lambda r: math.exp(r["val_loss"][0]) if r.get("val_loss") else None,
                        2, False),
     "test_bleu0": Metric("test BLEU, model 0", _first("test_bleu"), 2),
+    "val_loss_mean": Metric("val NLL, mean of models", _mean("val_loss"), 4, False),
+    "test_bleu_mean": Metric("test BLEU, mean of models", _mean("test_bleu"), 2),
     "ens_val_loss": Metric("ensemble val NLL", _ensemble("ensemble_val_loss"), 4, False),
     "ens_test_loss": Metric("ensemble test NLL", _ensemble("ensemble_test_loss"), 4, False),
     "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),

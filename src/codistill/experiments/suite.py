@@ -79,6 +79,10 @@ class Experiment:
     select_by: str = "val_acc0"
     xlabel: str = ""
     xlog: bool = False
+    trained: str = ""
+    """Name suffix of the variants at the trained budget, where all-reduce has converged by the
+    budget rule (budget.py): the verdict is judged there once they all ran, the base budget's beside
+    it. Empty: the experiment has one budget."""
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -230,7 +234,7 @@ F1 = Experiment(
         Variant("codistill-burnin", CD, set=BURNIN),
         Variant("codistill-burnin-long", CD, set=BURNIN, scale=epochs(4)),
     ),
-    plot="curves", xlabel="budget (updates, the same for both arms)")
+    plot="curves", xlabel="budget (updates, the same for both arms)", trained="-long")
 
 F2 = Experiment(
     "F2", "Accounting for the regularization closes the gap",
@@ -242,7 +246,7 @@ F2 = Experiment(
         # At F1's long budget too, where F1's gap shows (the first two are F1's runs, reused).
         *recipes("-long", epochs(4)),
     ),
-    select=("regularized", "regularized-shifted"))
+    select=("regularized", "regularized-shifted"), trained="-long")
 
 F3 = Experiment(
     "F3", "Batch-size scaling holds",
@@ -254,14 +258,17 @@ F3 = Experiment(
         # Also from F1's long budget (x1 reuses F1's runs): at the base budget x4 leaves 78 updates.
         for suffix, budget, label in (("", {}, ""), ("-long", epochs(4), ", 4x budget"))
         for arm in (AR, CD) for k in (1, 2, 4)),
-    plot="lines", xlabel="per-worker batch (x 128); LR x the same, updates / the same", xlog=True)
+    plot="lines", xlabel="per-worker batch (x 128); LR x the same, updates / the same", xlog=True,
+    trained="-long")
 
 F4 = Experiment(
     "F4", "The same holds with the cosine schedule",
     "With a cosine LR schedule instead of step decay, codistillation with the regularization-accounted "
     "recipe again matches all-reduce.",
-    variants=recipes(quick=("codistill-constant-wd",), unshifted=False),
-    base={"schedule.name": "cosine"}, quick_base={"schedule.name": "cosine"})
+    # At F1's long budget too, where all-reduce has converged (budget rule).
+    variants=(*recipes(quick=("codistill-constant-wd",), unshifted=False),
+              *recipes("-long", epochs(4), unshifted=False)),
+    base={"schedule.name": "cosine"}, quick_base={"schedule.name": "cosine"}, trained="-long")
 
 # F5's reduced explicit regularization (label smoothing and dropout), also used by PeersMT.
 HALF_REG = {"train.label_smoothing": 0.05, "model.options": {"dropout": 0.05}}
@@ -282,7 +289,7 @@ F5 = Experiment(
         Variant("allreduce-ls0-drop0", AR, set=NO_REG),
         # The trained budget (issue 18): a quarter of the corpus for 2,000 updates (about 7 all-reduce
         # epochs), where all-reduce over-fits without its regularization and reaches test BLEU ~18 with it
-        # (one-seed probe, results/notes.md F5). Not run yet: `--variants` with these names.
+        # (one-seed probe, results/notes.md F5). The verdict is judged here once all four ran.
         *(Variant(f"{name}-trained", arm, set={**over, "data.fraction": 0.25}, scale=epochs(2000 / 300))
           for name, arm, over in (
               ("allreduce", AR, {}),
@@ -291,19 +298,25 @@ F5 = Experiment(
               ("codistill-ls0-drop0", CD, NO_REG))),
     ),
     family="translation", config="configs/translation_tiny.yaml", metrics=("val_loss0", "test_bleu0"),
-    columns=("val_loss0", "test_loss0", "test_bleu0", "ens_val_loss", "train_loss", "wall"),
+    columns=("val_loss0", "test_loss0", "test_bleu0", "val_loss_mean", "test_bleu_mean", "ens_val_loss",
+             "ens_test_loss", "train_loss", "wall"),
     select=("codistill-ls0.1-drop0.1", "codistill-ls0.05-drop0.05", "codistill-ls0-drop0"),
-    select_by="val_loss0")
+    select_by="val_loss0", trained="-trained")
 
 F6 = Experiment(
     "F6", "Less data: codistillation's advantage grows",
     "Training on 1/k of the data for k times the epochs (same updates), codistillation beats all-reduce "
     "by more as k grows: it regularizes.",
-    variants=tuple(
-        Variant(f"{arm}-data-1/{k}", arm, set={"data.fraction": 1 / k}, scale=epochs(k), x=1 / k,
-                quick=(arm == CD and k in (1, 4)))
-        for arm in (AR, CD) for k in (1, 2, 4, 8)),
-    plot="lines", xlabel="fraction of the training set (epochs x 1/fraction)", xlog=True)
+    variants=(
+        *(Variant(f"{arm}-data-1/{k}", arm, set={"data.fraction": 1 / k}, scale=epochs(k), x=1 / k,
+                  quick=(arm == CD and k in (1, 4)))
+          for arm in (AR, CD) for k in (1, 2, 4, 8)),
+        # From F1's long budget (1/1 reuses F1's runs), down to 1/16 of the set (3,375 images for
+        # 1,260 updates: about 190 all-reduce epochs), where all-reduce over-fits.
+        *(Variant(f"{arm}-data-1/{k}-long", arm, set={"data.fraction": 1 / k}, scale=epochs(4 * k), x=1 / k,
+                  series=f"{arm}, 4x budget")
+          for arm in (AR, CD) for k in (1, 4, 16))),
+    plot="lines", xlabel="fraction of the training set (epochs x 1/fraction)", xlog=True, trained="-long")
 
 F7 = Experiment(
     "F7", "Robust to the exchange period and the base LR",
@@ -316,8 +329,15 @@ F7 = Experiment(
           for m in (0.25, 0.5, 1, 2, 4)),
         *(Variant(f"codistill-lr-x{m:g}", CD, scale={"optim.lr": m}, x=m, series="codistill",
                   panel="base LR (x 0.1)") for m in (1, 2, 4)),
+        # At F1's long budget (all-reduce and T x 1 = LR x 1 are F1's runs, reused); T stays 25 steps,
+        # 2% of the run (the paper's 2,500 is 1% of its run). 0.25x, reported only, is not rerun.
+        Variant("allreduce-long", AR, scale=epochs(4)),
+        *(Variant(f"codistill-T-x{m:g}-long", CD, scale={"codistill.exchange_every": m, **epochs(4)}, x=m,
+                  series="codistill, 4x budget", panel="exchange period (x T)") for m in (0.5, 1, 2, 4)),
+        *(Variant(f"codistill-lr-x{m:g}-long", CD, scale={"optim.lr": m, **epochs(4)}, x=m,
+                  series="codistill, 4x budget", panel="base LR (x 0.1)") for m in (1, 2, 4)),
     ),
-    plot="lines", xlog=True)
+    plot="lines", xlog=True, trained="-long")
 
 BEYOND = Experiment(
     "Beyond", "Beyond the paper: ensembles of codistilled vs independent models",
