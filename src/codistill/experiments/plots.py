@@ -98,6 +98,9 @@ def _lines(experiment: Experiment, rows: list[dict]):
 
 def _curves(experiment: Experiment, rows: list[dict]):
     """Model 0's curves at the longest budget run (one line per seed), then accuracy per budget."""
+    # A variant whose rows all reuse another of this experiment's runs (F1's trained budget is its
+    # long runs) would draw the same points twice.
+    rows = [r for r in rows if not (r.get("reused_from") or "").startswith(f"{experiment.name}/")] or rows
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     first_seed = min(r["seed"] for r in rows)
     longest = max(r["steps"] for r in rows)
