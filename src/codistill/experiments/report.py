@@ -150,6 +150,37 @@ def read_notes(out: Path) -> dict[str, str]:
     return {name: "\n".join(lines).strip() for name, lines in notes.items() if "\n".join(lines).strip()}
 
 
+def compute_line(rows: list[dict]) -> str:
+    """What the experiment cost to run, from its rows' `total_seconds` (reused rows cost nothing)."""
+    own = [r for r in rows if not r.get("reused_from") and r.get("total_seconds")]
+    if not own:
+        return "Compute: every row reuses another experiment's run."
+    parts = []
+    for which, mine in (("trained budget", [r for r in own if r["variant"].endswith("-trained")]),
+                        ("other budgets", [r for r in own if not r["variant"].endswith("-trained")])):
+        if mine:
+            minutes = sum(r["total_seconds"] for r in mine) / 60
+            seeds = len({r["seed"] for r in mine})
+            parts.append(f"{which} {minutes / seeds:.0f} min per seed ({len(mine)} runs)")
+    if len(parts) == 1 and not any(r["variant"].endswith("-trained") for r in own):
+        parts = [parts[0].removeprefix("other budgets ")]
+    return ("Compute, measured (`total_seconds`, reused rows not counted; on whatever machine made them): "
+            + ", ".join(parts) + ".")
+
+
+def suite_size(quick: bool) -> str:
+    """Distinct runs per seed by family: identical configs are trained once."""
+    from .runner import config_hash, variant_config, variants_of
+
+    seen: dict[str, set] = {}
+    for e in EXPERIMENTS.values():
+        for v in variants_of(e, quick):
+            cfg, world = variant_config(e, v, 0, quick)
+            seen.setdefault(e.family, set()).add(config_hash(cfg, world))
+    words = {"image": "image", "translation": "translation", "lm": "language-model"}
+    return ", ".join(f"{len(h)} distinct {words[f]} runs" for f, h in seen.items())
+
+
 def judged_budget(experiment: Experiment, rows: list[dict]) -> tuple[str, list[str]]:
     """(suffix, all-reduce variants) of the budget the report judges and shows the rule for: the
     trained budget once any all-reduce row has it, else the base budget ([] for an experiment with
@@ -217,6 +248,7 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
         provenance = f"Rows: [`{link}`]({link}), {len(rows)} rows, seeds {', '.join(map(str, seeds))}."
         commands = sorted({r["command"] for r in rows if r.get("command")})
         provenance += " Made by " + ", ".join(f"`{c}`" for c in commands) + "."
+        provenance += " " + compute_line(rows)
         if budget != 1.0:
             provenance += (f" **Reduced budget:** every epoch-valued setting x {budget:g} "
                            f"(`--budget {budget:g}`); these rows are not the suite's measurement.")
@@ -249,8 +281,8 @@ generator. {quick_note}
   every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
 - Regularization settings are chosen on the validation split (10% of the training set, held out);
   test numbers are final. Model 0 is the model the paper reports ("model 1").
-- The full suite, per seed: 28 distinct image runs (about 33 base-budget runs of compute: F1's short and long
-  budgets cost 1/3 and 4) and 5 translation runs; identical runs are trained once.{cost}
+- The full suite, per seed: {size}; identical runs are trained once. Each section says what its rows
+  cost.{cost}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
   otherwise similar. A verdict from one seed is marked provisional, one from fewer than 3 says so.
@@ -291,7 +323,7 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
                 f"{max(times):.0f} s each from start to finish (`total_seconds` in the rows; measured on "
                 "whatever machine made them, possibly shared).")
     out_flag = (" --quick" if quick else "") + (f" --out {out_arg}" if out_arg != "results" else "")
-    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
+    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost, size=suite_size(quick),
                          seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
                          acc_rise=f"{100 * ACC_RISE:.1f}", nll_drop=NLL_DROP,
                          summary="\n".join(summary))
