@@ -417,3 +417,19 @@ def test_a_run_stopped_half_way_continues_from_its_checkpoint_to_the_same_row(tm
     assert a["config_hash"] == b["config_hash"]
     for key in ("test_accuracy", "val_loss", "train_loss", "param_distance", "ensemble_test_loss"):
         assert a[key] == b[key], key
+
+
+def test_report_summary_says_where_each_claim_stands_and_shows_the_budget_curves(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("F1", "F5"):
+        (out / f"{name}.jsonl").write_text((ROOT / "results" / f"{name}.jsonl").read_text())
+    text = write_report(out, tmp_path / "results.md", out_arg=str(out)).read_text()
+    f1_row = next(line for line in text.splitlines() if line.startswith("| [F1:"))
+    assert "| reproduced | holds at the trained budget | yes (1260 updates: val accuracy" in f1_row
+    assert "At the trained budget: test accuracy 89.32 ± 0.18% vs 90.62 ± 0.15%" in text
+    f5_row = next(line for line in text.splitlines() if line.startswith("| [F5:"))
+    assert "the trained budget has not fully run" in f5_row and "| no (2000 updates: val NLL" in f5_row
+    assert (out / "F5-budget.png").is_file() and "F5-budget.png" in text  # the curves behind the rule
+    f2_row = next(line for line in text.splitlines() if line.startswith("| [F2:"))
+    assert "| not yet run |" in f2_row

@@ -168,19 +168,6 @@ def compute_line(rows: list[dict]) -> str:
             + ", ".join(parts) + ".")
 
 
-def suite_size(quick: bool) -> str:
-    """Distinct runs per seed by family: identical configs are trained once."""
-    from .runner import config_hash, variant_config, variants_of
-
-    seen: dict[str, set] = {}
-    for e in EXPERIMENTS.values():
-        for v in variants_of(e, quick):
-            cfg, world = variant_config(e, v, 0, quick)
-            seen.setdefault(e.family, set()).add(config_hash(cfg, world))
-    words = {"image": "image", "translation": "translation", "lm": "language-model"}
-    return ", ".join(f"{len(h)} distinct {words[f]} runs" for f, h in seen.items())
-
-
 def judged_budget(experiment: Experiment, rows: list[dict]) -> tuple[str, list[str]]:
     """(suffix, all-reduce variants) of the budget the report judges and shows the rule for: the
     trained budget once any all-reduce row has it, else the base budget ([] for an experiment with
@@ -281,8 +268,8 @@ generator. {quick_note}
   every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
 - Regularization settings are chosen on the validation split (10% of the training set, held out);
   test numbers are final. Model 0 is the model the paper reports ("model 1").
-- The full suite, per seed: {size}; identical runs are trained once. Each section says what its rows
-  cost.{cost}
+- Identical runs are trained once (matched by a hash of the resolved config). Each section says
+  what its rows cost to make.{cost}
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
   otherwise similar. A verdict from one seed is marked provisional, one from fewer than 3 says so.
@@ -323,7 +310,7 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
                 f"{max(times):.0f} s each from start to finish (`total_seconds` in the rows; measured on "
                 "whatever machine made them, possibly shared).")
     out_flag = (" --quick" if quick else "") + (f" --out {out_arg}" if out_arg != "results" else "")
-    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost, size=suite_size(quick),
+    intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
                          seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
                          acc_rise=f"{100 * ACC_RISE:.1f}", nll_drop=NLL_DROP,
                          summary="\n".join(summary))
