@@ -44,7 +44,9 @@ def test_every_rank_reports_the_same_metrics(run):
     for r in results[1:]:
         assert r["val"] == first["val"]
         assert r["summary"]["models"] == first["summary"]["models"]
+        assert r["summary"]["ensemble_test_bleu"] == first["summary"]["ensemble_test_bleu"]
     assert first["summary"]["steps"] == STEPS and first["summary"]["replicas"] == 2
+    assert isinstance(first["summary"]["ensemble_test_bleu"], float)
     for m in first["summary"]["models"]:
         assert {"val_loss", "val_perplexity", "test_bleu", "test_accuracy"} <= set(m)
     val = first["val"]
@@ -68,3 +70,98 @@ def test_grid_evaluation_matches_one_process(run):
         assert grid["test_loss"] == pytest.approx(alone["loss"], rel=1e-5)
         assert grid["test_accuracy"] == pytest.approx(alone["accuracy"], abs=1e-9)
         assert grid["test_bleu"] == pytest.approx(alone["bleu"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble decoding: each process holds one model; they choose every token together.
+
+BOS, EOS, VOCAB = 2, 3, 12
+
+
+def _models():
+    from codistill.models import build_model
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("transformer_tiny", VOCAB, ()).eval()
+        with torch.no_grad():  # fresh models all prefer one token: spread them so that they disagree
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.5)
+        models.append(model)
+    return models
+
+
+def _sources():
+    torch.manual_seed(7)
+    src = torch.randint(4, VOCAB, (6, 5))
+    src[2, 3:] = 0  # one padded sentence
+    return src
+
+
+def _decode_worker(rank, world, beam):
+    import torch.distributed as dist
+
+    from codistill.models.transformer import beam_search
+    from codistill.translation.task import ensemble_log_probs
+
+    model = _models()[rank]
+    return beam_search(model, _sources(), BOS, EOS, max_len=7, beam=beam, length_penalty=0.0,
+                       combine=ensemble_log_probs(dist.group.WORLD, world))
+
+
+def _ensemble_log_probs(models, src, prefix):
+    """log of the models' mean next-token probability after `prefix`, by full (uncached) passes."""
+    with torch.no_grad():
+        probs = []
+        for m in models:
+            logits = m(src, prefix)[:, -1].float()
+            logits[:, [m.pad_idx, BOS]] = float("-inf")
+            probs.append(torch.softmax(logits, dim=-1))
+    return torch.stack(probs).mean(0).log()
+
+
+def _ensemble_greedy(models, src, max_len):
+    prefix = torch.full((src.shape[0], 1), BOS)
+    done = torch.zeros(src.shape[0], dtype=torch.bool)
+    for _ in range(max_len):
+        nxt = _ensemble_log_probs(models, src, prefix).argmax(-1).masked_fill(done, 0)
+        prefix = torch.cat([prefix, nxt[:, None]], dim=1)
+        done |= nxt.eq(EOS)
+        if bool(done.all()):
+            break
+    return prefix[:, 1:]
+
+
+def _ensemble_score(models, src, hyp):
+    """Sum of the ensemble's log-probabilities of each hypothesis, up to and including its EOS."""
+    total = []
+    for b, row in enumerate(hyp.tolist()):
+        n = row.index(EOS) + 1 if EOS in row else len(row)
+        prefix, score = torch.tensor([[BOS]]), 0.0
+        for token in row[:n]:
+            score += _ensemble_log_probs(models, src[b:b + 1], prefix)[0, token].item()
+            prefix = torch.cat([prefix, torch.tensor([[token]])], dim=1)
+        total.append(score)
+    return torch.tensor(total)
+
+
+def test_ensemble_greedy_decoding_across_processes_is_the_mean_probability_argmax(tmp_path):
+    from codistill.models.transformer import greedy_decode
+
+    models, src = _models(), _sources()
+    outs = run_workers(_decode_worker, 2, tmp_path, (1,), timeout=120)
+    assert torch.equal(outs[0], outs[1])  # both processes chose the same tokens
+    expected = _ensemble_greedy(models, src, 7)
+    assert torch.equal(outs[0], expected)
+    # The ensemble's choice is neither model's own (else the test could not tell).
+    for m in models:
+        assert not torch.equal(greedy_decode(m, src, BOS, EOS, 7), expected)
+
+
+def test_ensemble_beam_search_across_processes_beats_ensemble_greedy(tmp_path):
+    models, src = _models(), _sources()
+    outs = run_workers(_decode_worker, 2, tmp_path, (4,), timeout=120)
+    assert torch.equal(outs[0], outs[1])
+    beam, greedy = _ensemble_score(models, src, outs[0]), _ensemble_score(models, src, _ensemble_greedy(models, src, 7))
+    assert bool((beam >= greedy - 1e-4).all()) and bool((beam > greedy + 1e-4).any())

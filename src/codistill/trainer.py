@@ -337,6 +337,7 @@ def summarize(cfg: Config, ranks: list[dict], leaders: list[dict], val: dict, te
         "models": models,
         "ensemble_val_accuracy": val["ensemble"]["accuracy"], "ensemble_val_loss": val["ensemble"]["loss"],
         "ensemble_test_accuracy": test["ensemble"]["accuracy"], "ensemble_test_loss": test["ensemble"]["loss"],
+        "ensemble_test_bleu": test["ensemble"].get("bleu"),
         "val_disagreement": val["disagreement"], "test_disagreement": test["disagreement"],
         "bytes_per_worker": {"allreduce": mean("allreduce_sent"), "exchange": mean("exchange_sent"),
                              "exchange_received": mean("exchange_received"),

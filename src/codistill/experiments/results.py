@@ -106,6 +106,7 @@ def summary_values(summary: dict) -> dict:
         "ensemble_test_accuracy": summary.get("ensemble_test_accuracy"),
         "ensemble_val_loss": summary.get("ensemble_val_loss"),
         "ensemble_test_loss": summary.get("ensemble_test_loss"),
+        "ensemble_test_bleu": summary.get("ensemble_test_bleu"),
         "val_disagreement": summary.get("val_disagreement"), "test_disagreement": summary.get("test_disagreement"),
         "bytes_allreduce": summary["bytes_per_worker"]["allreduce"],
         "bytes_exchange": summary["bytes_per_worker"]["exchange"],
@@ -192,6 +193,7 @@ METRICS: dict[str, Metric] = {
     "test_bleu_mean": Metric("test BLEU, mean of models", _mean("test_bleu"), 2),
     "ens_val_loss": Metric("ensemble val NLL", _ensemble("ensemble_val_loss"), 4, False),
     "ens_test_loss": Metric("ensemble test NLL", _ensemble("ensemble_test_loss"), 4, False),
+    "ens_test_bleu": Metric("ensemble test BLEU", _ensemble("ensemble_test_bleu"), 2),
     "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),
     "steps": Metric("steps", lambda r: r.get("steps"), 0),
 }

@@ -319,7 +319,7 @@ F5 = Experiment(
     ),
     family="translation", config="configs/translation_tiny.yaml", metrics=("val_loss0", "test_bleu0"),
     columns=("val_loss0", "test_loss0", "test_bleu0", "val_loss_mean", "test_bleu_mean", "ens_val_loss",
-             "ens_test_loss", "train_loss", "wall"),
+             "ens_test_loss", "ens_test_bleu", "train_loss", "wall"),
     select=("codistill-ls0.1-drop0.1", "codistill-ls0.05-drop0.05", "codistill-ls0-drop0"),
     select_by="val_loss0", trained="-trained")
 

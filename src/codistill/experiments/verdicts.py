@@ -234,6 +234,9 @@ def _f5(t: Table, suffix: str = ""):
                    f"{t.get('test_loss0', f'allreduce{suffix}').mean:.4f}, test BLEU "
                    f"{pts(t.get('test_bleu0', chosen))} vs {pts(t.get('test_bleu0', f'allreduce{suffix}'))}")
         reason += f", ensemble of the two codistilled models {t.get('ens_val_loss', chosen).mean:.4f}"
+        ens_bleu = t.get("ens_test_bleu", chosen)  # rows from before 2026-12-05 lack it
+        seeds = f" ({ens_bleu.n} of {cd.n} seeds)" if ens_bleu.n != cd.n else ""
+        reason += f" (test BLEU {pts(ens_bleu)}{seeds})"
     except Missing:
         pass
     reason += f" ({PAPER_F5})"

@@ -22,6 +22,7 @@ vocabulary size, input_shape is ignored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -220,12 +221,15 @@ def _limits(max_len: int | torch.Tensor, batch: int) -> list[int]:
     return [int(max_len)] * batch
 
 
+Combine = Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int,
-                  max_len: int | torch.Tensor) -> torch.Tensor:
+                  max_len: int | torch.Tensor, combine: Combine | None = None) -> torch.Tensor:
     """(B, S) sources -> (B, L) generated ids (no BOS; after EOS or the row's max_len: padding).
 
-    max_len: the longest output, for all rows or per row (B,).
+    max_len: the longest output, for all rows or per row (B,). combine: as in `beam_search`.
     """
     state = DecoderState(model, *model.encode(src))
     batch, device = src.shape[0], src.device
@@ -234,7 +238,10 @@ def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: i
     done = limits.le(0)
     out = []
     for step in range(int(limits.max())):
-        nxt = _never(state.step(nxt), model.pad_idx, bos).argmax(-1).masked_fill(done, model.pad_idx)
+        logits = _never(state.step(nxt).float(), model.pad_idx, bos)
+        if combine is not None:
+            logits = combine(F.log_softmax(logits, dim=-1))
+        nxt = logits.argmax(-1).masked_fill(done, model.pad_idx)
         out.append(nxt)
         done |= nxt.eq(eos) | limits.le(step + 1)
         if bool(done.all()):
@@ -244,16 +251,21 @@ def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: i
 
 @torch.no_grad()
 def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int,
-                max_len: int | torch.Tensor, beam: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
+                max_len: int | torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
+                combine: Combine | None = None) -> torch.Tensor:
     """(B, S) sources -> (B, L) best hypotheses by log-probability / length^length_penalty.
 
     Each step extends every live hypothesis by every token and keeps the `beam` best that do not
     end; those ending (EOS, or reaching max_len) are set aside. A sentence is done once it has
     `beam` finished hypotheses (fairseq's stopping rule). beam = 1 is greedy decoding. max_len: the
     longest output, for all sentences or per sentence (B,).
+
+    combine: maps each step's log-probabilities (rows, V) to the ones hypotheses are chosen by; an
+    ensemble whose models live in other processes passes the log of their mean probability. Every
+    process decoding together must get the same result back, so that their hypotheses stay in step.
     """
     if beam <= 1:
-        return greedy_decode(model, src, bos, eos, max_len)
+        return greedy_decode(model, src, bos, eos, max_len, combine)
     batch, device, ninf = src.shape[0], src.device, float("-inf")
     memory, src_pad = model.encode(src)
     state = DecoderState(model, memory.repeat_interleave(beam, dim=0), src_pad.repeat_interleave(beam, dim=0))
@@ -265,6 +277,8 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, bos: int, eos: int
     closed = [limit <= 0 for limit in limits]
     for step in range(1, max(limits) + 1):
         logp = F.log_softmax(_never(state.step(tokens[:, -1]).float(), model.pad_idx, bos), dim=-1)  # (B*beam, V)
+        if combine is not None:
+            logp = combine(logp)
         vocab = logp.shape[-1]
         top, idx = (scores.view(-1, 1) + logp).view(batch, beam * vocab).topk(2 * beam, dim=-1)
         top, idx = top.tolist(), idx.tolist()

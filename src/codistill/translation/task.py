@@ -13,7 +13,8 @@
   `train.label_smoothing`, applied by that loss.
 - evaluate (`codistill.evaluation.evaluate`, as classification): NLL per target token ("loss",
   without smoothing), token accuracy, perplexity, and on the test split BLEU (sacrebleu, detokenized output of greedy or beam search on
-  `translation.bleu_sentences` sentences); the ensemble averages the models' probabilities.
+  `translation.bleu_sentences` sentences), of every model and of the ensemble, which averages the
+  models' probabilities (when decoding, too: its workers choose each token together).
 
 Batch size and the LR: the trainer's model batch is `data.batch_size x replicas`, used for linear
 LR scaling (`schedule.scale_lr`) and its samples/s. Translation batches by tokens, so either set
@@ -261,13 +262,18 @@ class TranslationTask:
         if split == "test":
             was_training = model.training
             model.eval()
-            for m, bleu in zip(result["models"], self.bleu(model, topo)):
+            scores, ensemble = self.bleu(model, topo)
+            for m, bleu in zip(result["models"], scores):
                 m["bleu"] = bleu
+            if ensemble is not None:
+                result["ensemble"]["bleu"] = ensemble
             model.train(was_training)
         return result
 
-    def translate(self, model: nn.Module, sentences: Encoded, indices: list[int], topo: Topology) -> dict[int, str]:
-        """{index: detokenized translation} of this replica's share of `indices`."""
+    def translate(self, model: nn.Module, sentences: Encoded, indices: list[int], topo: Topology,
+                  combine=None) -> dict[int, str]:
+        """{index: detokenized translation} of this replica's share of `indices` (by the ensemble of
+        the column's models when `combine` is `ensemble_log_probs`)."""
         tok, beam = self.tokenizer, self.cfg.translation.beam
         # Budget each batch for its source and the longest output it may produce.
         lengths = [(len(s), max_output(len(s))) for s in sentences.src]
@@ -275,13 +281,15 @@ class TranslationTask:
         for idx in self._shard(sentences, indices, topo, lengths):
             src = collate(sentences, idx, tok.pad_id, tok.bos_id, tok.eos_id).src.to(self.device)
             limits = torch.tensor([max_output(len(sentences.src[i])) for i in idx])
-            hyps = beam_search(model, src, tok.bos_id, tok.eos_id, limits, beam=beam)
+            hyps = beam_search(model, src, tok.bos_id, tok.eos_id, limits, beam=beam, combine=combine)
             rows = [row[: row.index(tok.eos_id)] if tok.eos_id in row else row for row in hyps.tolist()]
             out.update(zip(idx, tok.decode(rows)))
         return out
 
-    def bleu(self, model: nn.Module, topo: Topology) -> list[float]:
-        """Corpus BLEU of every model on the first `translation.bleu_sentences` test sentences."""
+    def bleu(self, model: nn.Module, topo: Topology) -> tuple[list[float], float | None]:
+        """Corpus BLEU of every model on the first `translation.bleu_sentences` test sentences, and of
+        their ensemble (None for one model): the column's workers decode the same sentences in step,
+        choosing every token by the models' mean probability."""
         try:
             import sacrebleu
         except ImportError:
@@ -291,14 +299,32 @@ class TranslationTask:
         test, refs = self.encoded("test"), self.corpus.test.tgt
         count = self.cfg.translation.bleu_sentences or len(refs)
         indices = list(range(min(count, len(refs))))
-        mine = self.translate(model, test, indices, topo)
-        if topo.replicas > 1:  # every worker of this model gets all its translations
-            parts = [None] * topo.replicas
-            dist.all_gather_object(parts, mine, group=topo.model_group)
-            mine = {i: h for part in parts for i, h in part.items()}
-        score = sacrebleu.corpus_bleu([mine[i] for i in indices], [[refs[i] for i in indices]]).score
+
+        def score(combine=None) -> float:
+            mine = self.translate(model, test, indices, topo, combine)
+            if topo.replicas > 1:  # every worker of this model gets all its translations
+                parts = [None] * topo.replicas
+                dist.all_gather_object(parts, mine, group=topo.model_group)
+                mine = {i: h for part in parts for i, h in part.items()}
+            return sacrebleu.corpus_bleu([mine[i] for i in indices], [[refs[i] for i in indices]]).score
+
+        own = score()
         if topo.job_models == 1:
-            return [score]
+            return [own], None
+        ensemble = score(ensemble_log_probs(topo.exchange_group, topo.job_models))
         scores = [None] * topo.job_models  # the column holds one worker of each model, in model order
-        dist.all_gather_object(scores, score, group=topo.exchange_group)
-        return scores
+        dist.all_gather_object(scores, own, group=topo.exchange_group)
+        return scores, ensemble
+
+
+def ensemble_log_probs(group, n_models: int):
+    """A decoding `combine`: the log of the mean of the n models' probabilities, summed over `group`
+    (one worker of each model). all_reduce leaves the same sum on every member, so all of them
+    choose the same tokens."""
+
+    def combine(logp: torch.Tensor) -> torch.Tensor:
+        probs = logp.exp()
+        dist.all_reduce(probs, group=group)
+        return (probs / n_models).log()
+
+    return combine
