@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from codistill.distributed import exit_skipping_teardown
+
 
 def _entry(rank: int, fn, world_size: int, tmp: str, args: tuple) -> None:
     import torch.distributed as dist
@@ -23,6 +25,9 @@ def _entry(rank: int, fn, world_size: int, tmp: str, args: tuple) -> None:
         torch.save(result, f"{tmp}/result_{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # As the product's own workers do: the result is saved, and gloo's threads must not turn a
+    # finished worker into a SIGABRT while Python finalizes (seen in CI).
+    exit_skipping_teardown(0)
 
 
 def run_workers(fn, world_size: int, tmp_path: Path, args: tuple = (), timeout: float = 240.0) -> list:

@@ -58,6 +58,30 @@ def test_bad_input_exit_status_of_the_real_process(tmp_path):
     assert_one_line_error(proc, "world size 4 is not divisible by codistill.n_models=3")
 
 
+def test_torchrun_worker_exit_keeps_status_output_and_exit_handlers(tmp_path):
+    # Under torchrun's agent the command ends without the interpreter's teardown (gloo's threads can
+    # abort a finished worker): its exit status, its buffered output and the exit handlers stay.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "test"}
+    bad = subprocess.run([sys.executable, "-m", "codistill.cli", "train", *DIGITS, "--set", "codistill.n_models=3",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(bad, "world size 4 is not divisible by codistill.n_models=3")
+    # An object torn down with the interpreter says so: only the standalone process gets there.
+    script = ("import sys; from codistill import cli\n"
+              "class Teardown:\n    def __del__(self): print('teardown')\n"
+              "t = Teardown(); sys.argv = ['codistill', 'config', '--set', 'optim.lr=0.123']; cli.entry()")
+    as_worker, standalone = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                            timeout=120, env=e) for e in (env, None))
+    assert as_worker.returncode == standalone.returncode == 0
+    assert standalone.stdout == as_worker.stdout + "teardown\n"  # all the config, flushed, and no teardown
+    assert "lr: 0.123" in as_worker.stdout
+    handler = ("import atexit, sys; atexit.register(lambda: open(sys.argv[1], 'w').write('ran')); "
+               "print('buffered', end=''); from codistill.distributed import exit_skipping_teardown; "
+               "exit_skipping_teardown(3)")
+    marker = tmp_path / "handler"
+    proc = subprocess.run([sys.executable, "-c", handler, str(marker)], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, marker.read_text()) == (3, "buffered", "ran")
+
+
 def test_missing_data_file_names_the_file(tmp_path, capsys):
     from codistill.cli import main
 

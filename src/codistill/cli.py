@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -158,5 +159,15 @@ def _finish(summary: dict, out) -> None:
     print(f"done: {summary['steps']} steps, val accuracy {accs}; run directory {out}")
 
 
+def entry() -> None:
+    """The `codistill` console script and `python -m codistill.cli`."""
+    code = main()
+    from .distributed import AGENT_VAR, exit_skipping_teardown
+
+    if AGENT_VAR in os.environ:  # one of torchrun's workers: its job is done, see exit_skipping_teardown
+        exit_skipping_teardown(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -211,15 +211,22 @@ def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: f
     except BaseException as e:  # noqa: BLE001 - every failure is reported by the parent
         _record_failure(Path(run_dir), local_rank, e)
         sys.exit(2 if isinstance(e, UserError) else 1)
-    # The work is done and written. Skip the interpreter's teardown: under load, gloo's C++ threads
-    # can still be winding down while Python finalizes, and the worker then dies with SIGABRT
-    # ("terminate called without an active exception", seen in CI with torch 2.14) after a run that
-    # succeeded. The exit handlers still run (multiprocessing's unregisters its semaphores, or the
-    # parent's resource tracker warns about leaked ones); stdio is flushed.
+    exit_skipping_teardown(0)
+
+
+def exit_skipping_teardown(code: int) -> None:
+    """End a worker process whose work is done and written, without the interpreter's teardown.
+
+    Under load, gloo's C++ threads can still be winding down while Python finalizes, and the
+    process then dies with SIGABRT ("terminate called without an active exception", seen in CI with
+    torch 2.14) after a run that succeeded. The exit handlers still run (multiprocessing's
+    unregisters its semaphores, or the parent's resource tracker warns about leaked ones); stdio is
+    flushed. Only for processes that exist to run one job: never call it from a user's program.
+    """
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
