@@ -22,8 +22,14 @@ import torch
 
 from codistill.checkpoint import load_entry, read_latest
 from codistill.config import load_config
-from codistill.tasks import task_class
+from codistill.tasks import make_task, task_class
 from codistill.translation.task import TranslationTask
+
+
+def fail(message: str) -> None:
+    """Bad input: one line and exit status 2, as the `codistill` command does."""
+    print(f"ensemble_bleu: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> int:
@@ -31,16 +37,16 @@ def main() -> int:
     p.add_argument("run", type=Path, help="a translation run directory with checkpoints")
     p.add_argument("--sentences", type=int, help="score the first N test sentences (default: all)")
     args = p.parse_args()
-    if not (args.run / "config.yaml").is_file() or read_latest(args.run) is None:
-        sys.exit(f"ensemble_bleu: error: {args.run} is not a run directory with a checkpoint")
     if args.sentences is not None and args.sentences <= 0:
-        sys.exit(f"ensemble_bleu: error: --sentences must be > 0, got {args.sentences}")
-    torch.set_num_threads(1)
+        fail(f"--sentences must be > 0, got {args.sentences}")
+    manifest = read_latest(args.run) if (args.run / "config.yaml").is_file() else None
+    if manifest is None:
+        fail(f"{args.run} is not a run directory with a checkpoint")
     cfg = load_config(args.run / "config.yaml", [])
     if task_class(cfg) is not TranslationTask:
-        sys.exit(f"ensemble_bleu: error: {args.run} is not a translation run (data.name={cfg.data.name})")
-    task = TranslationTask(cfg, torch.device("cpu"), args.run)
-    manifest = read_latest(args.run)
+        fail(f"{args.run} is not a translation run (data.name={cfg.data.name})")
+    torch.set_num_threads(1)
+    task = make_task(cfg, torch.device("cpu"), args.run)
     models = []
     for i in range(cfg.codistill.n_models):
         model = task.build_model(cfg.model.name)

@@ -6,9 +6,16 @@ row, translations gathered for BLEU) must give what one process computes with th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from codistill import config
 from mp_helpers import run_workers
 from test_translation import _config, write_parallel
 
@@ -170,30 +177,29 @@ def test_ensemble_beam_search_across_processes_beats_ensemble_greedy(tmp_path):
 def test_ensemble_bleu_script_reproduces_a_runs_scores_in_one_process(tmp_path):
     # scripts/ensemble_bleu.py decodes the ensemble with threads instead of gloo: an independent
     # check of the distributed decoding, and the tool that scores a run on more test sentences.
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = write_parallel(tmp_path / "corpus")
-    settings = {"data.name": "parallel_text", "data.root": str(root), "model.name": "transformer_tiny",
-                "model.options": "{dropout: 0.0}", "translation.vocab_size": 100, "translation.max_tokens": 200,
-                "translation.max_len": 24, "translation.bleu_sentences": 12, "train.progress": "false",
-                "codistill.n_models": 2, "codistill.exchange_every": 10, "train.steps": 80, "optim.name": "adamw",
-                "optim.lr": 0.003, "schedule.name": "constant", "schedule.warmup_epochs": 0,
-                "schedule.scale_lr": "false", "train.eval_every": 0}
-    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    cfg = _config(write_parallel(tmp_path / "corpus"),
+                  **{"codistill.n_models": 2, "codistill.exchange_every": 10, "train.steps": 80, "optim.name": "adamw",
+                     "optim.lr": 0.003, "schedule.name": "constant", "schedule.warmup_epochs": 0,
+                     "schedule.scale_lr": False, "train.eval_every": 0})
+    (tmp_path / "config.yaml").write_text(config.dump_yaml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "codistill.cli", "train", "--nproc", "2", "--out", str(run), *sets],
-                           capture_output=True, text=True, timeout=200, env=env)
+    train = subprocess.run([sys.executable, "-m", "codistill.cli", "train", "--config", str(tmp_path / "config.yaml"),
+                            "--nproc", "2", "--out", str(run)], capture_output=True, text=True, timeout=200, env=env)
     assert train.returncode == 0, train.stderr
     summary = json.loads((run / "summary.json").read_text())
     script = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_bleu.py"
-    out = subprocess.run([sys.executable, str(script), str(run), "--sentences", "12"], capture_output=True,
-                         text=True, timeout=200, env=env)
+
+    def ensemble_bleu(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                              timeout=200, env=env)
+
+    out = ensemble_bleu(run, "--sentences", 12)
     assert out.returncode == 0, out.stderr
     expected = ", ".join(f"model {m['index']} {m['test_bleu']:.2f}" for m in summary["models"])
     assert out.stdout.strip() == f"12 test sentences: BLEU {expected}; ensemble {summary['ensemble_test_bleu']:.2f}"
+    for args, message in (((run, "--sentences", 0), "--sentences must be > 0, got 0"),
+                          ((tmp_path,), f"{tmp_path} is not a run directory with a checkpoint")):
+        bad = ensemble_bleu(*args)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", f"ensemble_bleu: error: {message}\n")
     assert summary["ensemble_test_bleu"] > 0  # a real comparison, not 0 == 0
