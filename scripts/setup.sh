@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: the Debian data packages (when root) and a virtual environment in .venv
-# with codistill installed (editable) with its test, translation, peers (torchft) and lightning extras. Safe to run again.
+# with codistill installed (editable) with its test, translation, peers (torchft), lightning, trackers (mlflow, wandb), storage (fsspec, s3fs) and export (safetensors) extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +27,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[test,translation,peers,lightning]"
+.venv/bin/python -m pip install -q -e ".[test,translation,peers,lightning,trackers,storage,export]"
 .venv/bin/python -c "import codistill, torch; print(f'setup: codistill {codistill.__version__}, torch {torch.__version__}')"
