@@ -76,6 +76,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 MANIFEST_FIELDS = {"step": int, "dir": str, "world_size": int, "sha256": dict}
 FILE_NAME = re.compile(r"(model|rank)_\d+\.pt")
+STEP_DIR = re.compile(r"step_\d+")
 
 
 def read_latest(run_dir: Path) -> dict | None:
@@ -110,7 +111,10 @@ def commit(run_dir: Path, step: int, hashes: dict[str, str], world_size: int) ->
     """Publish a complete checkpoint (after every file is written) and prune old ones."""
     manifest = {"step": step, "dir": step_dir(run_dir, step).name, "world_size": world_size, "sha256": hashes}
     atomic_write_text(run_dir / "checkpoints" / "latest.json", json.dumps(manifest, indent=2) + "\n")
-    dirs = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    # By step number, not by name: from step 1,000,000 on `step_{:06d}` grows a digit and
+    # "step_1000000" sorts before "step_999500" as text.
+    dirs = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and STEP_DIR.fullmatch(p.name)),
+                  key=lambda p: int(p.name[len("step_"):]))
     for old in dirs[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
