@@ -13,18 +13,38 @@ import torch.nn as nn
 
 
 def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and buffers in state_dict order (identical for two modules of one architecture)."""
+    """Parameters and buffers in state_dict order (identical for two modules of one architecture).
+    A tensor shared by two modules (an output layer tied to the embedding) appears under both names."""
     return [(k, v) for k, v in module.state_dict(keep_vars=True).items()]
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two names of one tensor (a tie): the same view of the same storage."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 class FlatState:
-    """Flat buffers, one per dtype, laid out like `module`'s state."""
+    """Flat buffers, one per dtype, laid out like `module`'s state, each distinct tensor once.
+
+    Tied weights (one Parameter reachable under two names, as Hugging Face ties the output layer
+    to the embedding) get one slot: they cross the link once, count once in `nbytes`, and `bind`
+    gives both names one Parameter again, so a teacher keeps the tie.
+    """
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None):
-        self.names: list[str] = []
+        self.names: list[str] = []  # one per distinct tensor: its first name in state_dict order
+        self.slots: dict[str, int] = {}  # every state_dict name -> its tensor's index in `names`
         self.layout: list[tuple[torch.dtype, int, torch.Size, bool]] = []  # (dtype, offset, shape, channels_last)
         sizes: dict[torch.dtype, int] = {}
+        seen: dict[tuple, int] = {}
         for name, t in state_tensors(module):
+            key = _storage_key(t)
+            if key in seen:  # a second name of a tensor already laid out
+                self.slots[name] = seen[key]
+                continue
+            seen[key] = self.slots[name] = len(self.names)
             offset = sizes.get(t.dtype, 0)
             self.names.append(name)
             channels_last = (t.dim() == 4 and not t.is_contiguous()
@@ -56,30 +76,40 @@ class FlatState:
                        if channels_last else flat.view(shape))
         return out
 
+    def _tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """`module`'s distinct tensors, in the order of `names`."""
+        state = module.state_dict(keep_vars=True)
+        return [state[name] for name in self.names]
+
     def pack(self, module: nn.Module) -> None:
         """Copy `module`'s state into the buffers."""
         with torch.no_grad():
-            for view, (_, t) in zip(self.views(), state_tensors(module)):
+            for view, t in zip(self.views(), self._tensors(module)):
                 view.copy_(t)
 
     def unpack(self, module: nn.Module) -> None:
         """Copy the buffers into `module`'s state."""
         with torch.no_grad():
-            for view, (_, t) in zip(self.views(), state_tensors(module)):
+            for view, t in zip(self.views(), self._tensors(module)):
                 t.copy_(view)
 
     def bind(self, module: nn.Module) -> None:
-        """Make `module`'s parameters and buffers views into these buffers (values copied in first)."""
+        """Make `module`'s parameters and buffers views into these buffers (values copied in first);
+        the names of one tied tensor get one Parameter, so the tie survives."""
         self.pack(module)
-        views = dict(zip(self.names, self.views()))
+        views = self.views()
+        params: dict[int, nn.Parameter] = {}
         for mod_name, sub in module.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             for pname, p in list(sub._parameters.items()):
                 if p is not None:
-                    sub._parameters[pname] = nn.Parameter(views[prefix + pname], requires_grad=False)
+                    i = self.slots[prefix + pname]
+                    if i not in params:
+                        params[i] = nn.Parameter(views[i], requires_grad=False)
+                    sub._parameters[pname] = params[i]
             for bname, b in list(sub._buffers.items()):
-                if b is not None and prefix + bname in views:
-                    sub._buffers[bname] = views[prefix + bname]
+                if b is not None and prefix + bname in self.slots:
+                    sub._buffers[bname] = views[self.slots[prefix + bname]]
 
     def copy_(self, other: "FlatState") -> None:
         for dt, buf in self.buffers.items():
