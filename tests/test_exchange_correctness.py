@@ -4,6 +4,8 @@ exchange; a diverged model is never published as a teacher."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -70,3 +72,65 @@ def test_tied_weights_cross_once_and_stay_tied_in_the_teacher(tmp_path):
         assert r["sent"] == r["received"] == r["bytes"]  # each storage once, n - 1 = 1 peer
         assert torch.equal(r["teacher"], results[1 - rank]["own"])  # the peer's weights arrived
     assert not torch.equal(results[0]["own"], results[1]["own"])  # two models, two initializations
+
+
+# -- stall: DiLoCo / local SGD timed as the codistillation exchange is ------------------------
+
+COLLECTIVE_S, QUEUED_COMPUTE_S, T = 0.15, 0.4, 4
+
+
+class _Done:
+    def wait(self):  # as NCCL's Work.wait(): the host does not wait for the transfer
+        pass
+
+
+class SlowDevice:
+    """A fake accelerator queue on the CPU: a collective returns to the host at once, as NCCL's do,
+    and its COLLECTIVE_S of transfer run when the device is synchronized, after the compute queued
+    before it."""
+
+    def __init__(self):
+        self.queued, self.collectives, self.syncs = 0.0, 0, 0
+
+    def synchronize(self, device=None):
+        self.syncs += 1
+        time.sleep(self.queued)
+        self.queued = 0.0
+
+    def collective(self, tensor, *args, async_op=False, **kwargs):
+        self.collectives += 1
+        self.queued += COLLECTIVE_S
+        return _Done() if async_op else None
+
+
+def _exchange(method: str):
+    from codistill.exchange import Exchanger, Teachers
+    from codistill.outer_sync import AVERAGING, OuterSync
+    from codistill.topology import Grid, Topology
+
+    topo = Topology(Grid(2, 2), rank=0, model_group=None, exchange_group=None)  # model 0 of 2, no peers needed
+    torch.manual_seed(0)
+    if method == "distill":
+        return Exchanger(TiedLM(), Teachers({1: TiedLM()}), topo, every=T)
+    sync = OuterSync(TiedLM(), topo, T, *(AVERAGING if method == "localsgd" else (0.7, 0.9, True)))
+    sync.started = True
+    return sync
+
+
+@pytest.mark.parametrize("method", ["distill", "diloco", "localsgd"])
+def test_stall_counts_the_transfer_and_not_the_compute_queued_before_it(monkeypatch, method):
+    device = SlowDevice()
+    monkeypatch.setattr("codistill.stall_clock.synchronize", device.synchronize)
+    monkeypatch.setattr(torch.distributed, "broadcast", device.collective)
+    monkeypatch.setattr(torch.distributed, "all_reduce", device.collective)
+    exchange = _exchange(method)
+    for step in range(1, T):  # steps without an exchange: no collective, no host sync
+        assert exchange.maybe_exchange(step) is False
+    assert device.syncs == 0 and device.collectives == 0
+    device.queued = QUEUED_COMPUTE_S  # the last step's compute, still queued when the exchange begins
+    assert exchange.maybe_exchange(T) is True
+    transfer = device.collectives * COLLECTIVE_S
+    assert device.collectives >= 1 and device.syncs == 2
+    # The whole transfer is stall (on e03b815 DiLoCo and local SGD read ~0 s here: the launch only),
+    # and none of the queued compute is (the clock starts after the first synchronization).
+    assert transfer <= exchange.blocked_seconds < transfer + QUEUED_COMPUTE_S / 2

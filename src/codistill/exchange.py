@@ -18,7 +18,6 @@ outer synchronization plugged in through `codistillation.EXCHANGES`) has the `Ex
 
 from __future__ import annotations
 
-import time
 from typing import Protocol
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from .accounting import CommCounter
 from .flat import FlatState
+from .stall_clock import StallClock
 from .topology import Topology
 
 
@@ -164,7 +164,7 @@ class Exchanger:
         # Background transfers land in staging buffers, so the teachers in use stay untouched.
         self.staging = {j: FlatState(m) for j, m in teachers.modules.items()} if delay else None
         self._pending: tuple[int, list] | None = None  # (source step, async works)
-        self.blocked_seconds = 0.0  # wall time this worker spent inside the exchange (stall)
+        self.clock = StallClock(self.send.device)  # wall time spent inside the exchange (stall)
         # Compressed exchange: the fp32 part of each state crosses as `wire_dtype` (bf16 / fp16),
         # half the bytes; receivers widen it back, so the teachers run from the rounded weights.
         self.wire = None
@@ -184,22 +184,16 @@ class Exchanger:
     def should_start(self, step: int) -> bool:
         return step % self.every == 0
 
+    @property
+    def blocked_seconds(self) -> float:
+        return self.clock.seconds
+
     def maybe_exchange(self, step: int) -> bool:
         """Call at the start of every step; returns True when teachers changed."""
-        # On CUDA, Work.wait() only makes the current stream wait for NCCL's: on the steps that wait
-        # for a transfer, synchronize before the clock starts (queued compute is not stall) and
-        # before it stops (the transfer is). Two host syncs every T steps, none on other steps.
-        cuda = self.send.device.type == "cuda" and self._waits_at(step)
-        if cuda:
-            torch.cuda.synchronize(self.send.device)
-        t0 = time.perf_counter()
-        try:
-            changed = self._maybe_exchange(step)
-            if cuda:
-                torch.cuda.synchronize(self.send.device)
-            return changed
-        finally:
-            self.blocked_seconds += time.perf_counter() - t0
+        # Steps that wait for a transfer are timed between device synchronizations (stall_clock.py):
+        # two host syncs every T steps, none on other steps.
+        with self.clock.timing(waits=self._waits_at(step)):
+            return self._maybe_exchange(step)
 
     def _waits_at(self, step: int) -> bool:
         """Whether step `step` waits for a transfer (a synchronous one, or a pending one due)."""

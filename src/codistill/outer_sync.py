@@ -21,14 +21,13 @@ its exchange `diloco` / `localsgd` (codistillation.EXCHANGES), with no teachers.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from .accounting import CommCounter
 from .exchange import sync_buffers
+from .stall_clock import StallClock
 from .topology import Topology
 
 # (lr, momentum, nesterov) of local SGD's outer step: theta_global <- mean of the local models.
@@ -51,29 +50,31 @@ class OuterSync:
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
         self.dirty = True  # local steps taken since the last outer step
         self.started = False  # every group holds model 0's initialization
-        self.blocked_seconds = 0.0
+        # Stall, timed as the codistillation exchange times it: between device synchronizations, so
+        # that on NCCL the all-reduce is counted, not only its launch (stall_clock.py).
+        self.clock = StallClock(self.params[0].device if self.params else "cpu")
         # Hierarchical: only replica 0's column communicates across groups, then broadcasts the
         # result over its model group (the replicas of a group hold identical models, so every
         # column would compute the same average).
         self.hierarchical = hierarchical and topo.replicas > 1
         self._nbytes = sum(p.numel() * p.element_size() for p in self.params + self.buffers)
 
+    @property
+    def blocked_seconds(self) -> float:
+        return self.clock.seconds
+
     def maybe_exchange(self, step: int) -> bool:
         """Call at the start of every step; returns True when the local model changed."""
-        t0 = time.perf_counter()
-        try:
-            if step == 0:
-                if not self.started:
-                    self.start_together()
-            elif step % self.every == 0:
+        if step % self.every:
+            self.dirty = True
+            return False
+        with self.clock.timing():
+            if step > 0:
                 self.outer_step()
-            else:
-                self.dirty = True
-                return False
-            self.dirty = True  # step s is about to be taken locally
-            return True
-        finally:
-            self.blocked_seconds += time.perf_counter() - t0
+            elif not self.started:
+                self.start_together()
+        self.dirty = True  # step s is about to be taken locally
+        return True
 
     def wait(self) -> None:
         """Nothing runs in the background: outer steps complete inside `maybe_exchange`."""
@@ -81,9 +82,8 @@ class OuterSync:
     def finish(self) -> None:
         """The last outer step, so every group ends with the same model (idempotent)."""
         if self.dirty:
-            t0 = time.perf_counter()
-            self.outer_step()
-            self.blocked_seconds += time.perf_counter() - t0
+            with self.clock.timing():
+                self.outer_step()
 
     # -- the collectives ----------------------------------------------------------------------
 
