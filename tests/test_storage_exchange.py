@@ -29,46 +29,116 @@ def _exchanger(model_index: int, directory, every=5):
     return model, teachers, StorageExchanger(model, teachers, topo, every, directory)
 
 
-def test_teachers_load_the_newest_complete_file_and_skip_corrupt_ones(tmp_path, capsys):
+def _step(exchanger, step):
+    """One exchange step with its background round completed and swapped in (deterministic tests)."""
+    exchanger.maybe_exchange(step)
+    exchanger.finish()
+
+
+def _same(module, model):
+    return all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), model.state_dict().values()))
+
+
+def _train(model, by):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_teachers_load_the_newest_publication_and_skip_corrupt_ones(tmp_path, capsys):
     model0, teachers0, ex0 = _exchanger(0, tmp_path)
     model1, _, ex1 = _exchanger(1, tmp_path)
     assert teachers0.available() == {} and teachers0.staleness(0) == -1  # nothing published yet
-    ex1.maybe_exchange(0)
-    ex0.maybe_exchange(0)
-    assert teachers0.versions[1] == 0
-    for a, b in zip(teachers0.modules[1].state_dict().values(), model1.state_dict().values()):
-        assert torch.equal(a, b)
+    _step(ex1, 0)
+    _step(ex0, 0)
+    assert teachers0.versions[1] == 0 and _same(teachers0.modules[1], model1)
 
-    # Model 1 moves on and publishes step 5; then its step-5 file gets corrupted on disk.
-    with torch.no_grad():
-        for p in model1.parameters():
-            p.add_(1.0)
-    ex1.maybe_exchange(5)
-    path = tmp_path / "model_1" / "step_00000005.pt"
+    # Model 1 moves on and publishes step 5; then its step-5 object gets corrupted (or truncated) in storage.
+    _train(model1, 1.0)
+    _step(ex1, 5)
+    pointer = json.loads((tmp_path / "model_1" / "latest.json").read_text())
+    path = tmp_path / "model_1" / pointer["object"]
+    assert pointer["step"] == 5 and pointer["incarnation"] in path.name and pointer["run"] in path.name
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    ex0.maybe_exchange(5)
+    _step(ex0, 5)
     err = capsys.readouterr().err
-    assert "skipping exchange file" in err and "checksum mismatch" in err and str(path) in err
-    assert teachers0.versions[1] == 0  # kept the last good teacher, never loaded the corrupt file
+    assert "skipping exchange object" in err and "checksum mismatch" in err and pointer["object"] in err
+    assert teachers0.versions[1] == 0 and not _same(teachers0.modules[1], model1)  # never loaded the corrupt one
     assert teachers0.staleness(5) == 5
 
-    # A partial file (no digest yet) is ignored silently; a complete newer one is taken.
-    (tmp_path / "model_1" / "step_00000009.pt").write_bytes(b"partial")
-    ex1.maybe_exchange(10)
-    ex0.maybe_exchange(10)
-    assert teachers0.versions[1] == 10
-    for a, b in zip(teachers0.modules[1].state_dict().values(), model1.state_dict().values()):
-        assert torch.equal(a, b)
+    # A truncated object is caught the same way; an object with no pointer naming it is never read;
+    # the next complete publication is taken.
+    _train(model1, 1.0)
+    _step(ex1, 10)
+    pointer = json.loads((tmp_path / "model_1" / "latest.json").read_text())
+    path = tmp_path / "model_1" / pointer["object"]
+    path.write_bytes(path.read_bytes()[:100])
+    (tmp_path / "model_1" / "stray.step_00000099.pt").write_bytes(b"partial")
+    _step(ex0, 10)
+    assert "checksum mismatch" in capsys.readouterr().err and teachers0.versions[1] == 0
+    _step(ex1, 15)
+    _step(ex0, 15)
+    assert teachers0.versions[1] == 15 and _same(teachers0.modules[1], model1)
 
 
-def test_old_files_are_removed(tmp_path):
-    _, _, ex = _exchanger(0, tmp_path, every=1)
-    for step in range(6):
-        ex.maybe_exchange(step)
-    files = sorted(p.name for p in (tmp_path / "model_0").glob("step_*.pt"))
-    assert files == ["step_00000003.pt", "step_00000004.pt", "step_00000005.pt"]
+def test_unchanged_teachers_are_not_downloaded_again(tmp_path):
+    _, teachers0, ex0 = _exchanger(0, tmp_path)
+    _, _, ex1 = _exchanger(1, tmp_path)
+    _step(ex1, 0)
+    for step in (0, 5, 10):  # model 1 stopped publishing: one download, not one per period
+        _step(ex0, step)
+    assert ex0.counter.exchange_received == teachers0.flats[1].nbytes
+    assert teachers0.versions[1] == 0
+
+
+def test_each_incarnation_removes_only_its_own_old_publications(tmp_path):
+    _, _, first = _exchanger(0, tmp_path, every=1)
+    for step in range(4):
+        _step(first, step)
+    _, _, second = _exchanger(0, tmp_path, every=1)  # restarted from an earlier checkpoint
+    for step in range(2, 8):
+        _step(second, step)
+    names = sorted(p.name for p in (tmp_path / "model_0").glob("*.pt"))
+    mine = [n for n in names if second.incarnation in n]
+    theirs = [n for n in names if first.incarnation in n]
+    assert [n[-11:-3] for n in mine] == ["00000005", "00000006", "00000007"]  # the newest KEEP = 3
+    assert [n[-11:-3] for n in theirs] == ["00000001", "00000002", "00000003"]  # untouched by the new one
+    assert json.loads((tmp_path / "model_0" / "latest.json").read_text())["object"] == mine[-1]
+
+
+def test_a_group_restarted_from_an_earlier_checkpoint_is_picked_up_within_one_period(tmp_path):
+    """Issue 25 defect 3 (fails on e03b815: the peer kept the dead incarnation's step-20 weights)."""
+    _, teachers0, ex0 = _exchanger(0, tmp_path)
+    model1, _, ex1 = _exchanger(1, tmp_path)
+    for step in range(0, 25, 5):  # model 1 publishes steps 0 .. 20, then is killed
+        if step == 5:
+            checkpoint = ({k: v.clone() for k, v in model1.state_dict().items()}, ex1.state_dict())
+        ex1.maybe_exchange(step)
+        ex1.wait()
+        ex0.maybe_exchange(step)
+        ex0.finish()
+        _train(model1, 0.1)
+    assert teachers0.versions[1] == 20
+    # A new process resumes model 1 from its step-5 checkpoint and trains on: other weights than the dead run's.
+    model1b, _, ex1b = _exchanger(1, tmp_path)
+    model1b.load_state_dict(checkpoint[0])
+    ex1b.load_state_dict(checkpoint[1])
+    _train(model1b, -0.3)
+    ex1b.maybe_exchange(5)
+    ex1b.wait()
+    ex0.maybe_exchange(25)  # model 0's next exchange, one period later
+    ex0.finish()
+    assert _same(teachers0.modules[1], model1b)  # the restarted group's weights, not the dead incarnation's
+    assert teachers0.versions[1] == 5
+    for step in (10, 15):  # and its later publications too: none of them deleted by itself
+        _train(model1b, 0.05)
+        ex1b.maybe_exchange(step)
+        ex1b.wait()
+        ex0.maybe_exchange(25 + step)
+        ex0.finish()
+        assert _same(teachers0.modules[1], model1b) and teachers0.versions[1] == step
 
 
 def test_a_dead_peer_group_only_makes_teachers_staler(tmp_path):
@@ -82,7 +152,7 @@ def test_a_dead_peer_group_only_makes_teachers_staler(tmp_path):
                                "--set", "codistill.model_index=1", "--out", str(tmp_path / "m1")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "CODISTILL_FAULT": "kill@0:12"})
-    first = tmp_path / "shared" / "model_1" / "step_00000000.sha256"
+    first = tmp_path / "shared" / "model_1" / "latest.json"
     deadline = time.monotonic() + 200
     while not first.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -118,13 +188,12 @@ def test_jobs_with_another_memory_layout_are_refused_not_scrambled(tmp_path):
     # Same layout (channels_last on both sides): the teacher holds exactly the peer's weights.
     _, teachers0, ex0 = _exchanger_with_layout(0, tmp_path / "same", channels_last=True)
     model1, _, ex1 = _exchanger_with_layout(1, tmp_path / "same", channels_last=True)
-    ex1.maybe_exchange(0)
-    ex0.maybe_exchange(0)
-    for a, b in zip(teachers0.modules[1].state_dict().values(), model1.state_dict().values()):
-        assert torch.equal(a, b)
+    _step(ex1, 0)
+    _step(ex0, 0)
+    assert _same(teachers0.modules[1], model1)
     # A contiguous job reading a channels_last job's file would load permuted conv weights: refused.
     _, _, ex0 = _exchanger_with_layout(0, tmp_path / "mixed", channels_last=False)
     _, _, ex1 = _exchanger_with_layout(1, tmp_path / "mixed", channels_last=True)
-    ex1.maybe_exchange(0)
+    _step(ex1, 0)
     with pytest.raises(UserError, match="model.channels_last differs"):
-        ex0.maybe_exchange(0)
+        _step(ex0, 0)

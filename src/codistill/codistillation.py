@@ -124,6 +124,8 @@ class Codistillation:
     trained_teachers_only: never distill toward a teacher that still holds the initial weights
         handed out at step 0 (through storage, a slow peer's first trained file can arrive long after
         step T); the trainer sets it with the default burn-in.
+    max_teacher_age: > 0: a teacher whose weights are more than this many steps old sits out of the
+        distillation term (the mean runs over the others); 0 never drops one.
     """
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
@@ -133,7 +135,8 @@ class Codistillation:
                  teacher_precision: str = "fp32", exchange_dtype: str = "fp32", hierarchical: bool = False,
                  outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
-                 counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False):
+                 counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False,
+                 max_teacher_age: int = 0):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if exchange_dtype not in WIRE_DTYPES:
@@ -161,7 +164,7 @@ class Codistillation:
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
             peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
             teachers = {j: build(j).to(self.device) for j in peers}
-        self.teachers = Teachers(teachers, teacher_mode)
+        self.teachers = Teachers(teachers, teacher_mode, max_teacher_age)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         self.model.register_forward_pre_hook(self._before_forward)
         self.exchanger = EXCHANGES[exchange](self)  # checked above
@@ -212,15 +215,15 @@ class Codistillation:
         the two overlap; `loss` waits for them.
         """
         self.maybe_exchange()
-        if self.current_alpha() <= 0 or not self.teachers.available(self.trained_teachers_only):
+        if self.current_alpha() <= 0 or not self.teachers.available(self.trained_teachers_only, self.step):
             return []
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16")
         if self.teacher_stream is None:
             with amp:
-                return self.teachers.logits(batch, forward, self.trained_teachers_only)
+                return self.teachers.logits(batch, forward, self.trained_teachers_only, self.step)
         self.teacher_stream.wait_stream(torch.cuda.current_stream(self.device))  # the batch is ready
         with torch.cuda.stream(self.teacher_stream), amp:
-            return self.teachers.logits(batch, forward, self.trained_teachers_only)
+            return self.teachers.logits(batch, forward, self.trained_teachers_only, self.step)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
              *, teacher_inputs=None) -> dict[str, torch.Tensor]:

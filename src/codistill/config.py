@@ -70,9 +70,18 @@ class CodistillConfig:
     """How teachers travel: `collective` (broadcast over the exchange groups of one job) or `storage`
     (files in exchange_dir; each model group runs as its own job, see model_index)."""
     exchange_dir: str | None = None
-    """Shared directory for exchange=storage."""
+    """Where exchange=storage publishes and reads teachers: a shared path, or an fsspec URL such as
+    `s3://bucket/prefix` (credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Checked before launch: a missing bucket, refused
+    credentials or `s3:/x` (a URL missing '//') is one error line. One location per run."""
     model_index: int | None = None
     """For exchange=storage: which of the n_models models this job trains (0 .. n_models-1)."""
+    max_teacher_age: int = 0
+    """Drop a teacher from the distillation term while its weights are more than this many steps
+    old (the mean over teachers then runs over the rest: alpha is renormalized); 0 (default) never
+    drops. Default off because a stale teacher only weakens a regularizer (the storage straggler
+    benchmark trains fine on old teachers) while dropping changes the objective; set it when a peer
+    group may stop for good. The age of each teacher is in the metrics (teacher_age_steps/<j>)."""
     exchange_delay: int = 0
     """0: teachers are refreshed synchronously at steps 0, T, 2T, ... D in 1..T: the transfer runs in
     the background while training goes on, and the new teachers are swapped in D steps later."""
@@ -477,6 +486,7 @@ def validate(cfg: Config) -> None:
         if c.exchange_hierarchical:
             raise ConfigError("codistill.exchange_hierarchical applies to exchange=collective only")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
+    positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
                           f"({c.exchange_every}), got {c.exchange_delay}")

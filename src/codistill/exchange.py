@@ -45,7 +45,8 @@ def freeze_as_teacher(module: nn.Module, mode: str = "eval") -> nn.Module:
 class Teachers:
     """Stale copies of the other models, keyed by model index."""
 
-    def __init__(self, modules: dict[int, nn.Module], mode: str = "eval"):
+    def __init__(self, modules: dict[int, nn.Module], mode: str = "eval", max_age: int = 0):
+        self.max_age = max_age  # > 0: teachers older than this many steps sit out (0: never)
         self.modules = {j: freeze_as_teacher(m, mode) for j, m in sorted(modules.items())}
         self.flats = {}
         for j, m in self.modules.items():
@@ -57,18 +58,21 @@ class Teachers:
     def __len__(self) -> int:
         return len(self.modules)
 
-    def available(self, trained_only: bool = False) -> dict[int, nn.Module]:
+    def available(self, trained_only: bool = False, step: int | None = None) -> dict[int, nn.Module]:
         """Teachers that have received weights (exchange through storage may not have any yet);
         `trained_only`: only those holding weights trained for at least one step (not the initial
-        weights that the exchange at step 0 hands out)."""
+        weights that the exchange at step 0 hands out); with `step` and max_age > 0, only those at
+        most max_age steps old."""
         first = 1 if trained_only else 0
-        return {j: m for j, m in self.modules.items() if self.versions[j] >= first}
+        oldest = step - self.max_age if step is not None and self.max_age > 0 else None
+        return {j: m for j, m in self.modules.items()
+                if self.versions[j] >= first and (oldest is None or self.versions[j] >= oldest)}
 
     @torch.no_grad()
-    def logits(self, batch, forward=None, trained_only: bool = False) -> list[torch.Tensor]:
+    def logits(self, batch, forward=None, trained_only: bool = False, step: int | None = None) -> list[torch.Tensor]:
         """Each available teacher's output on the student's own batch (the one teacher forward of
         the library). forward(teacher, batch) -> logits; default teacher(batch)."""
-        teachers = self.available(trained_only).values()
+        teachers = self.available(trained_only, step).values()
         if forward is None:
             return [m(batch) for m in teachers]
         return [forward(m, batch) for m in teachers]

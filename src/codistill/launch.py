@@ -24,6 +24,10 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_world_size(cfg, world_size)
     parse_fault(os.environ.get("CODISTILL_FAULT"))
     resolve_backend(cfg.dist.backend)
+    if cfg.codistill.exchange == "storage":  # a path or URL the exchange can use (exchange_store.py)
+        from .exchange_store import check_exchange_dir
+
+        check_exchange_dir(cfg.codistill.exchange_dir)
     check_data(cfg, world_size)
 
 

@@ -60,7 +60,7 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           teacher_mode=c.teacher_mode, teacher_precision=c.teacher_precision,
                           exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical,
                           outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo,
-                          trained_teachers_only=c.alpha_schedule == "burnin")
+                          trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age)
 
 
 class Trainer:
@@ -212,9 +212,15 @@ class Trainer:
             "samples_per_s": self.window.steps * self.model_batch / max(self.window.elapsed(), 1e-9),
             "param_distance": parameter_distance(self.model, self.initial),
             "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
+            **self.exchange_metrics(),
         }
         self.log.log(self.step, {"model": self.model_index, **self.last_train})
         self.window.reset()
+
+    def exchange_metrics(self) -> dict:
+        """The storage exchange's own: each teacher's age (steps, seconds), publications, conflicts."""
+        metrics = getattr(self.exchanger, "metrics", None)
+        return metrics(self.step - 1) if metrics is not None else {}
 
     def maybe_eval(self, force: bool = False) -> None:
         if not (force or every(self.step, self.eval_every) or self.step == self.total_steps):
@@ -298,6 +304,7 @@ class Trainer:
                 "train_accuracy": self.last_train.get("train/accuracy"),
                 "param_distance": parameter_distance(self.model, self.initial),
                 "counter": self.counter.as_dict(), "blocked": self.codist.blocked_seconds,
+                "exchange_metrics": self.exchange_metrics(),
                 "peak_memory_mib": peak_memory_mib(self.device),
                 "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "process_rss"}
         ranks = [None] * self.topo.grid.world_size
@@ -344,6 +351,9 @@ def summarize(cfg: Config, ranks: list[dict], leaders: list[dict], val: dict, te
                              "buffer_sync": mean("buffer_sync_sent")},
         "exchanges": counters[0]["exchanges"],
         "exchange_blocked_fraction": max(r["blocked"] for r in ranks) / max(wall_seconds, 1e-9),
+        # Storage exchange: the loop's wait on storage, each teacher's age, publications, conflicts.
+        **({"storage": {"wait_s": max(r["blocked"] for r in ranks), **leaders[0].get("exchange_metrics", {})}}
+           if c.exchange == "storage" else {}),
         "wall_seconds": wall_seconds,
         # Highest over the workers: what one worker needs (CUDA: tensors allocated; CPU: the whole
         # process, torch's own libraries included).
