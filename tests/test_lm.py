@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from codistill.cli import main
 from codistill.config import load_config
 from codistill.lm.corpus import block_split, load_text_files
-from codistill.lm.task import LMTask, cache_dir, load_corpus
+from codistill.lm.cache import cache_dir
+from codistill.lm.task import LMTask, load_corpus
 from codistill.models import build_model
 from codistill.topology import Grid, Topology
 from mp_helpers import run_workers
@@ -118,13 +119,13 @@ def test_token_cache_is_memory_mapped_and_reused(corpus_dirs, monkeypatch):
     LMTask(cfg, torch.device("cpu"))
     d = cache_dir(cfg, load_corpus(cfg))
     stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
-    assert set(stamps) == {"tokenizer.model", "train.bin", "valid.bin", "test.bin"}
+    assert set(stamps) == {"tokenizer.model", "train.bin", "valid.bin", "test.bin", "cache.json"}
 
     def fail(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr("codistill.lm.task.train_tokenizer", fail)
-    monkeypatch.setattr("codistill.lm.task.encode_split", fail)
+    monkeypatch.setattr("codistill.lm.cache.train_tokenizer", fail)
+    monkeypatch.setattr("codistill.lm.cache.encode_split", fail)
     task = LMTask(cfg, torch.device("cpu"))
     assert isinstance(task.tokens["train"], np.memmap)
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps

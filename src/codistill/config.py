@@ -216,7 +216,7 @@ class TranslationConfig:
     max_len: int = 128
     """Sentences longer than this many subword tokens are dropped from training."""
     beam: int = 1
-    """Beam size for BLEU decoding (1 = greedy)."""
+    """Beam size for BLEU decoding (1 = greedy; at most 100)."""
     bleu_sentences: int = 500
     """Test sentences decoded for BLEU (0 = all)."""
     reverse: bool = False
@@ -235,7 +235,8 @@ class LMConfig:
     """Where the tokenizer and the memory-mapped token ids of a corpus are cached, keyed by the
     corpus files and vocabulary size; None is ~/.cache/codistill/lm ($XDG_CACHE_HOME)."""
     sample_tokens: int = 200
-    """Tokens sampled from model 0 at the end of a run into sample.txt (0: no sample)."""
+    """Tokens sampled from model 0 into sample.txt after the run's summary is written (0: no
+    sample; at most 10,000)."""
     sample_top_k: int = 40
     """Top-k of that sampling (1 = greedy); seeded with train.seed."""
 
@@ -299,6 +300,11 @@ CHOICES = {
 ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
 MAX_TIMEOUT_S = 365 * 86400  # larger values overflow the collectives' millisecond timeouts
+# Work done once at the end of a run, bounded so that it finishes: a sample is read by a person
+# (10,000 tokens take gpt_tiny under a minute on one CPU core), and beams past 100 only multiply
+# decoding memory (batch x beam x vocabulary) without better BLEU.
+MAX_SAMPLE_TOKENS = 10_000
+MAX_BEAM = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +556,9 @@ def validate(cfg: Config) -> None:
     positive("lm.context", cfg.lm.context)
     positive("lm.vocab_size", cfg.lm.vocab_size)
     positive("lm.sample_tokens", cfg.lm.sample_tokens, strict=False)
+    if cfg.lm.sample_tokens > MAX_SAMPLE_TOKENS:
+        raise ConfigError(f"lm.sample_tokens must be at most {MAX_SAMPLE_TOKENS} (a sample to read, sampled one "
+                          f"token at a time at the end of the run), got {cfg.lm.sample_tokens}")
     positive("lm.sample_top_k", cfg.lm.sample_top_k)
     positive("dist.nproc", cfg.dist.nproc)
     positive("dist.threads", cfg.dist.threads)
@@ -562,6 +571,9 @@ def validate(cfg: Config) -> None:
     for key in ("vocab_size", "max_tokens", "max_len", "beam"):
         positive(f"translation.{key}", getattr(tr, key))
     positive("translation.bleu_sentences", tr.bleu_sentences, strict=False)
+    if tr.beam > MAX_BEAM:
+        raise ConfigError(f"translation.beam must be at most {MAX_BEAM} (decoding memory grows with batch x "
+                          f"beam x vocabulary), got {tr.beam}")
     if isinstance(cfg.model.name, list) and len(cfg.model.name) != c.n_models:
         raise ConfigError(
             f"model.name lists {len(cfg.model.name)} models but codistill.n_models is {c.n_models}")

@@ -10,7 +10,8 @@ gloo on CPU, NCCL when CUDA is present (or as configured).
 
 A launcher environment is all or nothing: RANK, WORLD_SIZE or LOCAL_RANK without the rest of
 torchrun's variables (or without a torchrun agent) are leftovers from another launch, and are
-refused before anything starts, with the variables to unset.
+refused before anything starts, with the variables to unset; so is a complete environment whose
+torchrun store cannot be reached (`check_rendezvous`: left over from a launch that has ended).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -36,6 +38,8 @@ from .errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 AGENT_VAR = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for every process it starts
+AGENT_STORE_VAR = "TORCHELASTIC_USE_AGENT_STORE"  # set by it too: True when it serves the store
+RENDEZVOUS_PROBE_S = 5.0  # torchrun's store exists before its workers start: they reach it at once
 INT_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
 
 
@@ -76,7 +80,34 @@ def launcher_env() -> dict[str, int] | None:
             and 0 < values["MASTER_PORT"] < 65536):
         raise UserError("inconsistent launcher environment: need 0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0 and "
                         f"MASTER_PORT in 1..65535, got {', '.join(f'{k}={v}' for k, v in values.items())}")
+    if AGENT_STORE_VAR not in os.environ:  # without it, rank 0 would host a store and wait for peers
+        raise UserError(f"{', '.join(present)} and {AGENT_VAR} are set but not {AGENT_STORE_VAR}, which torchrun "
+                        f"sets for every process it starts: leftovers from another launch? To run standalone "
+                        f"with --nproc: {unset} {AGENT_VAR}; or start with torchrun")
     return values
+
+
+def check_rendezvous() -> None:
+    """Under torchrun, fail fast when its store cannot be reached.
+
+    torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT before it starts any worker
+    (TORCHELASTIC_USE_AGENT_STORE=True), so a worker that cannot connect at once is not one of its
+    workers: its environment is left over from a launch that has ended (codistill called from a
+    script that torchrun started, a shell that kept the variables), and the store connection would
+    otherwise retry for dist.timeout_s (600 s). Where rank 0 hosts the store itself (agent store
+    off), there is nothing to reach before it starts, and nothing is checked."""
+    env = launcher_env()
+    if env is None or os.environ.get(AGENT_STORE_VAR) != "True":
+        return
+    addr, port = os.environ["MASTER_ADDR"], env["MASTER_PORT"]
+    try:
+        socket.create_connection((addr, port), timeout=RENDEZVOUS_PROBE_S).close()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        unset = " ".join(v for v in (*TORCHRUN_VARS, AGENT_VAR, AGENT_STORE_VAR) if v in os.environ)
+        raise UserError(f"torchrun's rendezvous at MASTER_ADDR:MASTER_PORT={addr}:{port} cannot be reached "
+                        f"({reason}): leftovers of a torchrun launch that has ended? To run standalone with "
+                        f"--nproc: unset {unset}; or start with torchrun") from None
 
 
 def under_torchrun() -> bool:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_entry, read_latest
 from .config import Config, check_world_size, dump_yaml, load_config
-from .distributed import init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
+from .distributed import check_rendezvous, init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
 from .faults import parse_fault
 from .prelaunch import warn_before_launch
@@ -20,7 +20,9 @@ from .trainer import Trainer, run_worker
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be checked without training, in the main process, before any run
-    directory is touched or any worker starts: world size, fault spec, backend, data, model."""
+    directory is touched or any worker starts: torchrun's store, world size, fault spec, backend,
+    data, model."""
+    check_rendezvous()  # first: a leftover torchrun environment fails in seconds, not after a timeout
     check_world_size(cfg, world_size)
     parse_fault(os.environ.get("CODISTILL_FAULT"))
     resolve_backend(cfg.dist.backend)
@@ -38,6 +40,16 @@ def check_data(cfg: Config, world_size: int) -> None:
     from .tasks import task_class
 
     task_class(cfg).check(cfg, world_size)
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Before a resume: a task that keeps what it derived from the data in the run directory (the
+    LM's tokenizer and token checksums) checks that the data still gives the same."""
+    from .tasks import task_class
+
+    check = getattr(task_class(cfg), "check_resume", None)
+    if check is not None:
+        check(cfg, run_dir)
 
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:
@@ -88,6 +100,7 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
     preflight(cfg, world)
     if resume:
         run_dir = Path(out)
+        check_resume(cfg, run_dir)
     else:
         run_dir = prepare_run_dir(out, overwrite)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -106,6 +119,8 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool, warn:
     if restarted and not resume:
         resume = read_latest(out) is not None
         overwrite = overwrite or not resume  # our own first attempt left the directory behind
+    if resume:
+        check_resume(cfg, out)
     d = cfg.dist
     ctx = init_distributed(d.backend, d.threads, d.timeout_s)
     try:

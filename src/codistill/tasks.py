@@ -58,6 +58,11 @@ class Task(Protocol):
         """`codistill.evaluation.evaluate`'s metrics (plus the task's own) on "val" or "test";
         identical on all ranks."""
 
+    # Optional: `write_extras(model, topo)`, called on every rank after the run's summary is
+    # written, for outputs a run can do without (the LM's sample); none runs collectives.
+    # Optional: `check_resume(cfg, run_dir)` (classmethod), before a run is resumed: refuse data
+    # that no longer matches what the run trained on.
+
 
 class ClassificationTask:
     """Image (or any fixed-size input) classification from a registered dataset."""

@@ -316,6 +316,9 @@ class Trainer:
                             final_staleness=self.teachers.staleness(self.step), wall_seconds=wall_seconds)
         if self.topo.rank == 0 and self.run_dir is not None:
             write_json(self.run_dir / "summary.json", summary)
+        extras = getattr(self.task, "write_extras", None)  # optional (LM: the sample); after the summary
+        if extras is not None:
+            extras(self.model, self.topo)
         return summary
 
 

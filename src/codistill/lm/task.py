@@ -4,7 +4,9 @@
   (trained on the training split, `lm.vocab_size` pieces), an EOS after each line. Tokenizer and
   token ids are cached under `lm.cache_dir`, keyed by the corpus files and vocabulary size, as
   memory-mapped arrays (uint16, or int32 above 65,535 pieces): a second run maps them and starts in
-  seconds. `prepare` builds the cache and copies the tokenizer into the run directory.
+  seconds. The cache is verified before every launch (`codistill.lm.cache`: checksums, dtype, id
+  range, length). `prepare` copies the tokenizer and the cache's manifest into the run directory; a
+  resume (`check_resume`) refuses a corpus whose tokens are no longer the ones the run trained on.
 - Blocks: a split of N tokens holds (N - 1) // context non-overlapping blocks; block i reads
   tokens [i*T, i*T + T) and predicts [i*T + 1, i*T + T + 1), T = `lm.context`.
 - Batches: `data.batch_size` counts tokens (a multiple of `lm.context`), so the trainer's model
@@ -16,13 +18,14 @@
   averaged over all B*T positions.
 - evaluate (`codistill.evaluation.evaluate`, as every task): NLL per token ("loss"), perplexity and top-1 next-token accuracy for each model, the
   ensemble (mean of the models' probabilities) and top-1 disagreement; `data.eval_batch_size`
-  tokens per batch (at least one block). On the test split, model 0's first worker writes a seeded
-  top-k sample to `sample.txt` in the run directory.
+  tokens per batch (at least one block).
+- write_extras: after the run's summary is written, model 0's first worker writes a seeded top-k
+  sample to `sample.txt` in the run directory.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import os
 import tempfile
@@ -38,23 +41,12 @@ from ..errors import ConfigError, DataError
 from ..evaluation import evaluate
 from ..models import build_model
 from ..topology import Topology
-from ..translation.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from ..translation.tokenizer import TOKENIZER_FILE, Tokenizer
+from .cache import MANIFEST, SPLITS, build_cache, read_manifest, sha256_file, token_dtype
 from .corpus import TextCorpus
 
-CACHE_VERSION = 1  # bump when the cached format changes
-TOKENIZER_LINES = 2_000_000  # lines of the training split the tokenizer is trained on, at most
-ENCODE_LINES = 10_000  # lines tokenized at a time
 PROMPT_TOKENS = 16  # the sample continues the first tokens of the test split
-
-
-def cache_dir(cfg: Config, corpus: TextCorpus) -> Path:
-    base = cfg.lm.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codistill" / "lm"
-    key = hashlib.sha256(f"{CACHE_VERSION}:{corpus.fingerprint}:{cfg.lm.vocab_size}".encode()).hexdigest()[:16]
-    return Path(base) / f"{corpus.name}-{cfg.lm.vocab_size}-{key}"
-
-
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 65535 else np.int32
+RUN_TOKENS = "tokens.json"  # in the run directory: the cache manifest of the tokens the run trains on
 
 
 def _atomic(path: Path, write) -> None:
@@ -67,53 +59,6 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def encode_split(corpus: TextCorpus, split: str, tok: Tokenizer, path: Path) -> None:
-    """Stream the split's lines through the tokenizer into a flat id file (EOS after each line)."""
-    dtype, eos = token_dtype(tok.vocab_size), tok.eos_id
-
-    def write(f):
-        total, lines = 0, corpus.lines(split)
-        while chunk := [line for line in _take(lines, ENCODE_LINES) if line.strip()]:
-            ids = [i for seq in tok.encode(chunk) for i in (*seq, eos)]
-            np.asarray(ids, dtype=dtype).tofile(f)
-            total += len(ids)
-        if total == 0:
-            raise DataError(f"{corpus.name}: the {split} split has no text")
-
-    _atomic(path, write)
-
-
-def _take(it, n):
-    out = []
-    for line in it:
-        out.append(line)
-        if len(out) == n:
-            break
-    return out
-
-
-def build_cache(cfg: Config, corpus: TextCorpus | None = None) -> Path:
-    """The corpus's cache directory, tokenizer and token files made if missing (idempotent; files
-    are written atomically, so concurrent builders agree)."""
-    corpus = corpus or load_corpus(cfg)
-    d = cache_dir(cfg, corpus)
-    tok_path = d / TOKENIZER_FILE
-    if not tok_path.exists():
-        lines = [line for line in _take(corpus.lines("train"), TOKENIZER_LINES) if line.strip()]
-        if not lines:
-            raise DataError(f"{corpus.name}: the train split has no text")
-        tok = Tokenizer(train_tokenizer(lines, cfg.lm.vocab_size))
-        if tok.vocab_size < cfg.lm.vocab_size:
-            raise ConfigError(f"lm.vocab_size={cfg.lm.vocab_size} is more than the training text of "
-                              f"{corpus.name} can train ({tok.vocab_size} pieces); use at most {tok.vocab_size}")
-        tok.save(tok_path)
-    tok = Tokenizer.load(tok_path)
-    for split in ("train", "valid", "test"):
-        if not (d / f"{split}.bin").exists():
-            encode_split(corpus, split, tok, d / f"{split}.bin")
-    return d
 
 
 def load_corpus(cfg: Config) -> TextCorpus:
@@ -142,15 +87,21 @@ def check_config(cfg: Config, vocab_size: int) -> int:
 class LMTask:
     """Next-token prediction on a registered text corpus."""
 
-    def __init__(self, cfg: Config, device: torch.device, run_dir=None):
+    def __init__(self, cfg: Config, device: torch.device, run_dir=None, checksums: bool = False):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
         self.corpus = load_corpus(cfg)
-        cache = build_cache(cfg, self.corpus)  # maps the cache `prepare` built (or builds it)
+        # Maps the cache `prepare` built (or builds it); `check` verified every byte of it before
+        # the launch, so the workers only check lengths.
+        cache = build_cache(cfg, self.corpus, checksums=checksums)
+        self.tokenizer = Tokenizer.load(cache / TOKENIZER_FILE)
         own = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
-        self.tokenizer = Tokenizer.load(own if own is not None and own.exists() else cache / TOKENIZER_FILE)
+        if own is not None and own.exists():  # the run's own (the sample decodes with it): the same file
+            if own.read_bytes() != self.tokenizer.proto:
+                raise DataError(f"{own} differs from the tokenizer of the token cache {cache}: the text of "
+                                "data.root changed since the run started; restore it, or start a new run")
         self.blocks_per_batch = check_config(cfg, self.tokenizer.vocab_size)
         dtype = token_dtype(self.tokenizer.vocab_size)
-        self.tokens = {s: np.memmap(cache / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "valid", "test")}
+        self.tokens = {s: np.memmap(cache / f"{s}.bin", dtype=dtype, mode="r") for s in SPLITS}
         for split in ("valid", "test"):
             if self.n_blocks(split) < 1:
                 raise DataError(f"{cfg.data.name}: the {split} split has {len(self.tokens[split])} tokens, "
@@ -158,21 +109,55 @@ class LMTask:
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:
-        """Build the task (its tokenizer and tokens live in the cache, not the run directory), so
-        every bad input, including a batch larger than the data, is reported before the run
-        directory is touched."""
+        """Build the task (its tokenizer and tokens live in the cache, not the run directory) with
+        every byte of the cache verified, so every bad input, including a damaged cache and a batch
+        larger than the data, is reported before the run directory is touched."""
         from ..tasks import job_topology
 
-        cls(cfg, torch.device("cpu")).steps_per_epoch(job_topology(cfg, world_size))
+        cls(cfg, torch.device("cpu"), checksums=True).steps_per_epoch(job_topology(cfg, world_size))
+
+    @classmethod
+    def check_resume(cls, cfg: Config, run_dir) -> None:
+        """Before a resume: the corpus must give the very tokens the run trained on, tokenized by
+        the run's own tokenizer; a text changed since (appended to, edited) is refused, never
+        re-tokenized under the models' feet."""
+        run_dir = Path(run_dir)
+        own = run_dir / TOKENIZER_FILE
+        if not own.is_file():
+            raise DataError(f"cannot resume {run_dir}: its {TOKENIZER_FILE} (the tokenizer its models were "
+                            "trained with) is missing")
+        pieces = Tokenizer.load(own).vocab_size
+        if pieces != cfg.lm.vocab_size:
+            raise ConfigError(f"cannot resume {run_dir}: its config.yaml says lm.vocab_size={cfg.lm.vocab_size} but "
+                              f"its models were trained with {pieces} pieces ({own}); restore lm.vocab_size={pieces}")
+        cache = build_cache(cfg, load_corpus(cfg), checksums=False)  # `check` verified it
+        now = read_manifest(cache)
+        changed = [] if sha256_file(own) == now["tokenizer_sha256"] else ["the tokenizer trained on it"]
+        try:
+            then = json.loads((run_dir / RUN_TOKENS).read_text())["splits"]
+        except FileNotFoundError:
+            then = {}  # a run from before tokens.json: its tokenizer is the check
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot resume {run_dir}: {run_dir / RUN_TOKENS} cannot be read ({e})") from None
+        changed += [f"{s} tokens" for s in SPLITS
+                    if s in then and then[s].get("sha256") != now["splits"][s]["sha256"]]
+        if changed:
+            raise DataError(f"cannot resume {run_dir}: the text of {cfg.data.name} (data.root={cfg.data.root}) "
+                            f"changed since the run started ({', '.join(changed)} differ from the run's); "
+                            "restore that text, or start a new run")
 
     @classmethod
     def prepare(cls, cfg: Config, run_dir) -> None:
-        """Build the cache (tokenizer, token ids) and copy the tokenizer into the run directory."""
-        cache = build_cache(cfg)
+        """Build the cache (tokenizer, token ids); copy the tokenizer and the cache's manifest (what
+        a resume must find again) into the run directory."""
+        cache = build_cache(cfg, load_corpus(cfg), checksums=False)  # `check` verified it
         check_config(cfg, Tokenizer.load(cache / TOKENIZER_FILE).vocab_size)
+        from ..run_log import atomic_write_text
+
         own = Path(run_dir) / TOKENIZER_FILE
         if not own.exists():  # a resumed run keeps its own
             _atomic(own, lambda f: f.write((cache / TOKENIZER_FILE).read_bytes()))
+            atomic_write_text(Path(run_dir) / RUN_TOKENS, (cache / MANIFEST).read_text())
 
     def build_model(self, name: str) -> nn.Module:
         return build_model(name, self.tokenizer.vocab_size, (), **self.cfg.model.options).to(self.device)
@@ -216,19 +201,23 @@ class LMTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
         """`codistill.evaluation.evaluate`'s metrics per token, plus perplexity; identical on all
-        ranks. On "test", model 0's first worker writes the sample."""
+        ranks."""
         split = "valid" if split == "val" else split
         per_batch = max(1, self.cfg.data.eval_batch_size // self.cfg.lm.context)
         shard = eval_batches(torch.arange(self.n_blocks(split)), per_batch, topo.replicas, topo.replica_index)
         result = evaluate(model, (self.batch(split, blocks) for blocks in shard), self.forward, topo, self.device)
         for m in result["models"] + [result["ensemble"]]:
             m["perplexity"] = math.exp(min(m["loss"], 700.0))
-        if split == "test" and topo.model_index == 0 and topo.replica_index == 0:
+        return result
+
+    def write_extras(self, model: nn.Module, topo: Topology) -> None:
+        """After the run's summary is written (the trainer calls it): model 0's first worker writes
+        the sample, so no sampling, however long, can cost the run its results."""
+        if topo.model_index == 0 and topo.replica_index == 0:
             was_training = model.training
             model.eval()
             self.write_sample(model)
             model.train(was_training)
-        return result
 
     def write_sample(self, model: nn.Module) -> None:
         """sample.txt in the run directory: the test split's first tokens, continued by top-k sampling."""
