@@ -84,7 +84,7 @@ def test_torchft_diloco_quick_agrees_bit_for_bit(tmp_path):
 
 
 def test_training_clock_counts_waiting_for_a_peer_as_training(tmp_path):
-    from codistill.bench.slow_network import training_clock
+    from codistill.curves import training_clock
 
     rows = [{"step": 10, "train/loss": 1.0, "time": 1.0},
             {"step": 10, "val/accuracy": 0.5, "eval_start": 4.0, "time": 5.0},  # waited 3 s for a slow peer

@@ -1,4 +1,5 @@
-"""`codistill compare --link`: strict parsing, and a real compare that projects its arms onto a link."""
+"""`codistill compare --link`: strict parsing, and a real compare that projects its arms onto links and
+says whether each arm converged."""
 
 from __future__ import annotations
 
@@ -49,8 +50,41 @@ def test_compare_with_link_projects_each_arm(tmp_path):
     S = summaries["codistill"]["bytes_per_worker"]["exchange"] / summaries["codistill"]["exchanges"]
     assert cd["cross_group_bytes_per_step"] == pytest.approx(2 * S * summaries["codistill"]["exchanges"]
                                                              / summaries["codistill"]["steps"])
-    assert ar["s_per_step"] > ar["local_s_per_step"] > 0 and cd["s_per_step"] > cd["local_s_per_step"] > 0
+    # the link's cost comes on top of each arm's compute (its local clock without exchange waits)
+    assert ar["s_per_step"] > ar["compute_s_per_step"] > 0 and cd["s_per_step"] > cd["compute_s_per_step"] > 0
+    assert cd["compute_s_per_step"] <= cd["local_s_per_step"]
     assert 0 < ar["steps_to_target"] <= summaries["allreduce"]["steps"]  # it reaches its own final accuracy
     md = (out / "compare.md").read_text()
     assert "| cross-group bytes/step |" in md and "Projected on a 10 Mbit/s link between model groups" in md
     assert "| projected s/step |" in proc.stdout
+
+    # What the table says about itself (the same run: one cheap end-to-end compare covers it all).
+    assert ("codistill: warning: the comparison runs 120 updates, fewer than 200 for this recipe "
+            "(100 per learning-rate stage x 2 stages)") in proc.stderr  # before launch
+    assert "| wall (s) | compute/step vs all-reduce | converged (last quarter) |" in proc.stdout
+    cells, any_not = {}, False
+    for arm in report["arms"]:
+        changes = []
+        for m in arm["summary"]["models"]:  # the budget rule, computed here from the logs
+            rows = [json.loads(line) for line in (out / arm["name"] / f"model_{m['index']}" / "metrics.jsonl")
+                    .read_text().splitlines()]
+            curve = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+            start = [a for step, a in curve if step <= 0.75 * 120][-1]
+            changes.append(curve[-1][1] - start)
+        worst = max(changes)
+        cells[arm["name"]] = f"{'yes' if worst < 0.002 else 'no'} ({100 * worst:+.2f} pts)"
+        any_not |= worst >= 0.002
+        assert arm["convergence"]["changes"] == pytest.approx(changes)
+    row = {name: next(line for line in proc.stdout.splitlines()
+                      if line.startswith(f"| {name} | {summaries[name]['n_models']} x "))
+           for name in cells}
+    assert row["allreduce"].endswith(f"| 1.00x | {cells['allreduce']} |")
+    ratio = report["arms"][1]["compute_s_per_step"] / report["arms"][0]["compute_s_per_step"]
+    assert row["codistill"].endswith(f"| {ratio:.2f}x | {cells['codistill']} |")
+    assert ("**Budget:**" in proc.stdout) == any_not
+    # The cost model at 1 Gbit/s, 100 and 10 Mbit/s under the table, beside --link's own rate.
+    assert [p["bits_per_s"] for p in report["projections"]] == [1e9, 1e8, 1e7]
+    assert "| arm | compute s/step (measured) | step at target | 1 Gbit/s | 100 Mbit/s | 10 Mbit/s |" in proc.stdout
+    slow = {p["name"]: p for p in report["projections"][2]["arms"]}
+    assert slow["allreduce"]["s_per_step"] > slow["allreduce"]["compute_s_per_step"] > 0
+    assert all(f"| {name} | {slow[name]['compute_s_per_step']:.3f} |" in proc.stdout for name in slow)

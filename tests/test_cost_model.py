@@ -126,13 +126,15 @@ def test_compare_tables_report_cross_group_bytes_and_projection():
 
     results = [{"name": "allreduce", "summary": AR}, {"name": "codistill", "summary": CD}]
     table = format_table(results).splitlines()
-    assert table[0].endswith("| exchange bytes/worker | cross-group bytes/step | wall (s) |")
-    assert table[2].startswith("| allreduce | 1 x 4 |") and table[2].endswith("| 3.0 MB | 12 |")
-    assert table[3].startswith("| codistill | 2 x 2 |") and table[3].endswith("| 80.0 KB | 12 |")
+    assert table[0].endswith("| exchange bytes/worker | cross-group bytes/step | wall (s) | "
+                             "compute/step vs all-reduce | converged (last quarter) |")
+    assert table[2].startswith("| allreduce | 1 x 4 |") and table[2].endswith("| 3.0 MB | 12 | - | - |")
+    assert table[3].startswith("| codistill | 2 x 2 |") and table[3].endswith("| 80.0 KB | 12 | - | - |")
     link = cm.Link(8e6, **NO_HEADERS)
     projected = [cm.project_arm("allreduce", AR, EVALS_AR, 0.9, link, 2),
                  cm.project_arm("codistill", CD, EVALS_CD, 0.9, link, 2)]
     text = projection_table(projected, 8e6, results[0])
-    assert "Projected on a 8 Mbit/s link" in text and "target: 90.00% val accuracy, the allreduce arm's final" in text
+    assert "Projected on a 8 Mbit/s link" in text
+    assert "target: 89.50% validation accuracy (the allreduce arm's final 90.00%, model 0, less 0.5 points)" in text
     assert "| allreduce | 0.100 | 1.600 | 100 | 160.0 |" in text
     assert "| codistill | 0.120 | 0.160 | 50 | 8.0 |" in text

@@ -132,7 +132,7 @@ def test_config_validates_outer_settings_and_methods():
 def test_compare_derives_diloco_and_localsgd_from_the_codistill_arm():
     from mp_helpers import digits_config
 
-    from codistill.compare import arm_configs
+    from codistill.arms import arm_configs
     from codistill.config import replace
 
     cfg = replace(digits_config(), compare__arms=["allreduce", "codistill", "diloco", "localsgd"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mp_helpers import digits_config
 
-from codistill.compare import arm_configs
+from codistill.arms import arm_configs
 from codistill.config import replace
 from codistill.prelaunch import MIN_PERIODS, untrained_teacher_warning, warn_before_launch
 

@@ -25,11 +25,11 @@ def test_compare_under_torchrun_runs_every_arm_on_torchruns_world(tmp_path):
                     "--set", "train.progress=false", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = {a["name"]: a["summary"] for a in json.loads((out / "compare.json").read_text())["arms"]}
-    assert list(arms) == ["allreduce", "codistill", "codistill_regularized"]
+    assert list(arms) == ["allreduce", "codistill", "diloco", "localsgd"]  # the default arms
     assert {s["world_size"] for s in arms.values()} == {2}  # torchrun's world, not dist.nproc = 4
     assert arms["codistill"]["replicas"] == 1 and arms["allreduce"]["replicas"] == 2
     assert proc.stdout.count("== arm allreduce: 1 model(s) x 2 worker(s)") == 1  # said once, by rank 0
-    assert proc.stdout.count("| codistill_regularized |") == 1
+    assert proc.stdout.count("| localsgd |") == 2  # in the table and in the projections, once
 
 
 def test_reproduce_quick_under_torchrun_writes_each_row_once(tmp_path):

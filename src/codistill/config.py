@@ -243,8 +243,10 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "codistill_regularized"])
-    """Arms run by `codistill compare`, in order."""
+    arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "diloco", "localsgd"])
+    """Arms run by `codistill compare`, in order, of allreduce, codistill, codistill_regularized
+    (opt-in: codistill with weight decay decaying at the LR milestones), diloco, localsgd (the last
+    two are left out, with a warning, when the models differ in architecture)."""
     regularized_weight_decay: list[float] | None = None
     """Weight decay per LR stage for the regularization-accounted arm; None means
     [wd, wd/10, 0, 0, ...] from the base weight decay."""

@@ -162,33 +162,50 @@ def cross_group_bytes_per_step(summary: dict, groups: int) -> float:
 # -- `codistill compare --link`: each arm's local measurements, projected onto a slow link ----------
 
 def project_arm(name: str, summary: dict, evals: list[dict], target: float, link: Link, groups: int,
-                delay: int = 0) -> dict:
+                delay: int = 0, compute_s: float | None = None, crossing: int | None = None,
+                period: int | None = None) -> dict:
     """Projected s/step and time to `target` validation accuracy of one compare arm on `link`.
 
-    Assumes one model group per machine (`groups` machines; the all-reduce arm spread over as many):
-    the compute per step is the arm's own measured training clock per step on local workers
-    (metrics.jsonl, evaluations excluded; it already holds the teacher forwards and the local
-    all-reduce), to which the link's cost is added. Arms other than all-reduce and codistillation
-    are not projected (None) until their summaries count their cross-group bytes.
+    Assumes one model group per machine (`groups` machines; the all-reduce arm spread over as many).
+    The compute per step is `compute_s` (the arm's training clock per step without evaluations and
+    without time blocked in its exchange: `curves.compute_seconds_per_step`) or else its whole local
+    training clock per step (metrics.jsonl, evaluations excluded); either holds the teacher forwards
+    and the local all-reduce. The link's cost is added to it: the gradient ring (all-reduce), 1/T of
+    an exchange (codistillation) or the outer all-reduces of DiLoCo and local SGD (`summary["mode"]`).
+    `crossing`: workers per model group whose exchange crosses the link (1 when hierarchical;
+    default: all of them); `period`: T or H (default: the summary's exchange period). Storage
+    exchanges are not projected (None).
     """
     steps = max(summary["steps"], 1)
     local_step = evals[-1]["time_without_eval"] / evals[-1]["step"] if evals and evals[-1]["step"] else None
     hit = next((e["step"] for e in evals if e["accuracy"] >= target), None)
-    out = {"name": name, "local_s_per_step": local_step, "steps_to_target": hit,
+    best = max(evals, key=lambda e: e["accuracy"], default=None)  # the first evaluation at the best
+    out = {"name": name, "local_s_per_step": local_step, "compute_s_per_step": compute_s, "steps_to_target": hit,
+           "best_accuracy": best and best["accuracy"], "best_step": best and best["step"],
            "cross_group_bytes_per_step": cross_group_bytes_per_step(summary, groups), "s_per_step": None,
            "time_to_target_s": None}
-    if local_step is None:
+    c = compute_s if compute_s is not None else local_step
+    if c is None:
         return out
     world, b = summary["world_size"], summary["bytes_per_worker"]
-    if summary["n_models"] == 1 and name.startswith("allreduce"):
+    n, r = summary["n_models"], summary["replicas"]
+    crossing = r if crossing is None else crossing
+    period = summary["exchange_every"] if period is None else period
+    collective = n > 1 and summary.get("exchange", "collective") == "collective" and summary["exchanges"]
+    if n == 1 and name.startswith("allreduce"):
         grad = b["allreduce"] / steps * world / (2.0 * (world - 1)) if world > 1 else 0.0
-        out["s_per_step"] = allreduce_step_s(local_step, grad, world, link) if groups > 1 else local_step
-    elif summary["n_models"] > 1 and summary.get("exchange", "collective") == "collective" and summary["exchanges"]:
-        n, r, period = summary["n_models"], summary["replicas"], summary["exchange_every"]
-        state = b["exchange"] / summary["exchanges"] / (n - 1)
-        transfer = link.seconds(exchange_link_bytes(state, n, r))
-        overlap = async_overlap(transfer, delay, local_step) if delay else 0.0
-        out["s_per_step"] = codistill_step_s(local_step, 0.0, n, r, state, period, link, overlap)
+        out["s_per_step"] = allreduce_step_s(c, grad, world, link) if groups > 1 else c
+    elif collective and summary.get("mode") in ("diloco", "localsgd"):
+        # Mean bytes sent per worker (outer_sync.py): the crossing workers of group 0 broadcast
+        # (n - 1) P at the start, then every crossing worker sends 2 (n - 1) / n P per outer step.
+        outer_steps = summary["exchanges"] - 1
+        param = b["exchange"] * n * r / (crossing * (n - 1) * (1 + 2 * outer_steps))
+        out["s_per_step"] = outer_sync_run_s_per_step(c, n, crossing, param, period, steps, link)
+    elif collective:
+        state = b["exchange"] / summary["exchanges"] / (n - 1) * r / crossing
+        transfer = link.seconds(exchange_link_bytes(state, n, crossing))
+        overlap = async_overlap(transfer, delay, c) if delay else 0.0
+        out["s_per_step"] = codistill_step_s(c, 0.0, n, crossing, state, period, link, overlap)
     if out["s_per_step"] is not None:
         out["time_to_target_s"] = time_to_target_s(hit, out["s_per_step"])
     return out

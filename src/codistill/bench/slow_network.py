@@ -3,7 +3,7 @@
 Two network namespaces (`netns.TwoMachines`) play two machines with 2 workers each; their link is
 shaped with tc tbf (100 Mbit/s, 1 Gbit/s); each machine's loopback stays fast. `torchrun` runs
 `codistill train` on both (static rendezvous on 10.77.0.1, inside the namespaces). Matched arms
-(`compare.arm_configs`: same W = 4 workers, same updates, schedules rescaled as the paper does):
+(`arms.arm_configs`: same W = 4 workers, same updates, schedules rescaled as the paper does):
 
 - all-reduce: one model on all 4 workers: every step's gradient all-reduce crosses the link;
 - codistillation: 2 models; rank = model * replicas + replica puts model 0 on machine 0 and model 1
@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..compare import arm_configs
+from ..arms import arm_configs
 from ..config import dump_yaml, load_config
-from ..run_log import atomic_write_text, read_jsonl
+from ..curves import first_reaching, training_clock
+from ..run_log import atomic_write_text
 from .common import Result, fmt, fmt_bytes, machine_info, markdown_table
 from .netns import TwoMachines, torchrun_train
 
@@ -47,31 +48,6 @@ def matched_configs(overrides: list[str], world: int) -> dict:
     cfg = load_config(None, ["train.progress=false", "dist.threads=1", "compare.arms=[allreduce, codistill]",
                              *overrides])
     return dict(arm_configs(cfg, world))
-
-
-def training_clock(run_dir: Path, model: int = 0) -> list[dict]:
-    """Model `model`'s evaluations with the training clock, with and without the time spent evaluating.
-
-    metrics.jsonl's "time" runs from the start barrier and includes evaluations; an evaluation lasts
-    from its `eval_start` (after the barrier that lets every worker catch up: waiting for a slower
-    peer is training time) to its validation row, so its duration is known and can be taken out:
-    evaluating is measuring, not training, and its cost differs between the arms (a model's
-    evaluation is split over its own workers only). Rows written before `eval_start` existed count
-    from the training row of the same step instead.
-    """
-    rows = read_jsonl(run_dir / f"model_{model}" / "metrics.jsonl")
-    train_time = {r["step"]: r["time"] for r in rows if "train/loss" in r}
-    evals, spent = [], 0.0
-    for r in rows:
-        if "val/accuracy" in r:
-            spent += r["time"] - r.get("eval_start", train_time.get(r["step"], r["time"]))
-            evals.append({"step": r["step"], "accuracy": r["val/accuracy"], "time": r["time"],
-                          "time_without_eval": r["time"] - spent})
-    return evals
-
-
-def first_reaching(evals: list[dict], target: float) -> dict | None:
-    return next((e for e in evals if e["accuracy"] >= target), None)
 
 
 def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from ..config import dump_yaml, replace
+from ..curves import first_reaching, training_clock
 from ..errors import UserError
 from ..run_log import atomic_write_text
 from .common import Result, fmt, machine_info, markdown_table, reachable_target
-from .slow_network import first_reaching, training_clock
 from .sweep import DELAY, sweep_configs
 
 PERIOD_US = 100_000

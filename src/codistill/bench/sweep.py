@@ -3,7 +3,7 @@ checked on every measured cell.
 
 Two emulated machines (`netns.TwoMachines`, as `bench slow_network`), each with W/2 workers; the link
 is shaped with tc tbf to each rate of RATES in turn. Arms (matched workers and updates,
-`compare.arm_configs`): all-reduce (every step's gradient ring crosses the link), codistillation
+`arms.arm_configs`): all-reduce (every step's gradient ring crosses the link), codistillation
 with the asynchronous, hierarchical exchange (model k's group on machine k: only the exchange crosses),
 DiLoCo and local SGD (an outer all-reduce over the link every H = T steps).
 
@@ -40,12 +40,12 @@ import statistics
 from pathlib import Path
 
 from .. import cost_model as cm
-from ..compare import arm_configs
+from ..arms import arm_configs
 from ..config import Config, dump_yaml, load_config, replace
+from ..curves import first_reaching, training_clock
 from ..models import build_model
 from ..run_log import atomic_write_text
 from .common import Result, fmt, fmt_bytes, machine_info, markdown_table, reachable_target
-from .slow_network import first_reaching, training_clock
 
 RATES = (1000, 100, 25, 10)
 ARMS = ("allreduce", "codistill", "diloco", "localsgd")

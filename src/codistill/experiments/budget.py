@@ -3,16 +3,15 @@
 A claim about trained models is judged where the all-reduce arm has stopped improving: over the
 last quarter of its training its validation accuracy rises by less than ACC_RISE (0.2 points) or,
 for tasks scored by NLL (translation, language modeling), its validation NLL falls by less than
-NLL_DROP (0.02 nats). Read from the curves stored in the result rows (model 0, mean over seeds).
+NLL_DROP (0.02 nats) (`codistill.convergence`, which `codistill compare` applies to every arm). Read
+from the curves stored in the result rows (model 0, mean over seeds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACC_RISE = 0.002  # 0.2 points of accuracy
-NLL_DROP = 0.02  # nats
-LAST = 0.25  # the last quarter of training
+from ..convergence import ACC_RISE, NLL_DROP, has_converged, last_quarter_change  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class Convergence:
 
     @property
     def converged(self) -> bool:
-        return self.change < (ACC_RISE if self.metric == "val/accuracy" else NLL_DROP)
+        return has_converged(self.change, self.metric)
 
     def sentence(self) -> str:
         what = (f"validation accuracy rose {100 * self.change:+.2f} points" if self.metric == "val/accuracy"
@@ -33,18 +32,6 @@ class Convergence:
         rule = f"< {100 * ACC_RISE:.1f} points" if self.metric == "val/accuracy" else f"< {NLL_DROP} nats"
         return (f"over the last quarter of `{self.variant}` ({self.steps} updates, {self.seeds} seed(s)) "
                 f"{what}: {'converged' if self.converged else 'NOT converged'} by the rule ({rule})")
-
-
-def last_quarter_change(points: list[list[float]], steps: int, metric: str) -> float | None:
-    """Improvement of `metric` from the last point at or before 3/4 of `steps` to the final point."""
-    if len(points) < 2:
-        return None
-    cut = (1 - LAST) * steps
-    before = [p for p in points if p[0] <= cut]
-    if not before:
-        return None
-    start, end = before[-1][1], points[-1][1]
-    return end - start if metric == "val/accuracy" else start - end
 
 
 def convergence(rows: list[dict], nll: bool = False, variant: str | None = None) -> Convergence | None:

@@ -263,7 +263,7 @@ generator. {quick_note}
 - Run everything: `codistill reproduce all{seeds}{out_flag}` (resumes: finished rows are skipped; a
   run identical to one already recorded, such as the all-reduce baseline shared by F1, F2, F3, F6, F7
   and Beyond, reuses its row). Each experiment alone: the command in its section.
-- Every comparison is at the same number of workers and of updates (`codistill.compare.arm_configs`):
+- Every comparison is at the same number of workers and of updates (`codistill.arms.arm_configs`):
   all-reduce trains one model on all W workers, codistillation n = 2 models on W/2 workers each, with
   every epoch-valued setting rescaled so both hit the same steps (the paper halves its milestones).
 - Regularization settings are chosen on the validation split (10% of the training set, held out);

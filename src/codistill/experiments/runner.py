@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..bench.common import git_commit
 from ..checkpoint import CheckpointError, read_latest
-from ..compare import arm_configs
+from ..arms import arm_configs
 from ..config import Config, load_config, replace, to_dict
 from ..distributed import is_leader, torchrun_world_size, under_torchrun
 from ..errors import UserError
@@ -86,7 +86,7 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
                    budget: float = 1.0) -> tuple[Config, int]:
     """The arm's config and world size: base < variant.set < variant.scale (and the `budget` factor
     on every epoch-valued setting) < seed, then the arms are derived by
-    `codistill.compare.arm_configs` (matched workers and updates), then variant.after."""
+    `codistill.arms.arm_configs` (matched workers and updates), then variant.after."""
     cfg = base_config(experiment, quick)
     if variant.set:
         cfg = replace(cfg, **_dunder(variant.set))

@@ -2,7 +2,7 @@
 "Findings" 1-7) and two beyond the paper (ensembles; the peer methods DiLoCo and local SGD).
 
 An experiment is a base (config overrides on top of the suite's base) and a list of variants.
-A variant names the arm it takes from `codistill.compare.arm_configs` (matched in workers and
+A variant names the arm it takes from `codistill.arms.arm_configs` (matched in workers and
 updates), overrides applied before the arms are derived (`set`, `scale`), and overrides applied to
 the derived arm (`after`, e.g. alpha = 0 for independent training). Overrides are dotted
 `section.key` names, as `--set` takes them. Every epoch-valued field is in all-reduce epochs;
@@ -34,7 +34,7 @@ class Variant:
     """Unique within its experiment; with the seed, it names the row and the run directory."""
     arm: str
     """`allreduce`, `codistill`, `codistill_regularized`, `diloco` or `localsgd` (see
-    `codistill.compare.arm_configs`)."""
+    `codistill.arms.arm_configs`)."""
     set: dict = field(default_factory=dict)
     """Overrides of the base, before the arms are derived."""
     scale: dict = field(default_factory=dict)
