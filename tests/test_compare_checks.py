@@ -219,3 +219,33 @@ def test_compare_and_the_benchmarks_import_only_downward():
     # The benchmarks and the suite take the matched arms from below compare, not from it.
     users = [m for m, edges in graph.items() if "codistill.compare" in edges]
     assert sorted(users) == ["codistill.cli"], users
+
+
+def test_compare_report_from_finished_arms(tmp_path):
+    """The text `compare` prints after its arms ran, from their summaries and logs alone."""
+    from codistill.compare import judge_and_project
+
+    cfg = load_config(None, ["data.name=digits", "model.name=cnn_tiny", "compare.arms=[allreduce, codistill]"])
+    curves = {"allreduce": [(50, 0.85), (75, 0.9), (100, 0.9)], "codistill": [(50, 0.8), (75, 0.85), (100, 0.88)]}
+    results = []
+    for name, summary in (("allreduce", AR), ("codistill", CD)):
+        summary = {**summary, "models": [{"index": 0, "val_accuracy": curves[name][-1][1], "test_accuracy": 0.9,
+                                          "train_loss": 0.5, "param_distance": 1.0}],
+                   "ensemble_val_accuracy": 0.9, "wall_seconds": 12.0}
+        rows = []
+        for step, acc in curves[name]:
+            blocked = 0.5 if name == "codistill" else 0.0
+            rows += [{"step": step, "train/loss": 1.0, "exchange_blocked_s": blocked, "time": step * 0.1},
+                     {"step": step, "val/accuracy": acc, "eval_start": step * 0.1, "time": step * 0.1}]
+        (tmp_path / name / "model_0").mkdir(parents=True)
+        (tmp_path / name / "model_0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        results.append({"name": name, "summary": summary})
+    report, text = judge_and_project(results, {"allreduce": cfg, "codistill": cfg}, tmp_path, "val/accuracy", None)
+    lines = text.splitlines()
+    assert lines[2].endswith("| 12 | 1.00x | yes (+0.00 pts) |")  # 10 s of training over 100 steps
+    assert lines[3].endswith("| 12 | 0.95x | no (+3.00 pts) |")  # 0.5 s of it waiting for the exchange
+    assert lines[5].startswith("**Budget:** codistill had not converged")
+    assert "| arm | compute s/step (measured) | step at target | 1 Gbit/s | 100 Mbit/s | 10 Mbit/s |" in lines
+    assert [p["bits_per_s"] for p in report["projections"]] == [1e9, 1e8, 1e7] and "link" not in report
+    assert report["arms"][1]["convergence"] == {"metric": "val/accuracy", "changes": [pytest.approx(0.03)],
+                                                "converged": False}

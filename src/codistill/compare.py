@@ -58,18 +58,30 @@ def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: in
                   f"{world // arm_cfg.codistill.n_models} worker(s), {arm_cfg.train.steps} steps", flush=True)
         summary = train(arm_cfg, out / name, overwrite=overwrite, nproc=world)
         results.append({"name": name, "summary": summary})
-    report = {"arms": results}
     if not leader:
-        return report
-    configs = dict(arms)
+        return {"arms": results}
     metric = "val/accuracy" if tasks.task_class(cfg) is tasks.ClassificationTask else "val/loss"
+    report, table = judge_and_project(results, dict(arms), out, metric, link_bps)
+    write_json(out / "compare.json", report)
+    atomic_write_text(out / "compare.md", compare_markdown(results, table))
+    from .plots import plot_compare  # training never imports matplotlib
+
+    plot_compare(out, [name for name, _ in arms])
+    print(table, flush=True)
+    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and plots in {out}", flush=True)
+    return report
+
+
+def judge_and_project(results: list[dict], configs: dict, out: Path, metric: str,
+                      link_bps: float | None) -> tuple[dict, str]:
+    """compare.json's content and the printed text: the table with the budget rule and the compute
+    per step of every arm, the line when an arm had not converged, and the projections."""
     verdicts = {}
     for r in results:
-        verdicts[r["name"]] = arm_convergence(out / r["name"], r["summary"], metric)
-        r["convergence"] = {"metric": metric, "changes": list(verdicts[r["name"]].changes),
-                            "converged": verdicts[r["name"]].converged}
+        verdicts[r["name"]] = verdict = arm_convergence(out / r["name"], r["summary"], metric)
+        r["convergence"] = {"metric": metric, "changes": list(verdict.changes), "converged": verdict.converged}
         r["compute_s_per_step"] = compute_seconds_per_step(out / r["name"])
-    table = format_table(results)
+    report, table = {"arms": results}, format_table(results)
     budget = not_converged_line(verdicts)
     if budget:
         table += "\n\n" + budget
@@ -80,14 +92,7 @@ def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: in
     if link_bps is not None:  # one more rate, in detail
         report["link"] = {"bits_per_s": link_bps, "arms": link_projection(results, configs, out, link_bps)}
         table += "\n\n" + projection_table(report["link"]["arms"], link_bps, reference)
-    write_json(out / "compare.json", report)
-    atomic_write_text(out / "compare.md", compare_markdown(results, table))
-    from .plots import plot_compare  # training never imports matplotlib
-
-    plot_compare(out, [name for name, _ in arms])
-    print(table, flush=True)
-    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and plots in {out}", flush=True)
-    return report
+    return report, table
 
 
 def arm_convergence(run_dir: Path, summary: dict, metric: str) -> ArmConvergence:
