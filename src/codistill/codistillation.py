@@ -111,7 +111,7 @@ class Codistillation:
         the outer SGD `outer` = (lr, momentum, nesterov) / plain averaging (outer_sync.py); no
         teachers, and all models start from model 0's initialization and end as one.
     loss, temperature, label_smoothing: the objective (losses.py).
-    teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` runs them under autocast.
+    teacher_mode, teacher_precision: `eval`/`train` teachers; `bf16` / `fp16` runs them under autocast.
     exchange_dtype: collective exchange only, `bf16` / `fp16` sends the fp32 weights rounded to it
         (half the bytes); the teachers run from the rounded weights.
     hierarchical: collective exchange only, replica 0 of each model exchanges and then broadcasts the
@@ -139,6 +139,8 @@ class Codistillation:
                  max_teacher_age: int = 0):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
+        if teacher_precision not in WIRE_DTYPES:
+            raise ValueError(f"unknown teacher_precision {teacher_precision!r}; allowed: {', '.join(WIRE_DTYPES)}")
         if exchange_dtype not in WIRE_DTYPES:
             raise ValueError(f"unknown exchange_dtype {exchange_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
         if exchange_dtype != "fp32" and exchange != "collective":
@@ -217,7 +219,8 @@ class Codistillation:
         self.maybe_exchange()
         if self.current_alpha() <= 0 or not self.teachers.available(self.trained_teachers_only, self.step):
             return []
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16")
+        dtype = WIRE_DTYPES[self.teacher_precision]  # fp32: None, bf16, fp16
+        amp = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         if self.teacher_stream is None:
             with amp:
                 return self.teachers.logits(batch, forward, self.trained_teachers_only, self.step)

@@ -103,7 +103,8 @@ class CodistillConfig:
     teacher_mode: str = "eval"
     """Mode of the teacher copies: `eval` (running BatchNorm statistics, no dropout) or `train`."""
     teacher_precision: str = "fp32"
-    """`fp32`, or `bf16`: teacher forward passes under bf16 autocast (cheaper; measure its effect)."""
+    """`fp32`, `bf16` or `fp16`: teacher forward passes under autocast to that type (cheaper; measure
+    its effect). With train.precision bf16 or fp16 the teachers run under the student's autocast."""
     exchange_hierarchical: bool = False
     """Collective exchange with several replicas per model: only replica 0 of each model takes part
     in the exchange between models, then broadcasts the teachers over its model group. With each
@@ -147,6 +148,10 @@ class OptimConfig:
     milestones: the paper's 1e-4, 1e-5, 0)."""
     decay_bias_and_norm: bool = True
     """Apply weight decay to biases and normalization layers too (False exempts them)."""
+    clip_norm: float | None = None
+    """Clip the gradients to this global norm (over every parameter of the model, after the
+    all-reduce over its group, so every replica clips alike); None: no clipping. The norm itself is
+    logged as `grad_norm` either way."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,17 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on the first worker."""
     amp: bool = False
-    """Student forward pass under bf16 autocast (for GPUs; parameters and optimizer stay fp32)."""
+    """Shorthand for precision=bf16 (kept for older configs; true with another precision is an error)."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16`: the student's and the teachers' forward passes under autocast to that
+    type (parameters, gradients and the optimizer stay fp32). fp16 scales the loss with
+    torch.amp.GradScaler; an update it skips (gradients overflowed) counts as a step for the
+    schedules and the exchange, as train.nonfinite=skip does, and is counted in `skipped_steps`."""
+    accumulate: int = 1
+    """Gradient accumulation: micro-batches (of data.batch_size each) per optimizer step. The gradient
+    is synchronized over the model group on the last one only; the teachers run on every one;
+    schedules, exchanges and step counts are per optimizer step. A model's batch is
+    data.batch_size x replicas x accumulate."""
     deterministic: bool = False
     """Deterministic algorithms (torch.use_deterministic_algorithms; on GPU also no cuDNN autotuning
     and no TF32). Bitwise-exact resume holds on CPU either way; on GPU it needs this switch."""
@@ -193,6 +208,17 @@ class TrainConfig:
     nonfinite: str = "stop"
     """On a NaN or infinite loss: `stop` (error naming step, model and rank; the last good checkpoint
     stays) or `skip` (that update is skipped on every replica and counted)."""
+    profile: list[int] | None = None
+    """[start, stop]: record steps start .. stop-1 with torch.profiler into profile/rank_<r>.pt.trace.json
+    in the run directory (open in TensorBoard or Perfetto); None: no profiling."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where training metrics go besides metrics.jsonl (always written, the source of truth):
+    `tensorboard`, `mlflow` (a local store in the run directory, mlflow.db, unless
+    MLFLOW_TRACKING_URI names another) and `wandb` (offline, under the run directory, unless logged in or WANDB_MODE
+    says otherwise); mlflow and wandb need the `trackers` extra."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one worker's device at the run's precision, for the logged MFU; None: known
+    GPUs are looked up (throughput.py), elsewhere only the achieved TFLOP/s are logged."""
 
 
 @dataclass(frozen=True)
@@ -292,12 +318,13 @@ CHOICES = {
     "codistill.method": ("distill", "diloco", "localsgd"),
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
-    "codistill.teacher_precision": ("fp32", "bf16"),
     "codistill.exchange_dtype": ("fp32", "bf16", "fp16"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("goyal", "cosine", "constant"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "train.nonfinite": ("stop", "skip"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "codistill.teacher_precision": ("fp32", "bf16", "fp16"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
@@ -553,6 +580,7 @@ def validate(cfg: Config) -> None:
     positive("train.eval_every", t.eval_every, strict=False)
     positive("train.log_every", t.log_every)
     positive("train.checkpoint_every", t.checkpoint_every, strict=False)
+    _validate_knobs(cfg)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     positive("lm.context", cfg.lm.context)
@@ -593,6 +621,34 @@ def validate(cfg: Config) -> None:
     if m is not None and (list(m) != sorted(m) or any(v <= 0 for v in m)):
         raise ConfigError(f"compare.regularized_milestones must be increasing positive epochs, got {m}")
     _check_registries(cfg)
+
+
+def _validate_knobs(cfg: Config) -> None:
+    """Accumulation, clipping, precision, profiling and trackers (train_knobs.py, trackers.py)."""
+    t, c = cfg.train, cfg.codistill
+    if t.accumulate < 1:
+        raise ConfigError(f"train.accumulate must be >= 1 (micro-batches per optimizer step), got {t.accumulate}")
+    if cfg.optim.clip_norm is not None and cfg.optim.clip_norm <= 0:
+        raise ConfigError(f"optim.clip_norm must be > 0 (or null: no clipping), got {cfg.optim.clip_norm}")
+    if t.amp and t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.amp=true means train.precision=bf16, but train.precision is {t.precision}; "
+                          "set only train.precision")
+    precision = effective_precision(cfg)
+    if precision != "fp32" and c.teacher_precision not in ("fp32", precision):
+        raise ConfigError(f"codistill.teacher_precision={c.teacher_precision} conflicts with train.precision="
+                          f"{precision} (the teachers run under the student's autocast)")
+    if t.profile is not None and not (len(t.profile) == 2 and 0 <= t.profile[0] < t.profile[1]):
+        raise ConfigError(f"train.profile must be [start, stop] steps with 0 <= start < stop, got {t.profile}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops must be > 0 (or null), got {t.peak_tflops}")
+    from .trackers import check_trackers
+
+    check_trackers(t.trackers)
+
+
+def effective_precision(cfg: Config) -> str:
+    """train.precision, with train.amp=true read as bf16."""
+    return "bf16" if cfg.train.amp and cfg.train.precision == "fp32" else cfg.train.precision
 
 
 def _check_registries(cfg: Config) -> None:

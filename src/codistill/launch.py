@@ -37,9 +37,11 @@ def check_data(cfg: Config, world_size: int) -> None:
     """Open the dataset once before starting workers, so a missing file, splits that disagree, a
     batch larger than the data or a model option the model cannot take is one clear error (and an
     existing run directory is not touched). What to check is the task's (`Task.check`)."""
-    from .tasks import task_class
+    from .tasks import steps_per_epoch, task_class
 
     task_class(cfg).check(cfg, world_size)
+    if cfg.train.accumulate > 1:  # an epoch must hold one optimizer step's micro-batches
+        steps_per_epoch(cfg, world_size)
 
 
 def check_resume(cfg: Config, run_dir: Path) -> None:
@@ -54,8 +56,10 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 def prepare_task(cfg: Config, run_dir: Path) -> None:
     from .tasks import task_class
+    from .trackers import prepare_trackers
 
     task_class(cfg).prepare(cfg, run_dir)
+    prepare_trackers(cfg.train.trackers, run_dir)  # e.g. the MLflow experiment, before workers race to make it
 
 
 def resume_config(run_dir: str | Path) -> tuple[Config, int]:

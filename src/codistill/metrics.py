@@ -18,20 +18,33 @@ from .losses import IGNORE_INDEX  # target of padding positions
 
 
 class MetricsWindow:
-    """Sums of task, distill and total loss, correct predictions and targets since the last reset."""
+    """Sums of task, distill and total loss, correct predictions and targets since the last reset,
+    and the steps' gradient norms (sum, max, count)."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # task, distill, total, correct, n
+        self.norms = torch.zeros(3, dtype=torch.float64, device=device)  # sum, max, steps with a norm
         self.steps = 0
+        self.group_targets = 0.0  # targets of the model group in the window, set by `means`
         self.start = time.perf_counter()
 
+    @staticmethod
     @torch.no_grad()
-    def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def batch_stats(losses: dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One (micro-)batch's contribution: (task, distill, total) x targets, correct, targets."""
         real = targets != IGNORE_INDEX
         n = real.sum().to(torch.float64)
         correct = ((logits.argmax(-1) == targets) & real).sum().to(torch.float64)
         stacked = torch.stack([losses["task"], losses["distill"], losses["total"]]).detach().to(torch.float64)
-        self.sums += torch.cat([stacked * n, correct.view(1), n.view(1)])
+        return torch.cat([stacked * n, correct.view(1), n.view(1)])
+
+    @torch.no_grad()
+    def add(self, stats: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
+        """One step: its batches' summed `batch_stats`, and its gradient norm (None: no update)."""
+        self.sums += stats
+        if grad_norm is not None:
+            norm = grad_norm.detach().to(self.norms)
+            self.norms += torch.stack([norm, torch.clamp_min(norm - self.norms[1], 0), torch.ones_like(norm)])
         self.steps += 1
 
     def means(self, group=None, replicas: int = 1) -> list[float]:
@@ -39,7 +52,14 @@ class MetricsWindow:
         window = self.sums.clone()
         if replicas > 1:
             dist.all_reduce(window, group=group)
-        return (window[:4] / window[4].clamp_min(1)).tolist()
+        values = window.tolist()
+        self.group_targets = values[4]
+        return [v / max(values[4], 1) for v in values[:4]]
+
+    def grad_norm(self) -> tuple[float | None, float | None]:
+        """Mean and max gradient norm of the window's updates (equal on every replica of a model)."""
+        total, peak, count = self.norms.tolist()
+        return (total / count, peak) if count else (None, None)
 
     def check_finite(self, means: list[float], where: str) -> None:
         """Raise NonFiniteLossError (before anything is logged or saved) on a non-finite loss."""
@@ -54,12 +74,15 @@ class MetricsWindow:
 
     def reset(self) -> None:
         self.sums.zero_()
+        self.norms.zero_()
         self.steps = 0
         self.start = time.perf_counter()
 
     def state_dict(self) -> dict:
-        return {"window": self.sums.cpu(), "window_steps": self.steps}
+        return {"window": self.sums.cpu(), "window_norms": self.norms.cpu(), "window_steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["window"].to(self.sums.device)
+        if "window_norms" in state:  # checkpoints before the gradient norm was logged have none
+            self.norms = state["window_norms"].to(self.norms.device)
         self.steps = state["window_steps"]

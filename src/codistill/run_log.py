@@ -1,4 +1,4 @@
-"""Run directory files: metrics.jsonl, TensorBoard events, config.yaml, summary.json.
+"""Run directory files: metrics.jsonl (and the trackers: TensorBoard, MLflow, wandb), config.yaml, summary.json.
 
 Only the first rank of each model group logs; on other ranks `RunLog(None)` is a no-op by design.
 Every metrics line is flushed as written, so a crash loses nothing already logged. Whole files
@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .trackers import numbers, open_trackers
 
 
 def _umask() -> int:
@@ -118,25 +119,28 @@ def _clean(value):
 
 
 class RunLog:
-    """metrics.jsonl plus TensorBoard scalars in `directory`; a no-op when `directory` is None.
+    """metrics.jsonl plus the run's trackers (trackers.py; TensorBoard by default) in `directory`;
+    a no-op when `directory` is None.
 
     `resumed_at`: the step of the checkpoint a resumed run starts from. TensorBoard then hides what
     the interrupted run logged after it (its events stay in the old file; readers purge them), as
-    the trainer does for metrics.jsonl.
+    the trainer does for metrics.jsonl; MLflow and wandb continue the same run.
     """
 
-    def __init__(self, directory: str | Path | None, tensorboard: bool = True, resumed_at: int | None = None):
+    def __init__(self, directory: str | Path | None, tensorboard: bool = True, resumed_at: int | None = None,
+                 trackers: list[str] | None = None, run_dir: str | Path | None = None, config: dict | None = None):
         self.directory = Path(directory) if directory is not None else None
-        self._file = self._tb = None
+        self._file = None
+        self._trackers = []
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._file = open(self.directory / "metrics.jsonl", "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resumed_at is None else resumed_at + 1
-            self._tb = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
+        names = trackers if trackers is not None else (["tensorboard"] if tensorboard else [])
+        run_dir = Path(run_dir) if run_dir is not None else self.directory.parent
+        self._trackers = open_trackers(names, self.directory, run_dir=run_dir,
+                                       run_name=f"{run_dir.name}/{self.directory.name}", config=config or {},
+                                       resumed_at=resumed_at)
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:
@@ -144,15 +148,14 @@ class RunLog:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        values = numbers(metrics)
+        for tracker in self._trackers:
+            tracker.log(step, values)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

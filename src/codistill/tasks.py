@@ -21,6 +21,7 @@ from . import lm, translation  # noqa: F401  (the task packages: each registers 
 from .config import Config
 from .data import (ShardBatchSampler, check_splits, eval_batches, load_dataset, make_loader, make_splits,
                    model_indices, registered)
+from .errors import ConfigError
 from .evaluation import evaluate
 from .models import build_model, check_model_options
 from .topology import Topology, job_grid
@@ -146,6 +147,16 @@ def job_topology(cfg: Config, world_size: int) -> Topology:
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:
-    """Steps for one model to pass over its training data, computed outside any process group
-    (loads the data, starts no DataLoader; raises ConfigError when a batch is larger than the data)."""
-    return make_task(cfg, torch.device("cpu")).steps_per_epoch(job_topology(cfg, world_size))
+    """Optimizer steps for one model to pass over its training data, computed outside any process
+    group (loads the data, starts no DataLoader; raises ConfigError when a batch is larger than the data)."""
+    batches = make_task(cfg, torch.device("cpu")).steps_per_epoch(job_topology(cfg, world_size))
+    return optimizer_steps_per_epoch(batches, cfg.train.accumulate)
+
+
+def optimizer_steps_per_epoch(batches_per_epoch: int, accumulate: int) -> int:
+    """Optimizer steps in one pass over a model's data of `batches_per_epoch` micro-batches, with
+    `accumulate` (train.accumulate) micro-batches per step."""
+    if batches_per_epoch < accumulate:
+        raise ConfigError(f"train.accumulate={accumulate} micro-batches per step exceed the "
+                          f"{batches_per_epoch} batches of an epoch; lower it or data.batch_size")
+    return batches_per_epoch // accumulate

@@ -19,15 +19,18 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .codistillation import Codistillation
-from .config import Config, check_world_size
+from .config import Config, check_world_size, effective_precision, to_dict
 from .distributed import DistContext, configure_device
 from .evaluation import parameter_distance
 from .faults import NonFiniteLossError, PeerError, inject_fault, parse_fault, peer_error
 from .metrics import MetricsWindow
+from .optim_step import autocast, clip_grad_norm, grad_scaler, grad_sync_paused
+from .profiling import StepProfiler
 from .recipe import build_optimizer, build_schedules
 from .run_log import RunLog, atomic_write_text, write_json
 from .schedules import apply_to_optimizer
-from .tasks import make_task
+from .tasks import make_task, optimizer_steps_per_epoch
+from .throughput import flops_per_target, peak_tflops, speed
 from .topology import build_topology, model_seed
 
 
@@ -51,13 +54,15 @@ def every(step: int, period: int) -> bool:
 def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -> Codistillation:
     """The component configured by `cfg.codistill` (models built by the task)."""
     c, names, o = cfg.codistill, cfg.model_names(), cfg.outer
+    precision = effective_precision(cfg)  # the teachers run under the student's autocast
+    teacher_precision = precision if precision != "fp32" else c.teacher_precision
     exchange, every = c.exchange, c.exchange_every
     if c.method != "distill" and c.n_models > 1:  # DiLoCo / local SGD: an outer step every H steps, no teachers
         exchange, every = c.method, o.every or c.exchange_every
     return Codistillation(lambda j: task.build_model(names[j]), c.n_models, every, alpha,
                           delay=c.exchange_delay, exchange=exchange, exchange_dir=c.exchange_dir,
                           loss=c.loss, temperature=c.temperature, label_smoothing=cfg.train.label_smoothing,
-                          teacher_mode=c.teacher_mode, teacher_precision=c.teacher_precision,
+                          teacher_mode=c.teacher_mode, teacher_precision=teacher_precision,
                           exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical,
                           outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo,
                           trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age)
@@ -78,8 +83,10 @@ class Trainer:
         self.model_index = topo.model_index  # among all n models
         self.task = make_task(cfg, self.device, self.run_dir)
         self.seed = model_seed(cfg.train.seed, self.model_index)
-        _, steps_per_epoch = self.task.train_batches(topo, self.seed)
-        self.model_batch = cfg.data.batch_size * topo.replicas
+        _, batches_per_epoch = self.task.train_batches(topo, self.seed)
+        self.accumulate = cfg.train.accumulate
+        steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, self.accumulate)
+        self.model_batch = cfg.data.batch_size * topo.replicas * self.accumulate
         self.schedules = build_schedules(cfg, steps_per_epoch, self.model_batch)
         self.total_steps = self.schedules.total_steps
         self.eval_every = cfg.train.eval_every or max(1, self.total_steps // 10)
@@ -89,6 +96,12 @@ class Trainer:
         self.counter, self.exchanger = self.codist.counter, self.codist.exchanger
         self.initial = [p.detach().float().clone() for p in self.model.parameters()]
         self.optimizer = build_optimizer(self.model, cfg)
+        self.precision = effective_precision(cfg)
+        self.scaler = grad_scaler(self.device, self.precision)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        seq_len = getattr(self.task, "flops_sequence_length", None)
+        self.flops_per_target = flops_per_target(self.model, seq_len)
+        self.peak_tflops = peak_tflops(self.device, self.precision, cfg.train.peak_tflops)
         self.attached = self.codist.attach(self.optimizer)  # counts steps, runs the exchange
 
         self.skipped_steps = 0
@@ -99,7 +112,9 @@ class Trainer:
         self.leader_dir = self.run_dir / f"model_{self.model_index}" if self.run_dir and topo.is_model_leader else None
         if resume:
             self.load_checkpoint()
-        self.log = RunLog(self.leader_dir, resumed_at=self.step if resume else None)
+        self.log = RunLog(self.leader_dir, resumed_at=self.step if resume else None, trackers=cfg.train.trackers,
+                          run_dir=self.run_dir, config=to_dict(cfg))
+        self.profiler = StepProfiler(cfg.train.profile, self.run_dir, topo.rank, self.device)
 
     @property
     def step(self) -> int:
@@ -123,14 +138,17 @@ class Trainer:
     def _fit(self) -> dict:
         dist.barrier()  # start the clocks together: setup skew is not training time or exchange stall
         start = self._t0 = self.window.start = time.perf_counter()
-        batches, _ = self.task.train_batches(self.topo, self.seed, start_step=self.step)
+        # Batches count micro-batches: K = train.accumulate of them per optimizer step.
+        batches, _ = self.task.train_batches(self.topo, self.seed, start_step=self.step * self.accumulate)
         bar = self._progress_bar()
         try:
             with self.attached:  # leaving it finishes a transfer still in flight
                 while self.step < self.total_steps:
-                    batch = next(batches)
+                    micro_batches = [next(batches) for _ in range(self.accumulate)]
+                    self.profiler.before_step(self.step)
                     with self._sync_debug():
-                        self.train_step(batch)
+                        self.train_step(*micro_batches)
+                    self.profiler.after_step(self.step, last=self.step == self.total_steps)
                     if self.step == self.total_steps:  # the last transfer / outer step (DiLoCo's
                         self.codist.finish()  # changes the model) before the final eval and checkpoint
                     self.maybe_log()
@@ -155,40 +173,66 @@ class Trainer:
         """This step's exchange (train_step runs it too; tests call it to look at the teachers)."""
         self.codist.maybe_exchange()
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        """One optimizer step of the codistillation objective at self.step.
+    def train_step(self, *micro_batches) -> dict[str, torch.Tensor]:
+        """One optimizer step of the codistillation objective at self.step, from its micro-batches
+        (train.accumulate of them in `fit`); returns the last micro-batch's losses.
 
-        The teachers go first (on CUDA on their own stream, overlapping the student's forward);
-        `train.amp` runs the student under bf16 autocast.
+        Each micro-batch's loss is weighted 1/K, so K micro-batches of B give the gradient of one
+        batch of K x B (exactly when no BatchNorm sees the batch split); the gradient is synchronized
+        over the model group on the last one only. The teachers run on every micro-batch (on CUDA on
+        their own stream, overlapping the student's forward), under the student's autocast.
+        Then: fp16's unscaling, the global gradient norm (clipped to optim.clip_norm when set), the
+        update. An update skipped (train.nonfinite=skip on a non-finite gradient, or fp16's scaler
+        on an overflow) still counts as a step for the schedules and the exchange.
         """
         s = self.schedules
         apply_to_optimizer(self.optimizer, self.step, s.lr, s.weight_decay)
-        batch = to_device(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats, last = 0, len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            with grad_sync_paused(self.codist.model) if i < last else contextlib.nullcontext():
+                out, batch_stats = self._forward_backward(to_device(batch, self.device), len(micro_batches))
+            stats = stats + batch_stats
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_grad_norm(self.params, self.cfg.optim.clip_norm)
+        if self._update(norm):
+            self.window.add(stats, norm)
+            return out
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.codist.on_optimizer_step()  # the update counts as a step, as the schedules expect
+        if self.cfg.train.nonfinite == "stop":  # fp16 overflow: the losses are logged (and a NaN one stops the run)
+            self.window.add(stats)
+        return out
+
+    def _forward_backward(self, batch, micro_batches: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         teacher_logits = self.codist.teacher_logits(batch, self.teacher_forward)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
+        with autocast(self.device, self.precision):
             logits, targets = self.task.forward(self.codist.model, batch)
         out = self.codist.loss(logits, targets, teacher_logits)
         if self.fault and self.fault[0] == "nan" and self.fault[1:] == (self.topo.rank, self.step):
             out["total"] = out["total"] * float("nan")
-        self.optimizer.zero_grad(set_to_none=True)
-        out["total"].backward()
-        if self.cfg.train.nonfinite == "skip" and not self._grads_finite():
-            # Gradients are averaged over the model group, so every replica skips together.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.codist.on_optimizer_step()  # the update counts as a step, as the schedules expect
-            return out
+        loss = out["total"] / micro_batches if micro_batches > 1 else out["total"]
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return out, self.window.batch_stats(out, logits, targets)
+
+    def _update(self, norm: torch.Tensor) -> bool:
+        """The optimizer step; False when it was skipped. Every replica decides alike: the gradients
+        (and so their norm) are the model group's."""
+        if self.scaler is not None:  # it skips the update on inf/NaN gradients (and lowers its scale)
+            before = self.codist.step
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return self.codist.step != before  # the step hook ran only if the optimizer stepped
+        if self.cfg.train.nonfinite == "skip" and not bool(torch.isfinite(norm)):
+            return False
         self.optimizer.step()
-        self.window.add(out, logits, targets)
-        return out
+        return True
 
     def teacher_forward(self, teacher, batch) -> torch.Tensor:
         """A teacher's logits on the student's batch: the task's forward pass, targets dropped."""
         return self.task.forward(teacher, batch)[0]
-
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
     def check_finite(self) -> list[float]:
         """The window's mean losses and accuracy over the model group; raises NonFiniteLossError
@@ -202,6 +246,8 @@ class Trainer:
             return
         task, distill, total, correct = self.check_finite()
         s, last = self.schedules, self.step - 1
+        grad_norm, grad_norm_max = self.window.grad_norm()
+        elapsed = max(self.window.elapsed(), 1e-9)
         self.last_train = {
             "train/task_loss": task, "train/distill_loss": distill, "train/loss": total,
             "train/accuracy": correct, "lr": s.lr(last), "weight_decay": s.weight_decay(last), "alpha": s.alpha(last),
@@ -209,7 +255,11 @@ class Trainer:
             "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
             "exchange_blocked_s": self.codist.blocked_seconds,
             "skipped_steps": self.skipped_steps,
-            "samples_per_s": self.window.steps * self.model_batch / max(self.window.elapsed(), 1e-9),
+            "samples_per_s": self.window.steps * self.model_batch / elapsed,
+            **speed(self.window.group_targets / self.topo.replicas / elapsed, self.flops_per_target,
+                    self.peak_tflops),
+            "grad_norm": grad_norm, "grad_norm_max": grad_norm_max,
+            "peak_memory_mib": peak_memory_mib(self.device),
             "param_distance": parameter_distance(self.model, self.initial),
             "epoch": self.step / s.steps_per_epoch, "time": time.perf_counter() - self._t0,
             **self.exchange_metrics(),
@@ -273,6 +323,8 @@ class Trainer:
         if self.topo.is_model_leader:
             model_state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            **self.codist.state_dict(), "initial": self.initial}
+            if self.scaler is not None:  # fp16's loss scale and its growth tracker
+                model_state["scaler"] = self.scaler.state_dict()
         rank_state = {"rng": ckpt.rng_state(self.device), "counter": self.counter.as_dict(),
                       "skipped_steps": self.skipped_steps, **self.window.state_dict()}
         ckpt.save_run_state(self.run_dir, self.step, f"model_{self.model_index}.pt", model_state, self.topo.rank,
@@ -283,6 +335,8 @@ class Trainer:
                                           self.topo.grid.world_size)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.codist.load_state_dict(state)  # the step, teachers and a pending transfer
         self.initial = [t.to(self.device) for t in state["initial"]]
         ckpt.set_rng_state(mine["rng"], self.device)

@@ -187,6 +187,11 @@ class LMTask:
     def steps_per_epoch(self, topo: Topology) -> int:
         return self.sampler(topo, self.cfg.train.seed).steps_per_epoch
 
+    @property
+    def flops_sequence_length(self) -> int:
+        """Tokens per training block, for the models' FLOP count (throughput.py)."""
+        return self.cfg.lm.context
+
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         sampler = self.sampler(topo, seed)
         sampler.set_start_step(start_step)

@@ -53,6 +53,15 @@ class DecoderLM(nn.Module):
         h = self.blocks(x, mask=mask, is_causal=True)
         return F.linear(h, self.embed.weight)  # tied output projection
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at `seq_len` tokens per block (PaLM's and
+        nanoGPT's estimate): 6 N + 12 L d T, N the parameters doing matrix products (all but the
+        position table; the tied embedding counts once, as the output projection), L layers, d the
+        width; 12 L d T is attention's scores and weighted sum (causal masking not discounted)."""
+        n = sum(p.numel() for p in self.parameters()) - self.positions.weight.numel()
+        d, layers = self.embed.embedding_dim, len(self.blocks.layers)
+        return 6 * n + 12 * layers * d * seq_len
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int, top_k: int = 40,
                  generator: torch.Generator | None = None) -> torch.Tensor:

@@ -126,6 +126,16 @@ class Seq2SeqTransformer(nn.Module):
         memory, src_pad = self.encode(src)
         return self.decode(tgt_in, memory, src_pad)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per target token when source and target are `seq_len`
+        tokens long (one source token per target token): 6 N + 12 d T (L_enc + 2 L_dec), N the
+        encoder's, decoder's and output projection's parameters (embedding lookups and positions
+        are not matrix products), 12 d T per attention (the decoder has self and cross)."""
+        n = sum(p.numel() for p in (*self.encoder.parameters(), *self.decoder.parameters()))
+        n += self.output_weight.numel()
+        attention = len(self.encoder.layers) + 2 * len(self.decoder.layers)
+        return 6 * n + 12 * self.d_model * seq_len * attention
+
 
 # ---------------------------------------------------------------------------------------------
 # Decoding

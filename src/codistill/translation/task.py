@@ -212,6 +212,11 @@ class TranslationTask:
         batches = self.batch_plan(topo.model_index, topo.n_models, seed)
         return self._iterate(batches, steps, topo.replicas, topo.replica_index, seed, start_step), steps
 
+    @property
+    def flops_sequence_length(self) -> int:
+        """Mean source and target length of the training pairs, for the FLOP count (throughput.py)."""
+        return round(sum(s + t for s, t in self._lengths) / max(1, 2 * len(self._lengths)))
+
     def steps_per_epoch(self, topo: Topology) -> int:
         """The smallest batch count of any model over the replicas: every model and every replica
         then take the same number of steps (models' counts differ slightly, as their batches do), in
