@@ -22,6 +22,7 @@ import torch
 
 from codistill.checkpoint import load_entry, read_latest
 from codistill.config import load_config
+from codistill.errors import UserError
 from codistill.tasks import make_task, task_class
 from codistill.translation.task import TranslationTask
 
@@ -50,7 +51,13 @@ def main() -> int:
     models = []
     for i in range(cfg.codistill.n_models):
         model = task.build_model(cfg.model.name)
-        model.load_state_dict(load_entry(args.run, manifest, f"model_{i}.pt")["model"])
+        entry = load_entry(args.run, manifest, f"model_{i}.pt")
+        try:
+            model.load_state_dict(entry["model"])
+        except (KeyError, TypeError, RuntimeError) as e:  # weights of another model or config
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            fail(f"{args.run}: checkpoint model_{i}.pt does not fit model {cfg.model.name!r} of its config.yaml: "
+                 f"{first[:200]}")
         models.append(model.eval())
     test, refs = task.encoded("test"), task.corpus.test.tgt
     indices = list(range(min(args.sentences or len(refs), len(refs))))
@@ -89,4 +96,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:  # a damaged config.yaml, manifest, checkpoint file or tokenizer of the run
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from codistill.cli import main
+from codistill.run_log import write_run_marker
 
 DIGITS = ["--set", "data.name=digits", "--set", "model.name=cnn_tiny", "--set", "train.progress=false"]
 
@@ -79,7 +80,7 @@ CASES = [
     ("resume no checkpoint", ["RESUME", "{no_manifest}"], {}, ["has no checkpoint yet"]),
     ("resume bad manifest", ["RESUME", "{bad_manifest}"], {}, ["checkpoint manifest", "is corrupt"]),
     ("resume bad checksum", ["RESUME", "{bad_checksum}"], {}, ["corrupt (SHA-256 mismatch)"]),
-    ("resume with set", ["RESUME", "{bad_checksum}", "--set", "optim.lr=1"], {}, ["drop --config, --set and --out"]),
+    ("resume with set", ["RESUME", "{bad_checksum}", "--set", "optim.lr=1"], {}, ["own config.yaml", "drop --set"]),
 ]
 
 
@@ -90,6 +91,7 @@ def test_bad_input(tmp_path, capsys, monkeypatch, name, args, env, fragments):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "summary.json").write_text('{"precious": true}')
+    write_run_marker(earlier)  # a codistill run: --overwrite may replace it once every input is checked
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("optim: [unclosed\n")
     values = {"tmp": tmp_path, "bad_yaml": bad_yaml}
@@ -226,12 +228,12 @@ MORE_CASES = [
     # 3. --out and --overwrite.
     ("out under a file", [*T, "--out", "{a_file}/run", "--overwrite"], {}, ["is a file, not a directory"]),
     ("out not writable", [*T, "--out", "{tmp}/new/run"], {"NO_WRITE": "1"}, ["no write permission"]),
-    ("overwrite unrelated dir", [*T, "--out", "{unrelated}", "--overwrite"], {}, ["does not look like a codistill run"]),
+    ("overwrite unrelated dir", [*T, "--out", "{unrelated}", "--overwrite"], {}, ["no codistill_run.json"]),
     ("overwrite cwd", [*T, "--out", ".", "--overwrite"], {"CWD": "unrelated"}, ["the current directory"]),
     ("overwrite parent of cwd", [*T, "--out", "..", "--overwrite"], {"CWD": "earlier/sub"}, ["the current directory"]),
     ("overwrite home", [*T, "--out", "{earlier}", "--overwrite"], {"HOME": "{earlier}"}, ["home directory"]),
     ("compare overwrite unrelated", ["compare", *DIGITS, "--out", "{unrelated}", "--overwrite"], {},
-     ["does not look like a codistill run"]),
+     ["no codistill_run.json"]),
     # 4. Launcher environment: all or nothing.
     ("rank alone", [*T, *FAST_TIMEOUT, *OUT], {"RANK": "1"}, ["partial launcher environment", "unset RANK"]),
     ("local rank alone", [*T, *FAST_TIMEOUT, *OUT], {"LOCAL_RANK": "0"}, ["partial launcher environment"]),
@@ -301,6 +303,7 @@ def test_checked_before_anything_is_touched(tmp_path, capsys, monkeypatch, name,
     (earlier / "sub").mkdir(parents=True)
     (earlier / "summary.json").write_text('{"precious": true}')
     (earlier / "sub" / "notes.txt").write_text("keep me")
+    write_run_marker(earlier)
     unrelated = tmp_path / "unrelated"  # somebody's files, never a codistill run
     unrelated.mkdir()
     (unrelated / "thesis.tex").write_text("years of work")

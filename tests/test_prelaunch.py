@@ -33,8 +33,8 @@ def test_no_warning_without_distillation():
 
 
 def test_compare_warns_once_before_any_arm(capsys):
-    cfg = replace(digits_config(), codistill__exchange_every=50, train__steps=30,
-                  compare__arms=["allreduce", "codistill", "diloco"])
+    cfg = replace(digits_config(), codistill__exchange_every=50, train__steps=30, codistill__alpha_steps=None,
+                  compare__arms=["allreduce", "codistill", "diloco"])  # alpha_steps: no warning that it does nothing
     assert warn_before_launch([c for _, c in arm_configs(cfg, 4)], 4) is not None
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("codistill: warning: codistill.exchange_every=50 >= the run's 30")

@@ -104,11 +104,21 @@ def _run(args) -> int:
     from . import config as config_mod
 
     if args.command == "config" and args.describe:
+        if args.config or args.overrides:
+            raise UserError("config --describe lists every field with its default; drop --config and --set "
+                            "(codistill config --config/--set prints the resolved values)")
         print(config_mod.describe())
         return 0
-    if getattr(args, "resume", None):
-        if args.config or args.overrides or args.out:
-            raise UserError("--resume continues a run with its own config.yaml; drop --config, --set and --out")
+    if getattr(args, "out", None) is not None and not args.out.strip():
+        raise UserError("--out is empty; give a run directory or leave --out out for runs/<command>-<time>")
+    if getattr(args, "resume", None) is not None:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--out", args.out),
+                                         ("--nproc", args.nproc is not None), ("--overwrite", args.overwrite)) if value]
+        if not args.resume.strip():
+            raise UserError("--resume is empty; give the run directory to continue")
+        if given:
+            raise UserError(f"--resume continues a run with its own config.yaml, world size and directory; "
+                            f"drop {', '.join(given)}")
         from .launch import resume_config, train
 
         cfg, world = resume_config(args.resume)
@@ -135,13 +145,12 @@ def _run(args) -> int:
         return 0
     from .compare import run_compare
     from .distributed import torchrun_world_size, under_torchrun
-    from .launch import preflight
-    from .run_log import check_run_dir
+    from .preflight import preflight
 
     world = torchrun_world_size() if under_torchrun() else args.nproc if args.nproc is not None else cfg.dist.nproc
-    preflight(cfg, world)  # everything, before the comparison directory is touched
-    if not under_torchrun():  # under torchrun, rank 0 may already have created it
-        check_run_dir(out, args.overwrite)
+    # Everything, before the comparison directory is touched (under torchrun, rank 0 may already
+    # have created it: run_compare's prepare_run_dir checks it there).
+    preflight(cfg, world, None if under_torchrun() else out, args.overwrite)
     run_compare(cfg, out, overwrite=args.overwrite, nproc=args.nproc, link_bps=link_bps)
     return 0
 

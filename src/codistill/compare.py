@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import tasks
 from .arms import arm_configs, without_outer_sync_for_mixed_models
-from .config import Config
+from .config import Config, to_dict
 from .convergence import ArmConvergence, judge_arm, not_converged_line, short_run_warning
 from .curves import compute_seconds_per_step, training_clock, validation_curve
 from .distributed import is_leader, torchrun_world_size, under_torchrun
@@ -46,11 +46,11 @@ def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: in
 
         if left_out:
             print(f"codistill: warning: {left_out}", file=sys.stderr, flush=True)
-        warn_before_launch([c for _, c in arms], world)
+        warn_before_launch([c for _, c in arms], world, given=cfg)
         short = short_run_warning(cfg, max(c.train.steps for _, c in arms))
         if short:
             print(f"codistill: warning: {short}", file=sys.stderr, flush=True)
-    out = prepare_run_dir(out, overwrite) if leader else Path(out)
+    out = prepare_run_dir(out, overwrite, config=to_dict(cfg)) if leader else Path(out)
     results = []
     for name, arm_cfg in arms:
         if leader:

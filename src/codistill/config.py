@@ -20,11 +20,19 @@ import yaml
 from .errors import ConfigError
 
 
+def path_field(kind: str):
+    """A setting that names a path, checked before any run directory is touched (codistill.preflight):
+    `input` (read: a file or directory that must exist), `output` (a directory codistill creates
+    and writes) or `location` (an output directory, '~' expanded, or an fsspec URL). Every such
+    field must be declared this way: a test walks them all."""
+    return field(default=None, metadata={"path": kind})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion_mnist"
     """Dataset registered in `codistill.data` (e.g. fashion_mnist, mnist, digits)."""
-    root: str | None = None
+    root: str | None = path_field("input")
     """Directory holding the dataset files; None means the dataset's default location."""
     batch_size: int = 64
     """Minibatch per worker. A model's effective batch is batch_size x replicas."""
@@ -69,7 +77,7 @@ class CodistillConfig:
     exchange: str = "collective"
     """How teachers travel: `collective` (broadcast over the exchange groups of one job) or `storage`
     (files in exchange_dir; each model group runs as its own job, see model_index)."""
-    exchange_dir: str | None = None
+    exchange_dir: str | None = path_field("location")
     """Where exchange=storage publishes and reads teachers: a shared path, or an fsspec URL such as
     `s3://bucket/prefix` (credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Checked before launch: a missing bucket, refused
@@ -257,7 +265,7 @@ class LMConfig:
     vocab_size: int = 4000
     """Subword vocabulary size of the BPE tokenizer trained on the training split (an error if the
     corpus cannot train that many pieces)."""
-    cache_dir: str | None = None
+    cache_dir: str | None = path_field("output")
     """Where the tokenizer and the memory-mapped token ids of a corpus are cached, keyed by the
     corpus files and vocabulary size; None is ~/.cache/codistill/lm ($XDG_CACHE_HOME)."""
     sample_tokens: int = 200
@@ -668,6 +676,12 @@ def check_world_size(cfg: Config, world_size: int) -> int:
             f"world size {world_size} is not divisible by codistill.n_models={n}; "
             f"use a multiple of {n} workers")
     return world_size // n
+
+
+def path_fields() -> dict[str, str]:
+    """Every setting that names a path, `section.key` -> its kind (`input`, `output`, `location`)."""
+    return {f"{section.name}.{f.name}": f.metadata["path"] for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(section.default_factory) if "path" in f.metadata}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,39 +9,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_entry, read_latest
-from .config import Config, check_world_size, dump_yaml, load_config
-from .distributed import check_rendezvous, init_distributed, resolve_backend, shutdown, spawn, torchrun_world_size, under_torchrun
+from .config import Config, check_world_size, dump_yaml, load_config, to_dict
+from .distributed import init_distributed, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
-from .faults import parse_fault
 from .prelaunch import warn_before_launch
+from .preflight import check_data, preflight  # noqa: F401  (check_data: imported from here by callers)
 from .run_log import atomic_write_text, prepare_run_dir
 from .trainer import Trainer, run_worker
-
-
-def preflight(cfg: Config, world_size: int) -> None:
-    """Everything that can be checked without training, in the main process, before any run
-    directory is touched or any worker starts: torchrun's store, world size, fault spec, backend,
-    data, model."""
-    check_rendezvous()  # first: a leftover torchrun environment fails in seconds, not after a timeout
-    check_world_size(cfg, world_size)
-    parse_fault(os.environ.get("CODISTILL_FAULT"))
-    resolve_backend(cfg.dist.backend)
-    if cfg.codistill.exchange == "storage":  # a path or URL the exchange can use (exchange_store.py)
-        from .exchange_store import check_exchange_dir
-
-        check_exchange_dir(cfg.codistill.exchange_dir)
-    check_data(cfg, world_size)
-
-
-def check_data(cfg: Config, world_size: int) -> None:
-    """Open the dataset once before starting workers, so a missing file, splits that disagree, a
-    batch larger than the data or a model option the model cannot take is one clear error (and an
-    existing run directory is not touched). What to check is the task's (`Task.check`)."""
-    from .tasks import steps_per_epoch, task_class
-
-    task_class(cfg).check(cfg, world_size)
-    if cfg.train.accumulate > 1:  # an epoch must hold one optimizer step's micro-batches
-        steps_per_epoch(cfg, world_size)
 
 
 def check_resume(cfg: Config, run_dir: Path) -> None:
@@ -73,6 +47,10 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
     if manifest is None:
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint yet")
     cfg, world = load_config(run_dir / "config.yaml"), manifest["world_size"]
+    edited = config_edits(run_dir, cfg)
+    if edited:
+        raise UserError(f"cannot resume {run_dir}: its config.yaml was edited after the run started ({edited}); "
+                        "a resumed run keeps its own config: undo the edit, or start a new run")
     check_world_size(cfg, world)
     for name in manifest["sha256"]:  # verify every file here: one clear error before any worker starts
         load_entry(run_dir, manifest, name)
@@ -93,6 +71,21 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
     return cfg, world
 
 
+def config_edits(run_dir: Path, cfg: Config) -> str:
+    """The settings of config.yaml that differ from the config the run started with (recorded in
+    its marker), as `key: old -> new`; empty when none do or the run has no marker."""
+    from .run_log import read_run_marker
+
+    started = (read_run_marker(run_dir) or {}).get("config")
+    if not isinstance(started, dict):
+        return ""
+    now = json.loads(json.dumps(to_dict(cfg)))
+    changes = [f"{section}.{key}: {old!r} -> {now.get(section, {}).get(key)!r}"
+               for section, fields in started.items() if isinstance(fields, dict)
+               for key, old in fields.items() if now.get(section, {}).get(key) != old]
+    return "; ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+
+
 def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None,
           resume: bool = False, warn: bool = False) -> dict:
     """Train one run into `out` (or continue it from its last checkpoint with `resume`); returns
@@ -101,12 +94,12 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
     if under_torchrun():
         return _train_torchrun(cfg, Path(out), overwrite, resume, warn)
     world = nproc if nproc is not None else cfg.dist.nproc
-    preflight(cfg, world)
+    preflight(cfg, world, out, overwrite, resume)
     if resume:
         run_dir = Path(out)
         check_resume(cfg, run_dir)
     else:
-        run_dir = prepare_run_dir(out, overwrite)
+        run_dir = prepare_run_dir(out, overwrite, config=to_dict(cfg))
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         prepare_task(cfg, run_dir)
     if warn:  # after every check: a warning never comes with an error
@@ -117,12 +110,15 @@ def train(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | No
 
 
 def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool, warn: bool) -> dict:
-    preflight(cfg, torchrun_world_size())  # every process, before any of them waits for the others
     # torchrun --max-restarts restarts every worker after a failure: continue from the checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if restarted and not resume:
         resume = read_latest(out) is not None
         overwrite = overwrite or not resume  # our own first attempt left the directory behind
+    # Every process, before any of them waits for the others; the one that prepares the directory
+    # checks it too (the others may not see it).
+    first = os.environ.get("RANK") == "0" and not resume
+    preflight(cfg, torchrun_world_size(), out if first else None, overwrite, resume)
     if resume:
         check_resume(cfg, out)
     d = cfg.dist
@@ -132,7 +128,7 @@ def _train_torchrun(cfg: Config, out: Path, overwrite: bool, resume: bool, warn:
         error = [None]
         if ctx.rank == 0 and not resume:
             try:
-                prepare_run_dir(out, overwrite)
+                prepare_run_dir(out, overwrite, config=to_dict(cfg))
                 atomic_write_text(out / "config.yaml", dump_yaml(cfg))
                 prepare_task(cfg, out)
             except UserError as e:

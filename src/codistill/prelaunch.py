@@ -11,6 +11,7 @@ teachers in fewer than 3 exchanges. (The paper's T = 2500 is 1% of its run.)
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 from .config import Config
 from .recipe import first_trained_teacher
@@ -63,12 +64,96 @@ def run_steps(cfg: Config, world_size: int) -> int | None:
     return total_steps(cfg, steps_per_epoch(cfg, world_size))
 
 
-def warn_before_launch(configs: list[Config], world_size: int) -> str | None:
-    """Print (once) the first warning among `configs` as one `codistill: warning:` line."""
+DISTILLATION = ("loss", "temperature", "alpha", "alpha_schedule", "alpha_steps", "teacher_mode",
+                "teacher_precision", "exchange_dtype", "exchange_delay")
+"""codistill.* settings that only the distillation term and its teachers read."""
+
+
+def ignored_settings(cfg: Config, world_size: int, given: Config | None = None) -> dict[str, str]:
+    """Settings changed from their defaults that do nothing in this run: {section.key: why}.
+    `given`: the config the user wrote, when `cfg` was derived from it (a comparison's arm)."""
+    from .tasks import task_class
+    from .data import registered
+
+    default, c = Config(), cfg.codistill
+    method = "all-reduce (codistill.n_models=1)" if c.n_models == 1 else f"codistill.method={c.method}"
+    task = task_class(cfg).__name__
+    rules = {  # section -> (keys, ignored?, why)
+        "outer": [(("lr", "momentum", "nesterov"), c.n_models == 1 or c.method != "diloco",
+                   f"only codistill.method=diloco has an outer optimizer, this run is {method}"),
+                  (("every",), c.n_models == 1 or c.method == "distill",
+                   f"only codistill.method=diloco or localsgd has outer steps, this run is {method}")],
+        "codistill": [(DISTILLATION, c.n_models == 1 or c.method != "distill",
+                       f"only codistillation (codistill.method=distill, n_models >= 2) distills; this run is {method}"),
+                      (("temperature",), c.loss == "mse", "codistill.loss=mse compares raw logits"),
+                      (("alpha_steps",), c.alpha_schedule == "constant", "codistill.alpha_schedule=constant"),
+                      (("exchange_every",), c.n_models == 1, f"this run is {method}, which exchanges nothing"),
+                      (("exchange_hierarchical",), c.n_models == 1 or world_size // max(1, c.n_models) == 1,
+                       "there is one worker per model: no replicas to broadcast the teachers to"),
+                      (("exchange_dir", "model_index"), c.exchange != "storage",
+                       "codistill.exchange is collective, not storage"),
+                      ],
+        "optim": [(("betas",), cfg.optim.name != "adamw", f"optim.name={cfg.optim.name} has no betas"),
+                  (("momentum", "nesterov"), cfg.optim.name != "sgd", f"optim.name={cfg.optim.name} has no "
+                   "SGD momentum (its betas play that part)")],
+        "schedule": [(("gamma",), cfg.schedule.name != "goyal", f"schedule.name={cfg.schedule.name} has no "
+                      "milestones"),
+                     (("milestones",), cfg.schedule.name != "goyal" and not isinstance(cfg.optim.weight_decay, list),
+                      f"schedule.name={cfg.schedule.name} has no milestones and optim.weight_decay has one stage"),
+                     (("reference_batch",), not cfg.schedule.scale_lr, "schedule.scale_lr is false")],
+        "data": [(("root",), not registered(cfg.data.name).takes_root,
+                  f"dataset {cfg.data.name} is built in and reads no files"),
+                 (("num_workers",), task != "ClassificationTask", f"dataset {cfg.data.name} is not read by "
+                  "DataLoader workers"),
+                 (("val_fraction", "eval_batch_size"), task == "TranslationTask",
+                  f"translation ({cfg.data.name}) has its own validation split and batches by tokens")],
+        "translation": [(tuple(f.name for f in fields(cfg.translation)), task != "TranslationTask",
+                         f"dataset {cfg.data.name} is not a translation corpus")],
+        "lm": [(tuple(f.name for f in fields(cfg.lm)), task != "LMTask",
+                f"dataset {cfg.data.name} is not a language-modeling corpus")],
+    }
+    ignored = {}
+    for section, section_rules in rules.items():
+        for keys, applies, why in section_rules:
+            for key in keys:
+                value = getattr(getattr(given or cfg, section), key)
+                if applies and value != getattr(getattr(default, section), key) and value != []:  # [] clears
+                    ignored.setdefault(f"{section}.{key}", why)
+    return ignored
+
+
+def outer_steps_warning(cfg: Config, steps: int | None) -> str | None:
+    """DiLoCo / local SGD with H >= S: the groups never meet before the final average."""
+    c = cfg.codistill
+    H = cfg.outer.every or c.exchange_every
+    if c.n_models == 1 or c.method == "distill" or steps is None or H < steps:
+        return None
+    return (f"outer.every (H={H}) >= the run's {steps} updates: the {c.n_models} groups train alone and are "
+            f"averaged once, at the end (codistill.method={c.method}); lower outer.every or train longer")
+
+
+def warn_before_launch(configs: list[Config], world_size: int, given: Config | None = None) -> str | None:
+    """Print the warnings among `configs` (the arms of a comparison, or one run), one
+    `codistill: warning:` line each: the first of the untrained-teacher / outer-step warnings, then
+    the settings that do nothing in every one of them, one line per reason. Returns the first.
+    `given`: the config the user wrote, when `configs` are arms derived from it."""
+    lines, ignored = [], None
     for cfg in configs:
         steps = run_steps(cfg, world_size)
-        message = untrained_teacher_warning(cfg, steps) if steps is not None else None
-        if message:
-            print(f"codistill: warning: {message}", file=sys.stderr, flush=True)
-            return message
-    return None
+        message = (untrained_teacher_warning(cfg, steps) if steps is not None else None) or outer_steps_warning(cfg, steps)
+        if message and not lines:
+            lines.append(message)
+        here = ignored_settings(cfg, world_size, given)
+        ignored = here if ignored is None else {k: v for k, v in ignored.items() if k in here}
+    by_reason: dict[str, list[str]] = {}
+    for key, why in (ignored or {}).items():
+        by_reason.setdefault(why, []).append(key)
+    if len(configs) > 1:  # a comparison: the reason is that no arm uses them
+        arms = ", ".join(dict.fromkeys(c.mode for c in configs))
+        by_reason = {f"no arm of this comparison ({arms}) uses {'it' if len(keys) == 1 else 'them'}": keys
+                     for keys in ([k for ks in by_reason.values() for k in ks],) if keys}
+    for why, keys in by_reason.items():
+        lines.append(f"{', '.join(keys)} {'does' if len(keys) == 1 else 'do'} nothing here: {why}")
+    for line in lines:
+        print(f"codistill: warning: {line}", file=sys.stderr, flush=True)
+    return lines[0] if lines else None

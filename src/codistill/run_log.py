@@ -47,26 +47,72 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-RUN_MARKERS = ("summary.json", "compare.json", "checkpoints/latest.json")
+RUN_MARKER = "codistill_run.json"
+"""Written atomically the moment codistill creates a run (or comparison) directory, and by nothing
+else: the only thing that lets `--overwrite` delete a directory."""
+MARKER_FORMAT = "codistill run"
+MARKER_VERSION = 1
 
 
-def is_run_dir(path: Path) -> bool:
-    """Recognizably made by codistill: a summary, a comparison, checkpoints, or the resolved
-    config.yaml (all sections) that every run writes first."""
-    if any((path / name).exists() for name in RUN_MARKERS):
-        return True
+def write_run_marker(path: Path, config: dict | None = None) -> None:
+    """The run's identity: a random id, where it was created, when, by which codistill, with which
+    resolved config (so a resume can tell that config.yaml was edited since)."""
+    import time
+    import uuid
+
+    from . import __version__
+
+    write_json(path / RUN_MARKER, {
+        "format": MARKER_FORMAT, "version": MARKER_VERSION, "run_id": uuid.uuid4().hex,
+        "directory": str(path.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "codistill": __version__, "config": config})
+
+
+def read_run_marker(path: Path) -> dict | None:
+    """The marker of the run in `path`, or None when it has none or it is not one of ours."""
     try:
-        import yaml
+        marker = json.loads((path / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = (isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+          and isinstance(marker.get("version"), int) and isinstance(marker.get("directory"), str))
+    return marker if ok else None
 
-        tree = yaml.safe_load((path / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
-        return False
-    return isinstance(tree, dict) and {"data", "model", "codistill", "optim", "train", "dist"} <= tree.keys()
+
+def not_a_run(path: Path) -> str | None:
+    """Why `path` is not a codistill run that --overwrite may delete, or None when it is one.
+
+    Only the marker counts. Names a run leaves (summary.json, config.yaml, checkpoints/) are written
+    by other tools too, and a directory that merely holds them is refused, runs made before codistill
+    wrote markers included: deleting somebody's files is worse than asking them to delete an old run
+    by hand. A marker naming another directory means a copied or moved run, perhaps into a folder of
+    the user's own, and is refused too."""
+    if not (path / RUN_MARKER).exists():
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        return (f"it holds {shown} but no {RUN_MARKER}, which codistill writes into every run it creates "
+                "(not a codistill run, or one made before markers: delete it yourself)")
+    marker = read_run_marker(path)
+    if marker is None:
+        return f"its {RUN_MARKER} is not a codistill run marker"
+    if marker["version"] > MARKER_VERSION:
+        return f"its {RUN_MARKER} is of a newer codistill (marker version {marker['version']})"
+    if Path(marker["directory"]) != path.resolve():
+        return (f"its {RUN_MARKER} belongs to the run created in {marker['directory']} "
+                "(copied or moved here?)")
+    return None
 
 
 def check_run_dir(path: str | Path, overwrite: bool = False) -> None:
     """Everything prepare_run_dir would refuse, checked without touching anything."""
     path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        if not path.exists():
+            raise UserError(f"run directory {path} is a symbolic link to {target}, which does not exist")
+        if overwrite:
+            raise UserError(f"--overwrite refuses to replace {path}: it is a symbolic link (to {target}); "
+                            "give the directory itself as --out")
     if path.exists() and not path.is_dir():
         raise UserError(f"run directory {path} exists and is not a directory")
     existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor or "."))
@@ -83,16 +129,25 @@ def check_run_dir(path: str | Path, overwrite: bool = False) -> None:
     if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
         raise UserError(f"--overwrite refuses to delete {path}: it is the current directory, one of its "
                         "parents or the home directory; choose another --out")
-    if not is_run_dir(path):
-        raise UserError(f"--overwrite refuses to delete {path}: it does not look like a codistill run "
-                        "(no config.yaml, summary.json, compare.json or checkpoints); choose another --out")
+    reason = not_a_run(path)
+    if reason is not None:
+        raise UserError(f"--overwrite refuses to delete {path}: {reason}; choose another --out")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"--overwrite cannot replace {path}: no write permission in {path.parent}")
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create the run directory; replace a non-empty one only with `overwrite`, and only when it is
-    an earlier codistill run (never the current directory, a parent of it or the home directory)."""
+def doomed_run_dir(path: str | Path | None, overwrite: bool) -> Path | None:
+    """The directory that preparing `path` would delete (resolved), or None."""
+    if path is None or not overwrite:
+        return None
+    path = Path(path)
+    return path.resolve() if path.is_dir() and not path.is_symlink() and any(path.iterdir()) else None
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False, config: dict | None = None) -> Path:
+    """Create the run directory with its marker; replace a non-empty one only with `overwrite`, and
+    only when its marker says it is a codistill run created right there (never the current
+    directory, a parent of it or the home directory). `config`: the resolved config, for the marker."""
     path = Path(path)
     check_run_dir(path, overwrite)
     if path.is_dir() and any(path.iterdir()):
@@ -101,6 +156,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
+    write_run_marker(path, config)
     return path
 
 

@@ -30,7 +30,8 @@ from .topology import Topology, job_grid
 @runtime_checkable
 class Task(Protocol):
     """The trainer's view of a workload. Targets use `codistill.losses.IGNORE_INDEX` for positions
-    that no loss or metric scores (padding)."""
+    that no loss or metric scores (padding). A class attribute `model_kind` (optional) names the
+    kind of model it trains (`codistill.models.KINDS`), checked before launch."""
 
     def __init__(self, cfg: Config, device: torch.device, run_dir=None) -> None: ...
 
@@ -67,6 +68,8 @@ class Task(Protocol):
 
 class ClassificationTask:
     """Image (or any fixed-size input) classification from a registered dataset."""
+
+    model_kind = "classifier"  # what its models read (codistill.models.KINDS)
 
     def __init__(self, cfg: Config, device: torch.device, run_dir=None):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir

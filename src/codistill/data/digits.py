@@ -11,7 +11,7 @@ from .base import DatasetSplits, TensorData
 from .registry import register_dataset
 
 
-@register_dataset("digits")
+@register_dataset("digits", takes_root=False)
 def digits(root: str | None) -> DatasetSplits:
     from sklearn.datasets import load_digits
 

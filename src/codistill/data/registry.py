@@ -18,18 +18,20 @@ from typing import Any, Callable
 class Registered:
     loader: Callable[[str | None], Any]
     task: type | None  # the `codistill.tasks.Task` that trains on it; None: classification
+    takes_root: bool = True  # False: built in (scikit-learn's digits), data.root does nothing
 
 
 DATASETS: dict[str, Registered] = {}
 
 
-def register_dataset(name: str, loader: Callable | None = None, *, task: type | None = None):
+def register_dataset(name: str, loader: Callable | None = None, *, task: type | None = None,
+                     takes_root: bool = True):
     """Register `loader` under `name` (or, without a loader, decorate one)."""
     if loader is None:
-        return lambda fn: register_dataset(name, fn, task=task)
+        return lambda fn: register_dataset(name, fn, task=task, takes_root=takes_root)
     if name in DATASETS:
         raise ValueError(f"dataset {name!r} registered twice")
-    DATASETS[name] = Registered(loader, task)
+    DATASETS[name] = Registered(loader, task, takes_root)
     return loader
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ from .suite import EXPERIMENTS, Experiment, Variant
 
 DEFAULT_OUT = "results"
 QUICK_OUT = "runs/reproduce-quick"
+
+
+MAX_BUDGET = 1000.0  # a factor beyond this is a typo, not a longer run
 
 
 def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, out: str | None = None,
@@ -32,6 +36,9 @@ def reproduce(names: list[str], seeds: int | None = None, quick: bool = False, o
     seeds = seeds if seeds is not None else (1 if quick else 3)
     if seeds <= 0:
         raise UserError(f"--seeds must be > 0, got {seeds}")
+    if not (math.isfinite(budget) and 0 < budget <= MAX_BUDGET):  # NaN passes every `<` check
+        raise UserError(f"--budget must be a number in (0, {MAX_BUDGET:g}] (a factor on every epoch-valued "
+                        f"setting), got {budget}")
     failures = []
     if names or not report:
         experiments = select(names)

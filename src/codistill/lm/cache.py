@@ -96,7 +96,7 @@ def _build(cfg: Config, corpus: TextCorpus, d: Path) -> None:
         lines = [line for line in _take(corpus.lines("train"), TOKENIZER_LINES) if line.strip()]
         if not lines:
             raise DataError(f"{corpus.name}: the train split has no text")
-        tok = Tokenizer(train_tokenizer(lines, cfg.lm.vocab_size))
+        tok = Tokenizer(train_tokenizer(lines, cfg.lm.vocab_size, setting="lm.vocab_size"))
         if tok.vocab_size < cfg.lm.vocab_size:
             raise ConfigError(f"lm.vocab_size={cfg.lm.vocab_size} is more than the training text of "
                               f"{corpus.name} can train ({tok.vocab_size} pieces); use at most {tok.vocab_size}")

@@ -87,6 +87,8 @@ def check_config(cfg: Config, vocab_size: int) -> int:
 class LMTask:
     """Next-token prediction on a registered text corpus."""
 
+    model_kind = "lm"  # what its models read (codistill.models.KINDS)
+
     def __init__(self, cfg: Config, device: torch.device, run_dir=None, checksums: bool = False):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
         self.corpus = load_corpus(cfg)

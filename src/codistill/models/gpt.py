@@ -81,14 +81,14 @@ def _gpt(vocab: int, d_model: int, heads: int, layers: int, max_context: int, **
     return DecoderLM(vocab, d_model, heads, layers, **options)
 
 
-@register_model("gpt_tiny")
+@register_model("gpt_tiny", kind="lm")
 def gpt_tiny(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """CPU size: 4 layers, d 128, 4 heads, feed-forward 512, context 256; about 1.3 M parameters
     with a 4k vocabulary (0.8 M in the blocks, 0.5 M in embeddings)."""
     return _gpt(num_classes, 128, 4, 4, 256, **options)
 
 
-@register_model("gpt2_small")
+@register_model("gpt2_small", kind="lm")
 def gpt2_small(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """GPT-2 small: 12 layers, d 768, 12 heads, feed-forward 3072, context 1024; 124 M parameters
     with GPT-2's 50,257-token vocabulary (85 M in the blocks)."""

@@ -9,13 +9,18 @@ from typing import Callable
 import torch.nn as nn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+KINDS: dict[str, str] = {}
+"""What each model reads: `classifier` (fixed-size inputs -> class logits, the default),
+`lm` (token ids -> next-token logits) or `seq2seq` (source and target ids). Each task names the
+kind it trains, so an image model on text data is one error before anything starts."""
 
 
-def register_model(name: str):
+def register_model(name: str, kind: str = "classifier"):
     def decorator(fn):
         if name in MODELS:
             raise ValueError(f"model {name!r} registered twice")
         MODELS[name] = fn
+        KINDS[name] = kind
         return fn
 
     return decorator
@@ -30,6 +35,21 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **opt
         return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **options)
     except TypeError as e:
         raise ConfigError(f"model.options for {name!r}: {e}") from None
+
+
+def check_model_kind(names, kind: str, dataset: str) -> None:
+    """Every named model reads what the task gives it (KINDS)."""
+    from ..errors import ConfigError
+
+    wrong = [name for name in dict.fromkeys(names) if KINDS.get(name, kind) != kind]
+    if wrong:
+        fitting = sorted(name for name, k in KINDS.items() if k == kind)
+        raise ConfigError(f"model.name: {wrong[0]} is {KIND_NAMES[KINDS[wrong[0]]]}, but dataset {dataset!r} "
+                          f"needs {KIND_NAMES.get(kind, kind)}: one of {', '.join(fitting)}")
+
+
+KIND_NAMES = {"classifier": "a classifier (images or fixed-size inputs)", "lm": "a language model",
+              "seq2seq": "a sequence-to-sequence (translation) model"}
 
 
 def check_model_options(names, num_classes: int, input_shape: tuple, sample: tuple | None, options: dict,

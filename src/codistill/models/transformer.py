@@ -334,20 +334,20 @@ def _transformer(num_classes: int, d_model: int, heads: int, ffn: int, layers: i
     return Seq2SeqTransformer(num_classes, d_model=d_model, heads=heads, ffn=ffn, **options)
 
 
-@register_model("transformer_big")
+@register_model("transformer_big", kind="seq2seq")
 def transformer_big(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """Transformer "big" (Vaswani et al.; the paper's WMT'16 En-De model): 6+6 layers, d 1024,
     16 heads, feed-forward 4096; about 209M parameters with a shared 32k vocabulary."""
     return _transformer(num_classes, 1024, 16, 4096, 6, **options)
 
 
-@register_model("transformer_base")
+@register_model("transformer_base", kind="seq2seq")
 def transformer_base(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """Transformer "base": 6+6 layers, d 512, 8 heads, feed-forward 2048."""
     return _transformer(num_classes, 512, 8, 2048, 6, **options)
 
 
-@register_model("transformer_tiny")
+@register_model("transformer_tiny", kind="seq2seq")
 def transformer_tiny(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """Test and CPU size: 2+2 layers, d 128, 4 heads, feed-forward 256."""
     return _transformer(num_classes, 128, 4, 256, 2, **options)

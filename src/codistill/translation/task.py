@@ -133,8 +133,19 @@ def build_tokenizer(cfg: Config, corpus: ParallelCorpus | None = None) -> Tokeni
     return Tokenizer(train_tokenizer(corpus.train.src + corpus.train.tgt, cfg.translation.vocab_size))
 
 
+def memory_tokenizer(cfg: Config, corpus: ParallelCorpus | None = None) -> Tokenizer:
+    """The run's tokenizer, trained once per process and config (training is deterministic)."""
+    d, t = cfg.data, cfg.translation
+    key = (d.name, d.root, d.fraction, t.vocab_size, t.reverse)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = build_tokenizer(cfg, corpus).proto
+    return Tokenizer(_TOKENIZERS[key])
+
+
 class TranslationTask:
     """Sequence-to-sequence translation from a registered parallel corpus."""
+
+    model_kind = "seq2seq"  # what its models read (codistill.models.KINDS)
 
     def __init__(self, cfg: Config, device: torch.device, run_dir=None):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
@@ -156,26 +167,23 @@ class TranslationTask:
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:
-        """Only the corpus files: batching needs the run's tokenizer, trained by `prepare`."""
-        load_dataset(cfg.data.name, cfg.data.root)
+        """The corpus files and the tokenizer, trained here in memory (and kept for `prepare`), so a
+        vocabulary the corpus cannot train is an error before the run directory is touched."""
+        memory_tokenizer(cfg, load_corpus(cfg))
 
     @classmethod
     def prepare(cls, cfg: Config, run_dir) -> None:
-        """Train the tokenizer into the run directory unless it is there (a resumed run keeps it)."""
+        """Save the tokenizer into the run directory unless it is there (a resumed run keeps it)."""
         path = Path(run_dir) / TOKENIZER_FILE
         if not path.exists():
-            build_tokenizer(cfg).save(path)
+            memory_tokenizer(cfg).save(path)
 
     def _load_tokenizer(self) -> Tokenizer:
         if self.run_dir is not None and (Path(self.run_dir) / TOKENIZER_FILE).exists():
             return Tokenizer.load(Path(self.run_dir) / TOKENIZER_FILE)
         # No prepared file (tests, `codistill compare` sizing its arms): training is deterministic,
         # so an in-memory copy equals the one `prepare` writes.
-        d = self.cfg.data
-        key = (d.name, d.root, d.fraction, self.cfg.translation.vocab_size)
-        if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = build_tokenizer(self.cfg, self.corpus).proto
-        return Tokenizer(_TOKENIZERS[key])
+        return memory_tokenizer(self.cfg, self.corpus)
 
     def encode(self, bitext: Bitext) -> Encoded:
         eos = self.tokenizer.eos_id
