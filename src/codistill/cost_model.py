@@ -48,7 +48,15 @@ def parse_link_rate(text: str) -> float:
     if not m or float(m.group(1)) <= 0:
         raise UserError(f"--link: expected a rate such as 1gbit, 100mbit or 2.5gbit (units: "
                         f"{', '.join(_UNITS)}), got {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    rate = float(m.group(1)) * _UNITS[m.group(2)]
+    if not LINK_RANGE[0] <= rate <= LINK_RANGE[1]:
+        raise UserError(f"--link {text.strip()} is {format_rate(rate)}, outside {format_rate(LINK_RANGE[0])} .. "
+                        f"{format_rate(LINK_RANGE[1])}, where a projection from this run means something")
+    return rate
+
+
+LINK_RANGE = (1e5, 1e13)
+"""Links the cost model projects to: slower ones give centuries, faster ones nothing but compute."""
 
 
 def format_rate(bits_per_s: float) -> str:

@@ -85,6 +85,10 @@ def _stat(path: Path) -> str:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; a text file was expected there")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is not a regular file (a device or pipe?); a text file was expected")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.stat().st_size == 0:
