@@ -159,7 +159,7 @@ def test_a_marked_run_is_replaced_and_marked_anew(world, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Item 2: every setting that names a path is checked before the run directory is touched.
 
-PATH_LIKE = ("dir", "root", "path", "file", "url", "uri")
+PATH_WORDS = {"dir", "root", "path", "file", "url", "uri", "cache", "location"}
 
 
 def test_every_path_valued_field_is_declared_as_one():
@@ -167,7 +167,7 @@ def test_every_path_valued_field_is_declared_as_one():
     it; this walks every field of every section."""
     declared = path_fields()
     named = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)
-             if any(word in f.name for word in PATH_LIKE)}
+             if PATH_WORDS & set(f.name.split("_"))}
     assert named <= declared.keys(), f"path-like fields not declared with path_field: {named - declared.keys()}"
     assert {"data.root", "lm.cache_dir", "codistill.exchange_dir"} <= declared.keys()
     assert set(declared.values()) <= {"input", "output", "location"}
@@ -256,10 +256,11 @@ CASES = [
 
 def damaged_tokenizer(tmp: Path, content: bytes) -> None:
     """Build the corpus's cache once, then damage its tokenizer."""
-    from codistill.lm.task import build_cache
+    from codistill.lm.cache import build_cache
+    from codistill.lm.task import load_corpus
 
-    sets = [a.format(tmp=tmp) for a in LM if "=" in a]
-    cache = build_cache(load_config(None, sets + ["lm.vocab_size=100"]))
+    cfg = load_config(None, [a.format(tmp=tmp) for a in LM if "=" in a] + ["lm.vocab_size=100"])
+    cache = build_cache(cfg, load_corpus(cfg))
     (cache / "tokenizer.model").write_bytes(content)
 
 
@@ -307,7 +308,7 @@ def test_a_damaged_tokenizer_in_the_cache_is_one_line(world, capsys, content):
     before = tree_digest(world)
     code, lines = run_main(["train", *[a.format(tmp=world) for a in LM], "--set", "lm.vocab_size=100",
                             "--out", str(world / "earlier"), "--overwrite"], capsys)
-    assert_one_error(code, lines, ["tokenizer.model is damaged", "delete it"])
+    assert_one_error(code, lines, ["tokenizer.model"])
     assert tree_digest(world) == before
 
 
