@@ -1,4 +1,4 @@
-"""Command line: `codistill train | compare | config | bench | reproduce`."""
+"""Command line: `codistill train | compare | groups | config | bench | reproduce`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .bench import NAMES as BENCHMARKS
 from .errors import UserError
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
                            "(its own config.yaml; --config/--set/--out are not allowed)")
+    _add_groups(sub)
     p = sub.add_parser("config", help="print the resolved config, or every field with --describe")
     _common(p)
     p.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
@@ -50,6 +52,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
     _add_reproduce(sub)
     return parser
+
+
+def _add_groups(sub) -> None:
+    p = sub.add_parser("groups", help="the n model groups as n independent jobs (exchange through storage); "
+                       "a failed group restarts alone")
+    _common(p)
+    p.add_argument("--nproc", type=int, help="workers per group (default dist.nproc / codistill.n_models)")
+    p.add_argument("--out", help="parent directory of the groups' runs (default: runs/groups-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing groups directory")
+    p.add_argument("--restarts", type=int, default=3, help="restarts allowed per group (default 3)")
+    p.add_argument("--print-commands", action="store_true", help="print one torchrun command per group for a "
+                   "cluster instead of spawning the groups here")
+    p.add_argument("--nnodes", type=int, default=1, help="with --print-commands: nodes per group")
+
+
+def _groups(args) -> int:
+    from . import config as config_mod
+    from .groups import group_config, print_summary, run_groups, torchrun_commands
+
+    cfg = config_mod.load_config(args.config, args.overrides)
+    for flag in ("nproc", "restarts", "nnodes"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "restarts" else 1):
+            raise UserError(f"--{flag} must be >= {0 if flag == 'restarts' else 1}, got {value}")
+    nproc = args.nproc or max(1, cfg.dist.nproc // cfg.codistill.n_models)
+    out = args.out or f"runs/groups-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.print_commands:
+        print(torchrun_commands(args.config, args.overrides, group_config(cfg, Path(out)), out, args.nnodes, nproc,
+                                args.restarts))
+        return 0
+    summary = run_groups(cfg, out, nproc, args.restarts, overwrite=args.overwrite)
+    print_summary(summary)
+    print(f"groups summary: {out}/groups.json")
+    return 0 if all(g["status"] == "finished" for g in summary["groups"]) else 1
 
 
 def _add_reproduce(sub) -> None:
@@ -91,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.command == "reproduce":
         return _reproduce(args)
+    if args.command == "groups":
+        return _groups(args)
     if args.command == "bench" and args.name == "gpu":
         from .bench import gpu_check
 

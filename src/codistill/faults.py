@@ -1,8 +1,11 @@
 """Faults: how training stops with a clear message, and fault injection for the tests.
 
 `CODISTILL_FAULT="kind@rank:step"` makes one worker misbehave after `step` updates: `raise` (an
-exception), `hang` (sleeps, so its peers must time out), `kill` (SIGKILL, like `kill -9`), or
-`nan` (its loss becomes NaN at that step). Unset, it costs nothing.
+exception), `hang` (sleeps, so its peers must time out), `kill` (SIGKILL, like `kill -9`), `nan`
+(its loss becomes NaN at that step), `slow` (sleeps SLOW_S after every step from then on: a
+straggler) or `hold` (a straggler, SLOW_S per step, that stops at `step` until the file named by
+CODISTILL_FAULT_RELEASE exists: lets a test keep one group training until another has come back). Unset, it costs nothing. `codistill groups` hands a fault to one group's first attempt
+only (CODISTILL_GROUP_FAULTS, groups.py).
 """
 
 from __future__ import annotations
@@ -34,19 +37,34 @@ def peer_error(e: RuntimeError, rank: int, step: int, timeout_s: float) -> PeerE
     return None
 
 
+KINDS = ("raise", "hang", "kill", "nan", "slow", "hold")
+SLOW_S = 0.1
+
+
 def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
-    """CODISTILL_FAULT="kind@rank:step" (kind: raise, hang, kill, nan): fault injection for tests."""
+    """CODISTILL_FAULT="kind@rank:step" (kind: raise, hang, kill, nan, slow, hold): fault injection for tests."""
     if not spec:
         return None
     kind, _, where = spec.partition("@")
     rank, _, step = where.partition(":")
-    if kind not in ("raise", "hang", "kill", "nan") or not rank.isdigit() or not step.isdigit():
-        raise UserError(f"CODISTILL_FAULT must be kind@rank:step with kind raise|hang|kill|nan, got {spec!r}")
+    if kind not in KINDS or not rank.isdigit() or not step.isdigit():
+        raise UserError(f"CODISTILL_FAULT must be kind@rank:step with kind {'|'.join(KINDS)}, got {spec!r}")
     return kind, int(rank), int(step)
 
 
 def inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int) -> None:
     """Called after every step; `nan` faults are applied to the loss by the trainer instead."""
+    if fault and fault[0] == "slow" and fault[1] == rank and step >= fault[2]:
+        time.sleep(SLOW_S)
+        return
+    if fault and fault[0] == "hold" and fault[1] == rank:
+        if step < fault[2]:
+            time.sleep(SLOW_S)
+        elif step == fault[2]:
+            release, deadline = os.environ.get("CODISTILL_FAULT_RELEASE", ""), time.monotonic() + 600
+            while release and not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return
     if not fault or fault[1:] != (rank, step) or fault[0] == "nan":
         return
     if fault[0] == "raise":
