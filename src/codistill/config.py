@@ -632,7 +632,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_knobs(cfg: Config) -> None:
-    """Accumulation, clipping, precision, profiling and trackers (train_knobs.py, trackers.py)."""
+    """Accumulation, clipping, precision, profiling and trackers (optim_step.py, profiling.py, trackers.py)."""
     t, c = cfg.train, cfg.codistill
     if t.accumulate < 1:
         raise ConfigError(f"train.accumulate must be >= 1 (micro-batches per optimizer step), got {t.accumulate}")

@@ -95,7 +95,12 @@ class TensorBoardTracker:
 
 
 def _mlflow_client(run_dir: Path):
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # their INFO lines (creating the store's tables) are not ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     # MLflow 3 keeps its ./mlruns file store in maintenance mode: a local SQLite file is its own default.
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"

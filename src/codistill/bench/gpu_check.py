@@ -10,7 +10,8 @@ one GPU cannot hold two NCCL ranks). Checks: all-reduce with NCCL, bf16 autocast
 codistillation with synchronous and asynchronous exchange; storage exchange with 2 replicas per job;
 checkpoint + kill + resume, bitwise equal to an uninterrupted run under `train.deterministic`; the
 exchange stall timing (nonzero on exchange steps); no host synchronization in the training step
-(`torch.cuda.set_sync_debug_mode`, via CODISTILL_SYNC_DEBUG); the ResNet-50 throughput table. Meant
+(`torch.cuda.set_sync_debug_mode`, via CODISTILL_SYNC_DEBUG; with gradient accumulation and
+clipping); fp16 with the gradient scaler; the ResNet-50 throughput table. Meant
 to finish in under 8 minutes; with --doc its table replaces the section between the markers.
 """
 
@@ -134,12 +135,24 @@ def checks(cpu: bool, work: Path):
         need(2, "codistillation")
         proc = codistill(["train", "--nproc", str(world), "--out", str(work / "syncs"), "--overwrite",
                           *sum((["--set", s] for s in [*DIGITS, "codistill.n_models=2", "train.steps=12",
+                                                       # the micro-batch loop, grad norm and clipping too
+                                                       "train.accumulate=2", "optim.clip_norm=1.0",
                                                        f"dist.backend={backend}", *fast]), [])],
                          env={"CODISTILL_SYNC_DEBUG": "1"})
         warnings = [ln for ln in proc.stderr.splitlines() if "synchronizing" in ln.lower()]
         if proc.returncode != 0 or warnings:
             raise RuntimeError(warnings[0] if warnings else proc.stderr.strip().splitlines()[-1:])
         return "no synchronizing call inside the training step"
+
+    def fp16_scaler():
+        s = train(work / "fp16", world, ["codistill.n_models=1", "train.steps=20", "train.precision=fp16",
+                                          "train.accumulate=2", "optim.clip_norm=1.0"], backend)
+        rows = [json.loads(line) for line in (work / "fp16" / "model_0" / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in rows if "grad_norm" in r]
+        if not logged or any(r["grad_norm"] is None or r["peak_memory_mib"] <= 0 for r in logged):
+            raise RuntimeError(f"log lines without grad_norm / peak memory: {logged[:1]}")
+        return (f"fp16 + GradScaler, accumulate 2, clip 1.0: val acc {s['models'][0]['val_accuracy']:.2f}, "
+                f"{logged[-1]['skipped_steps']} skipped updates, peak {logged[-1]['peak_memory_mib']:.0f} MiB")
 
     def resnet50():
         args = [sys.executable, "-m", "codistill.bench.gpu_resnet50", "--out", str(work / "resnet50"),
@@ -155,6 +168,7 @@ def checks(cpu: bool, work: Path):
     return [("allreduce_nccl_amp_channels_last", allreduce), ("codistill_sync_exchange_stall", codistill_sync),
             ("codistill_async_exchange", codistill_async), ("storage_exchange_2_replicas", storage),
             ("checkpoint_kill_resume_bitwise", resume), ("no_host_sync_in_step", host_syncs),
+            ("fp16_grad_scaler_accumulate_clip", fp16_scaler),
             ("resnet50_throughput", resnet50)]
 
 
