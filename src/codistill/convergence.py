@@ -22,12 +22,13 @@ LAST = 0.25  # the last quarter of training
 MIN_UPDATES_PER_STAGE = 100
 """Updates per learning-rate stage below which `compare` warns before launch. Chosen from the suite's
 F1 budget curve on the default recipe (docs/results.md, F1; three stages: warm-up and peak, x0.1,
-x0.01): at 105 updates (35 per stage) all-reduce's large batch ends 10 points below where it ends at
-315 and codistillation leads it by 4.3 points, an artefact of the budget; at 315 updates (105 per
-stage) all-reduce has converged by the rule (+0.16 points over the last quarter) and the gap is
+x0.01): at 105 updates (35 per stage) all-reduce's large batch ends about 10 points below where it
+ends at 315 and codistillation leads it by 4.3 points, an artefact of the budget; at 315 updates (105
+per stage) all-reduce has converged by the rule (+0.16 points over the last quarter) and the gap is
 within the seed spread. Counted per stage because a step schedule converges in its last, low-LR
 stages, each of which needs updates of its own; a constant or cosine schedule is one stage. This is
-a floor measured on one recipe, not a guarantee: the convergence column checks the outcome."""
+a floor measured on one recipe, not a guarantee: the convergence column checks the outcome, and the
+count is needed before it because a step schedule whose LR decayed early looks flat by the rule."""
 
 
 def last_quarter_change(points: list[list[float]], steps: int, metric: str) -> float | None:
