@@ -197,3 +197,47 @@ def test_jobs_with_another_memory_layout_are_refused_not_scrambled(tmp_path):
     _step(ex1, 0)
     with pytest.raises(UserError, match="model.channels_last differs"):
         _step(ex0, 0)
+
+
+def _exchanger_of(model_index: int, directory, n_models=2, every=5):
+    torch.manual_seed(model_index)
+    model = build_model("cnn_tiny", 10, (1, 8, 8))
+    teachers = Teachers({j: build_model("cnn_tiny", 10, (1, 8, 8)) for j in range(n_models) if j != model_index})
+    topo = Topology(Grid(1, 1), 0, None, None, first_model=model_index, total_models=n_models)
+    return model, teachers, StorageExchanger(model, teachers, topo, every, directory)
+
+
+def test_what_would_run_blind_is_said_at_start_and_in_the_metrics(tmp_path, capsys):
+    """Issue 31 item 6: a mistyped (empty) location, a silent peer, two jobs on one model_index,
+    a job with another n_models."""
+    from codistill.errors import UserError
+
+    _, _, first = _exchanger_of(0, tmp_path / "typo")
+    assert "was empty" in capsys.readouterr().err  # the first job of a run, or a mistyped exchange_dir
+    for step in (0, 5, 10):
+        _step(first, step)
+    assert "no publication from model 1" in capsys.readouterr().err
+    assert first.metrics(10)["teacher_age_steps/1"] == -1 and first.metrics(10)["teacher_age_s/1"] == -1
+
+    _, _, second = _exchanger_of(0, tmp_path / "typo")  # another job claiming model 0 while the first runs
+    assert "already has publications" in capsys.readouterr().err
+    _step(second, 15)
+    _step(first, 15)
+    assert first.metrics(15)["storage/conflicts"] == 1 and "two jobs claim codistill.model_index=0" in capsys.readouterr().err
+
+    with pytest.raises(UserError, match="n_models=2; this job has codistill.n_models=3"):
+        _exchanger_of(2, tmp_path / "typo", n_models=3)
+
+
+def test_teacher_age_is_in_the_metrics_and_an_old_teacher_can_be_dropped(tmp_path):
+    _, teachers0, ex0 = _exchanger(0, tmp_path)
+    _, _, ex1 = _exchanger(1, tmp_path)
+    _step(ex1, 0)
+    _step(ex0, 0)
+    metrics = ex0.metrics(12)
+    assert metrics["teacher_age_steps/1"] == 12 and 0 <= metrics["teacher_age_s/1"] < 60
+    assert list(teachers0.available(step=12)) == [1]  # max_age 0: never dropped
+    teachers0.max_age = 10  # codistill.max_teacher_age=10
+    assert list(teachers0.available(step=10)) == [1] and teachers0.available(step=11) == {}
+    x = torch.randn(4, 1, 8, 8)
+    assert teachers0.logits(x, step=11) == [] and len(teachers0.logits(x, step=10)) == 1
