@@ -13,11 +13,11 @@ import pytest
 
 from s3_server import s3_server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1000)  # four CPU jobs start torch; minutes on a loaded machine
 STEPS = 120
 
 
-def _groups(tmp_path, *sets, faults="", release=None, timeout=500):
+def _groups(tmp_path, *sets, faults="", release=None, timeout=900):
     """Run `codistill groups`; with `release(read_pointer)`, create the hold fault's release file once
     it returns True for model 1's pointer (polled while the groups train)."""
     cmd = [sys.executable, "-m", "codistill.cli", "groups", "--config", os.path.abspath("configs/digits_tiny.yaml"),
