@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import yaml
 from codistill.cli import main
 from codistill.config import load_config
 from codistill.errors import DataError
-from codistill.lm.cache import MANIFEST, cache_dir
-from codistill.lm.task import LMTask, load_corpus
+from codistill.lm.cache import MANIFEST
+from codistill.lm.task import LMTask
 from test_lm import write_text
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,7 +33,7 @@ SETTINGS = ["data.name=text_files", "lm.context=16", "lm.vocab_size=256", "data.
             "train.log_every=1", "train.progress=false", "lm.sample_tokens=4", "dist.threads=1"]
 
 
-def train_args(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:
+def train_args(root, cache, out, *extra: str) -> list[str]:
     args = ["train", "--nproc", "1", "--out", str(out)]
     for s in [*SETTINGS, f"data.root={root}", f"lm.cache_dir={cache}", *extra]:
         args += ["--set", s]
@@ -45,11 +46,17 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def earlier(tmp_path_factory):
-    """A finished run (its corpus, its cache base, its directory), made once by the real command."""
+    """A finished run made by the real command in BASE, with its text and cache given relative to
+    BASE (the working directory), so a copy of BASE is the same run in another place."""
     base = tmp_path_factory.mktemp("lm_cache")
-    root, cache, run = write_text(base / "text", lines=600), base / "cache", base / "run"
-    assert main(train_args(root, cache, run, "train.checkpoint_every=1")) == 0
-    return root, cache, run
+    write_text(base / "text", lines=600)
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        assert main(train_args("text", "cache", base / "run", "train.checkpoint_every=1")) == 0
+    finally:
+        os.chdir(cwd)
+    return base / "text", base / "cache", base / "run"
 
 
 def one_error_line(capsys) -> str:
@@ -104,10 +111,9 @@ DAMAGE = [
 @pytest.mark.parametrize("name, damage, fragments", DAMAGE, ids=[d[0] for d in DAMAGE])
 def test_a_damaged_cache_is_one_line_before_the_earlier_run_is_touched(earlier, tmp_path, capsys, name, damage,
                                                                        fragments):
-    root, good_cache, finished = earlier
-    cache, run = tmp_path / "cache", tmp_path / "run"
+    root, good_cache, run = earlier  # used in place: --overwrite would replace it if the check failed
+    cache = tmp_path / "cache"
     shutil.copytree(good_cache, cache)
-    shutil.copytree(finished, run)
     (d,) = [p for p in cache.iterdir() if p.is_dir()]
     damage(d)
     before_run, before_cache = snapshot(run), snapshot(cache)
@@ -138,25 +144,18 @@ def test_a_verified_cache_records_what_every_file_must_be(earlier):
 
 # -- resume ------------------------------------------------------------------------------------
 
-def crashed_copy(earlier, tmp_path: Path, **changes) -> tuple[Path, Path]:
-    """The earlier run as if it crashed after its last checkpoint (no summary), reading a copy of
-    its text; `changes` edit its config.yaml (section__key=value)."""
-    root, cache, finished = earlier
-    text, run = tmp_path / "text", tmp_path / "run"
-    shutil.copytree(root, text)
-    shutil.copytree(finished, run)
-    (run / "summary.json").unlink()
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["data"]["root"], cfg["lm"]["cache_dir"] = str(text), str(tmp_path / "cache")
-    for key, value in changes.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return text, run
+def crashed_copy(earlier, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """The earlier run with its text and cache, copied to another place (the working directory
+    from now on), as if it crashed after its last checkpoint (no summary); config.yaml unchanged."""
+    base = tmp_path / "base"
+    shutil.copytree(earlier[2].parent, base)
+    (base / "run" / "summary.json").unlink()
+    monkeypatch.chdir(base)
+    return base / "text", base / "run"
 
 
-def test_resume_refuses_a_training_text_appended_to_since_the_crash(earlier, tmp_path, capsys):
-    text, run = crashed_copy(earlier, tmp_path)
+def test_resume_refuses_a_training_text_appended_to_since_the_crash(earlier, tmp_path, capsys, monkeypatch):
+    text, run = crashed_copy(earlier, tmp_path, monkeypatch)
     with open(text / "train.txt", "a") as f:
         f.write("and then some words that were never seen before zyx qwv\n" * 40)
     before = snapshot(run)
@@ -170,37 +169,39 @@ def test_resume_refuses_a_training_text_appended_to_since_the_crash(earlier, tmp
     assert snapshot(run) == before
 
 
-def test_resume_refuses_an_edited_vocabulary_size(earlier, tmp_path, capsys):
-    _, run = crashed_copy(earlier, tmp_path, lm__vocab_size=300)
+def test_resume_refuses_an_edited_vocabulary_size(earlier, tmp_path, capsys, monkeypatch):
+    _, run = crashed_copy(earlier, tmp_path, monkeypatch)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["lm"]["vocab_size"] = 300
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     before = snapshot(run)
 
     code = main(["train", "--resume", str(run)])
 
     line = one_error_line(capsys)
     assert code == 2
-    assert "lm.vocab_size=300" in line and "trained with 256 pieces" in line, line
+    assert f"cannot resume {run}" in line and "lm.vocab_size" in line and "300" in line, line
     assert snapshot(run) == before
 
 
-def test_resume_continues_on_the_same_text_in_another_place(earlier, tmp_path, capsys):
+def test_resume_continues_on_the_same_text_in_another_place(earlier, tmp_path, capsys, monkeypatch):
     # Another path and new mtimes: a new cache, whose tokenizer is the run's own again (training
     # is deterministic), so the run goes on with its own tokenizer and tokens.
-    text, run = crashed_copy(earlier, tmp_path)
+    text, run = crashed_copy(earlier, tmp_path, monkeypatch)
     own = (run / "tokenizer.model").read_bytes()
+    caches = {p.name for p in (run.parent / "cache").iterdir()}
 
     assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
 
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
     assert (run / "tokenizer.model").read_bytes() == own
-    cfg = load_config(run / "config.yaml")
-    assert cache_dir(cfg, load_corpus(cfg)) != cache_dir(load_config(earlier[2] / "config.yaml"),
-                                                         load_corpus(load_config(earlier[2] / "config.yaml")))
+    assert len({p.name for p in (run.parent / "cache").iterdir()} - caches) == 1  # a new cache for the new place
 
 
-def test_a_worker_refuses_a_run_whose_tokenizer_is_not_the_caches(earlier, tmp_path):
-    root, cache, finished = earlier
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
+def test_a_worker_refuses_a_run_whose_tokenizer_is_not_the_caches(earlier, tmp_path, monkeypatch):
+    run = tmp_path / "base" / "run"
+    shutil.copytree(earlier[2].parent, tmp_path / "base")
+    monkeypatch.chdir(tmp_path / "base")
     other = write_text(tmp_path / "other", lines=600, seed=1)
     cfg_other = load_config(None, [*SETTINGS, f"data.root={other}", f"lm.cache_dir={tmp_path / 'c2'}"])
     LMTask.prepare(cfg_other, tmp_path / "other_run")

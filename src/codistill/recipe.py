@@ -70,8 +70,8 @@ def build_schedules(cfg: Config, steps_per_epoch: int, model_batch: int) -> Sche
     # Goyal et al. warm up from the unscaled LR to the scaled one; without scaling there is no
     # smaller LR to start from, so the warm-up starts at 0 (as Transformer recipes do).
     start = o.lr if s.scale_lr else 0.0
-    lr = LRSchedule(s.name, base=start if s.warmup_epochs > 0 else peak, peak=peak,
-                    warmup=round(s.warmup_epochs * steps_per_epoch), total=total,
+    warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * steps_per_epoch)
+    lr = LRSchedule(s.name, base=start if warmup > 0 else peak, peak=peak, warmup=warmup, total=total,
                     milestones=milestones, gamma=s.gamma)
     wd_values = o.weight_decay if isinstance(o.weight_decay, list) else [o.weight_decay]
     wd = StageSchedule(tuple(wd_values), milestones if len(wd_values) > 1 else ())

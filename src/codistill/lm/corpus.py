@@ -104,14 +104,21 @@ def count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-@functools.lru_cache(maxsize=4)
 def load_text_files(root: str | None) -> TextCorpus:
     """Your own UTF-8 text: `root` is a directory with train.txt, valid.txt and test.txt, or one
     file, split by lines: the first 90% train, the next 5% valid, the last 5% test."""
     if root is None:
         raise DataError("text_files needs data.root: a directory with train.txt, valid.txt and test.txt, "
                         "or one text file")
-    base = Path(root)
+    # Remembered per absolute path and file state: a relative root in another working directory,
+    # or a file appended to since, is read again (a resume compares the text with the run's).
+    base = Path(root).resolve()
+    paths = [base / name for name in SPLIT_FILES.values()] if base.is_dir() else [base]
+    return _load_text_files(base, tuple(_stat(p) if p.is_file() else None for p in paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_text_files(base: Path, _state: tuple) -> TextCorpus:
     if base.is_dir():
         paths = {k: base / name for k, name in SPLIT_FILES.items()}
         for p in paths.values():
