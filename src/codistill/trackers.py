@@ -9,7 +9,8 @@ model directory; the other ranks log nothing.
 - mlflow: one MLflow run per model (named `<run dir>/model_<i>`) in experiment MLFLOW_EXPERIMENT_NAME
   (default `codistill`), at MLFLOW_TRACKING_URI, or by default in a local store in the run
   directory, the SQLite file mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`). The run id is kept in
-  model_<i>/mlflow_run_id, so a resumed run logs into the same MLflow run.
+  model_<i>/mlflow_run_id, so a resumed run logs into the same MLflow run (steps the interrupted run
+  logged after its checkpoint then appear twice in MLflow and wandb; metrics.jsonl drops them).
 - wandb: one wandb run per model, under model_<i>/wandb/; offline (`wandb sync` uploads it later)
   unless the user is logged in, and WANDB_MODE overrides both.
 Credentials come only from the environment (or the tools' own login files), never from the config.
@@ -153,7 +154,7 @@ def wandb_mode() -> str | None:
     import wandb
 
     try:
-        return "online" if wandb.login(anonymous="never", prompt=False, verify=False) else "offline"
+        return "online" if wandb.login(prompt=False, verify=False) else "offline"
     except Exception:  # noqa: BLE001 - any failure to find a login means: offline
         return "offline"
 
