@@ -4,6 +4,10 @@ exchange; a diverged model is never published as a teacher."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -134,3 +138,55 @@ def test_stall_counts_the_transfer_and_not_the_compute_queued_before_it(monkeypa
     # The whole transfer is stall (on e03b815 DiLoCo and local SGD read ~0 s here: the launch only),
     # and none of the queued compute is (the clock starts after the first synchronization).
     assert transfer <= exchange.blocked_seconds < transfer + QUEUED_COMPUTE_S / 2
+
+
+# -- a diverged model is never published ------------------------------------------------------
+
+def _train(out, *sets, fault: str):
+    args = ["--set", "data.name=digits", "--set", "model.name=cnn_tiny", "--set", "train.progress=false",
+            "--set", "data.batch_size=16", *[a for s in sets for a in ("--set", s)], "--nproc", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODISTILL_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "codistill.cli", "train", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.timeout(400)
+def test_a_model_that_diverges_between_log_steps_is_not_published(tmp_path):
+    # Model 1's loss turns NaN at step 5 (its weights after step 6); logs come at step 10 only, the
+    # exchange at step 8. On e03b815 model 1 was sent to model 0 at step 8 and the run stopped at
+    # the log of step 10, where model 0's own loss was NaN too.
+    proc = _train(tmp_path / "run", "train.steps=16", "train.log_every=10", "train.checkpoint_every=5",
+                  "codistill.exchange_every=4", fault="nan@1:5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("codistill: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model 1 diverged" in lines[0] and "step 8" in lines[0], lines[0]
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 5
+
+
+def _diverged_outer_step_worker(rank, world):
+    from codistill.errors import UserError
+    from codistill.outer_sync import OuterSync
+    from codistill.topology import build_topology
+
+    torch.manual_seed(rank)
+    model = TiedLM()
+    sync = OuterSync(model, build_topology(2), T, 0.7, 0.9, True)  # DiLoCo
+    sync.start_together()
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)  # a local step...
+        if rank == 1:
+            model.norm.bias[0] = float("inf")  # ...that diverged on model 1
+    before = model.norm.weight.detach().clone()
+    try:
+        sync.maybe_exchange(T)
+    except UserError as e:
+        return {"error": str(e), "untouched": torch.equal(model.norm.weight, before)}
+    return {"error": None}
+
+
+def test_an_outer_step_is_not_taken_with_a_diverged_group(tmp_path):
+    """DiLoCo / local SGD publish too: a diverged group would poison every group's average."""
+    for r in run_workers(_diverged_outer_step_worker, 2, tmp_path):
+        assert r["error"] is not None and "model 1 diverged" in r["error"] and f"step {T}" in r["error"]
+        assert r["untouched"]  # stopped before the average was applied

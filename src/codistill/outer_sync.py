@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .accounting import CommCounter
 from .exchange import sync_buffers
+from .publish_check import check_finite_before_publishing
 from .stall_clock import StallClock
 from .topology import Topology
 
@@ -49,6 +50,7 @@ class OuterSync:
         self.global_params = [p.detach().clone() for p in self.params]
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
         self.dirty = True  # local steps taken since the last outer step
+        self.step = 0  # the step of the last maybe_exchange
         self.started = False  # every group holds model 0's initialization
         # Stall, timed as the codistillation exchange times it: between device synchronizations, so
         # that on NCCL the all-reduce is counted, not only its launch (stall_clock.py).
@@ -65,12 +67,13 @@ class OuterSync:
 
     def maybe_exchange(self, step: int) -> bool:
         """Call at the start of every step; returns True when the local model changed."""
+        self.step = step
         if step % self.every:
             self.dirty = True
             return False
         with self.clock.timing():
             if step > 0:
-                self.outer_step()
+                self.outer_step(step)
             elif not self.started:
                 self.start_together()
         self.dirty = True  # step s is about to be taken locally
@@ -83,7 +86,7 @@ class OuterSync:
         """The last outer step, so every group ends with the same model (idempotent)."""
         if self.dirty:
             with self.clock.timing():
-                self.outer_step()
+                self.outer_step(self.step + 1)  # after the last step's update
 
     # -- the collectives ----------------------------------------------------------------------
 
@@ -108,14 +111,17 @@ class OuterSync:
             self.counter.add_exchange(sent=0, received=self._nbytes)
 
     @torch.no_grad()
-    def outer_step(self) -> None:
-        """Average the parameter change over the column, apply the outer optimizer, reset locals."""
+    def outer_step(self, step: int) -> None:
+        """Average the parameter change over the column, apply the outer optimizer, reset locals
+        (at the start of step `step`)."""
         # Replica 0's buffers to every replica of its group first (DDP lets them drift between
         # forwards), so that every worker ends with identical buffers.
         sync_buffers(self.model, self.topo, self.counter)
         n = self.topo.grid.n_models
         deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
         flat = torch.cat([t.reshape(-1) for t in deltas + [b.detach() for b in self.buffers]])
+        # A diverged group would poison every group's average: stop first, naming it.
+        check_finite_before_publishing([flat], self.topo, step)
         if self._crosses():
             dist.all_reduce(flat, group=self.topo.exchange_group)  # sum over the n groups
         self._spread(flat)

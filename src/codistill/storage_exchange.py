@@ -49,6 +49,7 @@ from .errors import UserError
 from .exchange import Teachers, sync_buffers
 from .exchange_store import Store, describe_failure
 from .flat import FlatState
+from .publish_check import check_finite_before_publishing
 from .topology import Topology
 
 KEEP = 3  # publications each incarnation keeps, so a reader never races the removal of the one it chose
@@ -144,6 +145,9 @@ class StorageExchanger:
                 changed = self._swap_arrived()
             if step % self.every == 0:
                 sync_buffers(self.model, self.topo, self.counter)
+                # Every replica holds the same model: each checks its own, no collective.
+                check_finite_before_publishing(list(self.model.state_dict().values()), self.topo, step,
+                                               collective=False)
                 if self.topo.is_model_leader:
                     if self.topo.replicas > 1:
                         changed = self._swap_arrived()
