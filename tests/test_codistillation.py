@@ -139,7 +139,7 @@ def test_summarize_is_pure():
 
     def rank(i, blocked):
         counter = {"allreduce_sent": 100.0 * (i + 1), "exchange_sent": 10.0, "exchange_received": 10.0,
-                   "buffer_sync_sent": 0.0 if i % 2 else 4.0, "allreduce_calls": 3, "exchanges": 2}
+                   "buffer_sync_sent": 0.0 if i % 2 else 4.0, "eval_sent": 6.0 * i, "allreduce_calls": 3, "exchanges": 2}
         return {"index": i // 2, "name": "cnn_tiny", "train_loss": 0.5 + i, "train_accuracy": 0.25,
                 "param_distance": 1.5, "counter": counter, "blocked": blocked,
                 "peak_memory_mib": 100.0 + 10 * i, "peak_memory_kind": "process_rss"}
@@ -153,7 +153,7 @@ def test_summarize_is_pure():
     assert [m["index"] for m in s["models"]] == [0, 1]
     assert s["models"][1]["val_accuracy"] == 0.8 and s["models"][1]["train_loss"] == 2.5
     assert s["bytes_per_worker"] == {"allreduce": 250.0, "exchange": 10.0, "exchange_received": 10.0,
-                                     "buffer_sync": 2.0}
+                                     "buffer_sync": 2.0, "eval": 9.0}
     assert s["exchange_blocked_fraction"] == 0.5 and s["samples_per_s"] == 10 * 32 * 2 / 4.0
     assert s["ensemble_test_accuracy"] == 0.95 and s["teacher_steps"] == {1: 10}
     assert s["peak_memory_mib"] == 130.0 and s["peak_memory_kind"] == "process_rss"  # the worst worker

@@ -9,7 +9,9 @@ Conventions (logical payload, independent of the backend's algorithm):
   other replicas, (replicas-1) x buffer bytes, counted on replica 0 as `buffer_sync_sent`;
 - a hierarchical exchange sends states over replica 0's column only (the other replicas count the
   exchange with 0 bytes); replica 0 then broadcasts the received teachers over its model group,
-  (replicas-1) x the teachers' bytes, also counted as `buffer_sync_sent` (in-group traffic).
+  (replicas-1) x the teachers' bytes, also counted as `buffer_sync_sent` (in-group traffic);
+- evaluation: what a worker sends to the other models of its exchange group while scoring the
+  ensemble (evaluation.GridScore: (n-1) x its per-position rows), as `eval_sent`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class CommCounter:
     exchange_sent: float = 0.0
     exchange_received: float = 0.0
     buffer_sync_sent: float = 0.0
+    eval_sent: float = 0.0
     allreduce_calls: int = 0
     exchanges: int = 0
 

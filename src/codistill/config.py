@@ -279,6 +279,23 @@ class LMConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation reads and what crosses between the model groups while it scores the
+    ensemble (codistill/evaluation.py); its bytes are reported as `bytes/eval`."""
+
+    max_samples: int = 0
+    """Validation budget: at most this many samples scored per validation (0: the whole split):
+    images, tokens for LM datasets (whole lm.context blocks), sentence pairs for translation. A
+    fixed seeded subset, the same at every validation and for every model; the test split is
+    always scored whole."""
+    topk: int = 8
+    """Classes each model sends per scored position for the ensemble's top-1. With at most 2 x topk
+    classes the whole distribution is sent and ensemble accuracy is exact; with more, it is exact
+    wherever the top-k certify it (`val/ensemble_argmax_exact`, the fraction where they do). Every
+    other metric is exact either way."""
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[str] = field(default_factory=lambda: ["allreduce", "codistill", "diloco", "localsgd"])
     """Arms run by `codistill compare`, in order, of allreduce, codistill, codistill_regularized
@@ -302,6 +319,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
 
@@ -596,6 +614,8 @@ def validate(cfg: Config) -> None:
     _validate_knobs(cfg)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    positive("eval.max_samples", cfg.eval.max_samples, strict=False)
+    positive("eval.topk", cfg.eval.topk)
     positive("lm.context", cfg.lm.context)
     positive("lm.vocab_size", cfg.lm.vocab_size)
     positive("lm.sample_tokens", cfg.lm.sample_tokens, strict=False)

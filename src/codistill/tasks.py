@@ -22,7 +22,7 @@ from .config import Config
 from .data import (ShardBatchSampler, check_splits, eval_batches, load_dataset, make_loader, make_splits,
                    model_indices, registered)
 from .errors import ConfigError
-from .evaluation import evaluate
+from .evaluation import eval_subset, evaluate
 from .models import build_model, check_model_options
 from .topology import Topology, job_grid
 
@@ -127,10 +127,13 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module, split: str, topo: Topology) -> dict:
         sp, d = self.splits, self.cfg.data
         dataset, indices = (sp.val, sp.val_indices) if split == "val" else (sp.test, sp.test_indices)
+        if split == "val":
+            indices = eval_subset(indices, self.cfg.eval.max_samples)
         # Through the training loader: in-memory data in one indexing op per batch, image files
         # decoded by data.num_workers processes.
         shard = eval_batches(indices, d.eval_batch_size, topo.replicas, topo.replica_index)
-        return evaluate(model, make_loader(dataset, shard, d.num_workers), self.forward, topo, self.device)
+        return evaluate(model, make_loader(dataset, shard, d.num_workers), self.forward, topo, self.device,
+                        self.cfg.eval.topk)
 
 
 def task_class(cfg: Config) -> type[Task]:

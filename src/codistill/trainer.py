@@ -253,6 +253,7 @@ class Trainer:
             "train/accuracy": correct, "lr": s.lr(last), "weight_decay": s.weight_decay(last), "alpha": s.alpha(last),
             "staleness": self.codist.staleness(),
             "bytes/allreduce": self.counter.allreduce_sent, "bytes/exchange": self.counter.exchange_sent,
+            "bytes/eval": self.counter.eval_sent,
             "exchange_blocked_s": self.codist.blocked_seconds,
             "skipped_steps": self.skipped_steps,
             "samples_per_s": self.window.steps * self.model_batch / elapsed,
@@ -281,6 +282,7 @@ class Trainer:
         dist.barrier()
         eval_start = time.perf_counter() - self._t0
         result = self.task.evaluate(self.model, "val", self.topo)
+        self.counter.eval_sent += result.get("bytes_sent", 0)  # the evaluation's traffic between models
         result["step"] = self.step
         self.last_eval = result
         mine = result["models"][self.topo.job_model]
@@ -288,6 +290,8 @@ class Trainer:
                                  **{f"val/{k}": v for k, v in mine.items()},
                                  "val/ensemble_accuracy": result["ensemble"]["accuracy"],
                                  "val/ensemble_loss": result["ensemble"]["loss"],
+                                 "val/ensemble_argmax_exact": result["ensemble"].get("argmax_exact", 1.0),
+                                 "bytes/eval": self.counter.eval_sent,
                                  "val/disagreement": result["disagreement"],
                                  "eval_start": eval_start, "time": time.perf_counter() - self._t0})
 
@@ -353,6 +357,7 @@ class Trainer:
         if self.last_eval.get("step") != self.step:
             self.maybe_eval(force=True)
         test = self.task.evaluate(self.model, "test", self.topo)
+        self.counter.eval_sent += test.get("bytes_sent", 0)
         mine = {"index": self.model_index, "name": self.cfg.model_names()[self.model_index],
                 "train_loss": self.last_train.get("train/task_loss"),
                 "train_accuracy": self.last_train.get("train/accuracy"),
@@ -405,7 +410,7 @@ def summarize(cfg: Config, ranks: list[dict], leaders: list[dict], val: dict, te
         "val_disagreement": val["disagreement"], "test_disagreement": test["disagreement"],
         "bytes_per_worker": {"allreduce": mean("allreduce_sent"), "exchange": mean("exchange_sent"),
                              "exchange_received": mean("exchange_received"),
-                             "buffer_sync": mean("buffer_sync_sent")},
+                             "buffer_sync": mean("buffer_sync_sent"), "eval": mean("eval_sent")},
         "exchanges": counters[0]["exchanges"],
         "exchange_blocked_fraction": max(r["blocked"] for r in ranks) / max(wall_seconds, 1e-9),
         # Storage exchange: the loop's wait on storage, each teacher's age, publications, conflicts.

@@ -38,7 +38,7 @@ import torch.nn as nn
 from ..config import Config
 from ..data import ShardBatchSampler, eval_batches, load_dataset, model_indices
 from ..errors import ConfigError, DataError
-from ..evaluation import evaluate
+from ..evaluation import eval_subset, evaluate
 from ..models import build_model
 from ..topology import Topology
 from ..translation.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -211,8 +211,12 @@ class LMTask:
         ranks."""
         split = "valid" if split == "val" else split
         per_batch = max(1, self.cfg.data.eval_batch_size // self.cfg.lm.context)
-        shard = eval_batches(torch.arange(self.n_blocks(split)), per_batch, topo.replicas, topo.replica_index)
-        result = evaluate(model, (self.batch(split, blocks) for blocks in shard), self.forward, topo, self.device)
+        blocks = torch.arange(self.n_blocks(split))
+        if split == "valid" and self.cfg.eval.max_samples:  # the budget counts tokens: whole blocks, at least one
+            blocks = eval_subset(blocks, max(1, self.cfg.eval.max_samples // self.cfg.lm.context))
+        shard = eval_batches(blocks, per_batch, topo.replicas, topo.replica_index)
+        result = evaluate(model, (self.batch(split, b) for b in shard), self.forward, topo, self.device,
+                          self.cfg.eval.topk)
         for m in result["models"] + [result["ensemble"]]:
             m["perplexity"] = math.exp(min(m["loss"], 700.0))
         return result

@@ -37,7 +37,7 @@ from ..config import Config
 from ..data import load_dataset, model_indices, shuffle_and_deal
 from ..data.corpus import Bitext, ParallelCorpus
 from ..errors import ConfigError, DataError
-from ..evaluation import evaluate
+from ..evaluation import eval_subset, evaluate
 from ..losses import IGNORE_INDEX
 from ..models import build_model
 from ..models.transformer import beam_search
@@ -267,9 +267,11 @@ class TranslationTask:
         """Metrics of every model and the ensemble on the split (per target token, as
         `codistill.evaluation.evaluate`), perplexity, and BLEU on "test"; identical on all ranks."""
         data, tok = self.encoded(split), self.tokenizer
-        batches = (collate(data, idx, tok.pad_id, tok.bos_id, tok.eos_id)
-                   for idx in self._shard(data, list(range(len(data.src))), topo))
-        result = evaluate(model, batches, self.forward, topo, self.device)
+        pairs = list(range(len(data.src)))
+        if split == "val":
+            pairs = eval_subset(pairs, self.cfg.eval.max_samples)
+        batches = (collate(data, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in self._shard(data, pairs, topo))
+        result = evaluate(model, batches, self.forward, topo, self.device, self.cfg.eval.topk)
         for m in result["models"]:
             m["perplexity"] = math.exp(min(m["loss"], 700.0))
         if split == "test":
