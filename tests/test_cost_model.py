@@ -126,7 +126,7 @@ def test_compare_tables_report_cross_group_bytes_and_projection():
 
     results = [{"name": "allreduce", "summary": AR}, {"name": "codistill", "summary": CD}]
     table = format_table(results).splitlines()
-    assert table[0].endswith("| exchange bytes/worker | cross-group bytes/step | wall (s) | "
+    assert table[0].endswith("| exchange bytes/worker | eval bytes/worker | cross-group bytes/step | wall (s) | "
                              "compute/step vs all-reduce | converged (last quarter) |")
     assert table[2].startswith("| allreduce | 1 x 4 |") and table[2].endswith("| 3.0 MB | 12 | - | - |")
     assert table[3].startswith("| codistill | 2 x 2 |") and table[3].endswith("| 80.0 KB | 12 | - | - |")

@@ -202,9 +202,9 @@ def format_table(results: list[dict]) -> str:
 
     head = ("| arm | models x workers | steps | val acc per model (%) | ensemble val acc (%) | "
             "test acc model 0 (%) | train loss | param distance | all-reduce bytes/worker | "
-            "exchange bytes/worker | cross-group bytes/step | wall (s) | compute/step vs all-reduce | "
-            "converged (last quarter) |")
-    rows = [head, "|" + "---|" * 14]
+            "exchange bytes/worker | eval bytes/worker | cross-group bytes/step | wall (s) | "
+            "compute/step vs all-reduce | converged (last quarter) |")
+    rows = [head, "|" + "---|" * 15]
     for r in results:
         s = r["summary"]
         accs = " / ".join(f"{100 * m['val_accuracy']:.2f}" for m in s["models"])
@@ -214,7 +214,7 @@ def format_table(results: list[dict]) -> str:
         rows.append(f"| {r['name']} | {s['n_models']} x {s['replicas']} | {s['steps']} | {accs} | {ens} | "
                     f"{100 * s['models'][0]['test_accuracy']:.2f} | {loss:.4f} | {dist_:.2f} | "
                     f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
-                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {_eval_bytes(s)} | "
                     f"{_fmt_bytes(cross_group_bytes_per_step(s, cross_groups(results)))} | {s['wall_seconds']:.0f} | "
                     f"{_checks(r, results)}")
     return "\n".join(rows)
@@ -223,9 +223,9 @@ def format_table(results: list[dict]) -> str:
 def format_lm_table(results: list[dict]) -> str:
     """Language models: perplexity (exp of NLL per token) instead of accuracy; samples/s are tokens/s."""
     head = ("| arm | models x workers | steps | val ppl per model | ensemble val ppl | test ppl model 0 | "
-            "train loss | all-reduce bytes/worker | exchange bytes/worker | tokens/s | wall (s) | "
-            "compute/step vs all-reduce | converged (last quarter) |")
-    rows = [head, "|" + "---|" * 13]
+            "train loss | all-reduce bytes/worker | exchange bytes/worker | eval bytes/worker | tokens/s | "
+            "wall (s) | compute/step vs all-reduce | converged (last quarter) |")
+    rows = [head, "|" + "---|" * 14]
     for r in results:
         s = r["summary"]
         ppl = " / ".join(f"{m['val_perplexity']:.1f}" for m in s["models"])
@@ -234,9 +234,16 @@ def format_lm_table(results: list[dict]) -> str:
         rows.append(f"| {r['name']} | {s['n_models']} x {s['replicas']} | {s['steps']} | {ppl} | {ens} | "
                     f"{s['models'][0]['test_perplexity']:.1f} | {loss:.4f} | "
                     f"{_fmt_bytes(s['bytes_per_worker']['allreduce'])} | "
-                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {s['samples_per_s']:.0f} | "
+                    f"{_fmt_bytes(s['bytes_per_worker']['exchange'])} | {_eval_bytes(s)} | {s['samples_per_s']:.0f} | "
                     f"{s['wall_seconds']:.0f} | {_checks(r, results)}")
     return "\n".join(rows)
+
+
+def _eval_bytes(summary: dict) -> str:
+    """What the arm's evaluations sent between its models, per worker ("-" in summaries from before
+    it was counted)."""
+    value = summary["bytes_per_worker"].get("eval")
+    return "-" if value is None else _fmt_bytes(value)
 
 
 def _checks(arm: dict, results: list[dict]) -> str:
@@ -255,7 +262,9 @@ def compare_markdown(results: list[dict], table: str) -> str:
              "are means over the arm's models; val is the held-out validation split, test the test split. "
              "Cross-group bytes/step: what would cross between the model groups if each had its own machine "
              "(the all-reduce arm spread over as many): all-reduce's ring edges between them every step, "
-             "codistillation's exchanges only, DiLoCo's and local SGD's outer all-reduces. Compute/step vs "
+             "codistillation's exchanges only, DiLoCo's and local SGD's outer all-reduces. Eval bytes/worker: "
+             "what the arm's evaluations sent between its models (per scored position each model's "
+             "log-probability of the target, top-1 and top-k; codistill/evaluation.py). Compute/step vs "
              "all-reduce: each arm's training clock per step without evaluations and without time blocked "
              "in its exchange (own step, teacher forwards, the all-reduce inside its model group), over "
              "all-reduce's. Converged: the budget rule (validation accuracy rising < 0.2 points, or NLL "
