@@ -10,6 +10,8 @@ import torch
 
 from mp_helpers import digits_config, run_workers
 
+from codistill.topology import model_seed
+
 pytestmark = pytest.mark.timeout(300)
 
 STEPS, T = 7, 3
@@ -64,7 +66,7 @@ def test_attach_counts_steps_and_exchanges_on_schedule(own_loop, delay):
     r = own_loop[delay]
     for rank, peer in ((0, 1), (1, 0)):
         assert r[rank]["steps"] == list(range(STEPS)) and r[rank]["after"] == STEPS
-        assert r[rank]["seed"] == 3 + rank
+        assert r[rank]["seed"] == model_seed(3, rank)
         for step in range(STEPS):
             started = step - step % T
             source = started if step - started >= delay or started == 0 else started - T

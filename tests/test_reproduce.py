@@ -65,6 +65,24 @@ def test_quick_variants_resolve_to_matched_arms():
     assert quarter.data.fraction == 0.25 and quarter.train.epochs == pytest.approx(4 * cd.train.epochs)
 
 
+def test_rows_made_with_the_old_seeds_are_never_reused_for_a_new_run(tmp_path):
+    """The shipped rows predate seeds.py (model i seeded train.seed + i): a run of the same config
+    now trains with other seeds, so it must not be handed an old row by config hash; the report
+    counts the old rows and names the commit of the change."""
+    from codistill.experiments import runner
+
+    (tmp_path / "F1.jsonl").write_text((ROOT / "results" / "F1.jsonl").read_text())
+    suite = runner.Suite(tmp_path)
+    f1 = EXPERIMENTS["F1"]
+    old = [r for r in res.read_rows(tmp_path / "F1.jsonl") if r["variant"] == "allreduce" and r["seed"] == 0][0]
+    assert "model_seeds" not in old["config"]
+    assert config_hash(*variant_config(f1, f1.variant("allreduce"), 0, quick=False)) not in suite._by_hash
+    doc = write_report(tmp_path, tmp_path / "results.md")
+    rows = res.read_rows(tmp_path / "F1.jsonl")
+    assert (f"{len(rows)} of the {len(rows)} rows here predate it and seeded model i with train.seed + i"
+            in doc.read_text())
+
+
 def test_select_names_and_errors():
     assert [e.name for e in select(["all"])] == SECTIONS
     assert [e.name for e in select(["f2", "F1", "F2"])] == ["F2", "F1"]

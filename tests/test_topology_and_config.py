@@ -22,6 +22,20 @@ def test_all_reduce_is_one_row():
     assert [g.exchange_ranks(r) for r in range(4)] == [[0], [1], [2], [3]]
 
 
+def test_model_seeds_never_collide_across_run_seeds():
+    import numpy as np
+
+    from codistill.topology import model_seed
+
+    # Once seed + model: model 1 of train.seed=0 was model 0 of train.seed=1.
+    assert model_seed(0, 1) != model_seed(1, 0)
+    seeds = {model_seed(s, m) for s in range(200) for m in range(16)}
+    assert len(seeds) == 200 * 16
+    # numpy's independent child streams, SeedSequence(seed).spawn(n)[model], as 63 bits.
+    low, high = np.random.SeedSequence(7).spawn(3)[2].generate_state(2, np.uint32)
+    assert model_seed(7, 2) == int(low) | (int(high) & 0x7FFF_FFFF) << 32 < 2**63
+
+
 def test_grid_rejects_indivisible_world():
     with pytest.raises(ValueError, match="not divisible"):
         Grid(world_size=5, n_models=2)

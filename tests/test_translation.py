@@ -330,12 +330,13 @@ def test_dataset_selects_the_translation_task(corpus_dir):
 
 def test_steps_per_epoch_is_the_count_train_batches_uses(corpus_dir):
     from codistill.tasks import make_task
+    from codistill.topology import model_seed
 
     task = make_task(_config(corpus_dir, **{"data.split": "disjoint", "codistill.n_models": 2}), torch.device("cpu"))
     for m in range(2):
         topo = _topo(2, 2, m, 1)
-        _, spe = task.train_batches(topo, seed=task.cfg.train.seed + m)
-        counts = [len(task.batch_plan(j, 2, task.cfg.train.seed + j)) for j in range(2)]
+        _, spe = task.train_batches(topo, seed=model_seed(task.cfg.train.seed, m))
+        counts = [len(task.batch_plan(j, 2, model_seed(task.cfg.train.seed, j))) for j in range(2)]
         assert task.steps_per_epoch(topo) == spe == min(counts) // 2
 
 

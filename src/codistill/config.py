@@ -196,7 +196,8 @@ class TrainConfig:
     log_every: int = 20
     """Log training metrics every this many steps."""
     seed: int = 0
-    """Model i is initialized and shuffled with seed + i."""
+    """Model i is initialized and shuffled with its own seed, derived from (seed, i) by numpy's
+    SeedSequence (codistill/seeds.py), so no two (seed, model) pairs share one."""
     progress: bool = True
     """Show a progress bar on the first worker."""
     amp: bool = False

@@ -116,8 +116,10 @@ class ClassificationTask:
     def train_batches(self, topo: Topology, seed: int, start_step: int = 0):
         sampler = self.sampler(topo, seed)
         sampler.set_start_step(start_step)
+        # Augmentation seeded by the model's seed, the replica and the step (make_loader).
         loader = make_loader(self.splits.train, sampler, self.cfg.data.num_workers,
-                             pin_memory=self.device.type == "cuda")
+                             pin_memory=self.device.type == "cuda", seed=seed, replica=topo.replica_index,
+                             start=start_step)
         return iter(loader), sampler.steps_per_epoch
 
     def forward(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from .seeds import derive_seed
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -102,8 +104,9 @@ class Topology:
 
 
 def model_seed(seed: int, model: int) -> int:
-    """Model `model`'s seed (initialization, data order) in a run seeded `seed`."""
-    return seed + model
+    """Model `model`'s seed (initialization, data order, dropout) in a run seeded `seed`: no two
+    (seed, model) pairs share one (seeds.py; it was seed + model before)."""
+    return derive_seed(seed, model)
 
 
 def job_grid(world_size: int, n_models: int, job_model: int | None = None) -> tuple[Grid, int, int | None]:

@@ -83,7 +83,8 @@ class Trainer:
         self.model_index = topo.model_index  # among all n models
         self.task = make_task(cfg, self.device, self.run_dir)
         self.seed = model_seed(cfg.train.seed, self.model_index)
-        _, batches_per_epoch = self.task.train_batches(topo, self.seed)
+        # Arithmetic on the data's size: starts no DataLoader workers (train_batches would).
+        batches_per_epoch = self.task.steps_per_epoch(topo)
         self.accumulate = cfg.train.accumulate
         steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, self.accumulate)
         self.model_batch = cfg.data.batch_size * topo.replicas * self.accumulate
@@ -372,7 +373,7 @@ class Trainer:
         summary = summarize(self.cfg, ranks, leaders, self.last_eval, test, steps=self.step,
                             steps_per_epoch=self.schedules.steps_per_epoch, model_batch=self.model_batch,
                             replicas=self.topo.replicas, teacher_steps=dict(self.teachers.versions),
-                            final_staleness=self.teachers.staleness(self.step), wall_seconds=wall_seconds)
+                            final_staleness=self.codist.staleness(), wall_seconds=wall_seconds)
         if self.topo.rank == 0 and self.run_dir is not None:
             write_json(self.run_dir / "summary.json", summary)
         extras = getattr(self.task, "write_extras", None)  # optional (LM: the sample); after the summary

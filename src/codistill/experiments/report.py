@@ -226,7 +226,7 @@ def section(experiment: Experiment, all_rows: list[dict], out: Path, doc_dir: Pa
     lines = [f"## {experiment.name}: {experiment.title}", "",
              f"**The paper's claim.** {experiment.claim}", "",
              f"**Our setting.** {describe_setting(experiment, rows, quick)}", "",
-             "Variants (seed k trains with train.seed = 100k; model i of a run starts from train.seed + i):",
+             f"Variants (seed k trains with train.seed = 100k; {seed_derivation(rows)}):",
              "", variants, "",
              "**Command.**", "", "```bash", command_for(experiment, quick, out_arg), "```", ""]
     if rows:
@@ -270,6 +270,12 @@ generator. {quick_note}
   test numbers are final. Model 0 is the model the paper reports ("model 1").
 - Identical runs are trained once (matched by a hash of the resolved config). Each section says
   what its rows cost to make.{cost}
+- Seeds: seed k trains with train.seed = 100k. From commit {seeds_since} on, model i of a run is seeded
+  by numpy's SeedSequence from (train.seed, i) (`codistill/seeds.py`); rows made before it (no
+  `model_seeds` in their `config`) seeded model i with train.seed + i, which never collided inside
+  the suite (train.seeds 100 apart) but would across a user's train.seed 0 and 1. Those rows are kept:
+  a finished (finding, variant, seed) is not rerun, and the config hash includes the derivation, so
+  no new run reuses an old row or resumes an old checkpoint. Each section counts its older rows.
 - Two means are called different when they are further apart than the larger of
   {acc_floor} accuracy points ({nll_floor} nats for NLL) and the combined standard deviation over seeds;
   otherwise similar. A verdict from one seed is marked provisional, one from fewer than 3 says so.
@@ -313,11 +319,25 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     intro = INTRO.format(out=out_arg, out_flag=out_flag, quick_note=quick_note, cost=cost,
                          seeds="" if quick else " --seeds 3", acc_floor=ACC_FLOOR, nll_floor=NLL_FLOOR,
                          acc_rise=f"{100 * ACC_RISE:.1f}", nll_drop=NLL_DROP,
-                         summary="\n".join(summary))
+                         summary="\n".join(summary), seeds_since=SEEDS_SINCE)
     if notes.get("Summary"):
         intro += f"\n## Summary\n\n{notes['Summary']}\n"
     atomic_write_text(doc, intro + "\n" + "\n".join(sections))
     return doc
+
+
+SEEDS_SINCE = "PLACEHOLDER"
+"""The commit from which model seeds derive by SeedSequence (codistill/seeds.py); rows made before
+it seeded model i with train.seed + i."""
+
+
+def seed_derivation(rows: list[dict]) -> str:
+    """Which seeds the rows' models had: the derivation changed at commit SEEDS_SINCE."""
+    old = sum(1 for r in rows if "model_seeds" not in r.get("config", {}))
+    new = f"model i's seed derives from (train.seed, i) by SeedSequence from commit {SEEDS_SINCE} on"
+    if not old:
+        return new
+    return f"{new}; {old} of the {len(rows)} rows here predate it and seeded model i with train.seed + i"
 
 
 def _anchor(e: Experiment) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..seeds import DERIVATION
 
 CURVE_KEYS = ("train/task_loss", "val/accuracy", "val/loss", "param_distance")
 CURVE_POINTS = 60
@@ -86,6 +87,7 @@ def config_values(cfg: Config, world: int) -> dict:
         "method": cfg.codistill.method if n > 1 else None,
         "alpha": cfg.codistill.alpha if n > 1 else None, "distill_loss": cfg.codistill.loss if n > 1 else None,
         "label_smoothing": cfg.train.label_smoothing, "train_seed": cfg.train.seed,
+        "model_seeds": DERIVATION,  # rows without it seeded model i with train_seed + i
     }
 
 

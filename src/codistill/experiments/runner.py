@@ -2,9 +2,9 @@
 
 A row already present is skipped, so an interrupted suite resumes; a run stopped half-way continues
 from its last checkpoint (saved every CHECKPOINT_EVERY updates). A run whose resolved config
-(and world size) equals one already recorded in any results file under `out` is not trained again:
-its row is copied with `reused_from` naming the original (the all-reduce baseline at the base
-budget is shared by F1, F2, F3, F6, F7 and Beyond).
+(and world size and seed derivation) equals one already recorded in any results file under `out` is
+not trained again: its row is copied with `reused_from` naming the original (the all-reduce baseline
+at the base budget is shared by F1, F2, F3, F6, F7 and Beyond).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..arms import arm_configs
 from ..config import Config, load_config, replace, to_dict
 from ..distributed import is_leader, torchrun_world_size, under_torchrun
 from ..errors import UserError
+from ..seeds import DERIVATION
 from . import results as res
 from .suite import BASES, EPOCH_FIELDS, EXPERIMENTS, Experiment, Variant, seed_of
 
@@ -128,7 +129,10 @@ def config_hash(cfg: Config, world: int) -> str:
         elif key is not None and tree[section].get(key) == default[section][key]:
             tree[section].pop(key)
     text = json.dumps(tree, sort_keys=True, default=str)
-    return hashlib.sha256(f"{text}\nworld={world}".encode()).hexdigest()[:16]
+    # The seed derivation is part of a run's identity (the config's train.seed stays the same): a run
+    # is never given the row of one trained with `train.seed + i` model seeds, which every row made
+    # before seeds.py has, nor continued from such a run's checkpoint.
+    return hashlib.sha256(f"{text}\nworld={world}\nseeds={DERIVATION}".encode()).hexdigest()[:16]
 
 
 def select(names: list[str]) -> list[Experiment]:

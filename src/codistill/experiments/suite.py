@@ -459,6 +459,6 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (F1, F2, F3, F4, F5, F6
 
 
 def seed_of(index: int) -> int:
-    """train.seed of seed number `index`: model i of it starts from seed + i, so seeds are spaced
-    apart to keep every model's initialization distinct across seeds."""
+    """train.seed of seed number `index`: 100 apart, from when model i was seeded with seed + i
+    (before seeds.py); kept, so that seed k's rows of either derivation share their train.seed."""
     return 100 * index
