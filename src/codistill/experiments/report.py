@@ -326,7 +326,7 @@ def write_report(out: str | Path, doc: str | Path, quick: bool = False, out_arg:
     return doc
 
 
-SEEDS_SINCE = "PLACEHOLDER"
+SEEDS_SINCE = "02e7e5b"
 """The commit from which model seeds derive by SeedSequence (codistill/seeds.py); rows made before
 it seeded model i with train.seed + i."""
 
