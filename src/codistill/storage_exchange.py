@@ -168,6 +168,8 @@ class StorageExchanger:
         self._round = self._pool.submit(self._exchange_round, step, snapshot, self.send.channels_last())
 
     def _swap_arrived(self) -> list[int]:
+        if not self._arrived:  # the common case, every step: no lock taken
+            return []
         with self._lock:
             arrived, self._arrived = self._arrived, {}
         for j, (pointer, state, when) in sorted(arrived.items()):
