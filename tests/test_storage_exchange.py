@@ -242,3 +242,47 @@ def test_teacher_age_is_in_the_metrics_and_an_old_teacher_can_be_dropped(tmp_pat
     assert list(teachers0.available(step=10)) == [1] and teachers0.available(step=11) == {}
     x = torch.randn(4, 1, 8, 8)
     assert teachers0.logits(x, step=11) == [] and len(teachers0.logits(x, step=10)) == 1
+
+
+def _replicas_receive_only_changed_teachers(rank, world, directory):
+    import torch.distributed as dist
+
+    from codistill.topology import build_topology
+
+    counts = {"teacher_broadcasts": 0}
+    if rank == 0:  # model 1's job, publishing once (a one-worker job of its own)
+        _, _, publisher = _exchanger(1, directory)
+        _step(publisher, 0)
+    dist.barrier()
+    topo = build_topology(2, 0)  # this job: model 0 on 2 replicas
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny", 10, (1, 8, 8))
+    teachers = Teachers({1: build_model("cnn_tiny", 10, (1, 8, 8))})
+    ex = StorageExchanger(model, teachers, topo, 5, directory)
+    ptrs = {b.data_ptr() for b in teachers.flats[1].buffers.values()}
+    broadcast = dist.broadcast
+
+    def counting(tensor, *args, **kwargs):
+        counts["teacher_broadcasts"] += tensor.data_ptr() in ptrs
+        return broadcast(tensor, *args, **kwargs)
+
+    dist.broadcast = counting
+    try:
+        for step in (0, 5, 10, 15):  # one new publication, then three periods without one
+            _step(ex, step)
+    finally:
+        dist.broadcast = broadcast
+    return {"count": torch.tensor(counts["teacher_broadcasts"]), "version": torch.tensor(teachers.versions[1]),
+            "teacher": torch.cat([b.float() for b in teachers.flats[1].buffers.values()])}
+
+
+def test_replicas_receive_only_the_teachers_that_changed(tmp_path):
+    """Issue 25 item 9: storage mode re-broadcast unchanged teachers to the replicas every T steps."""
+    from mp_helpers import run_workers
+
+    results = run_workers(_replicas_receive_only_changed_teachers, 2, tmp_path, args=(str(tmp_path / "ex"),))
+    n_buffers = len(Teachers({1: build_model("cnn_tiny", 10, (1, 8, 8))}).flats[1].buffers)
+    for r in results:
+        assert int(r["version"]) == 0
+        assert int(r["count"]) == n_buffers  # once, when it arrived; not at steps 5, 10, 15
+    assert torch.equal(results[0]["teacher"], results[1]["teacher"])
