@@ -209,3 +209,15 @@ def test_evaluation_bytes_are_reported_beside_training_bytes_and_the_budget_caps
              if "val/accuracy" in line]
     assert [e["bytes/eval"] for e in evals] == [50 * row, 2 * 50 * row]
     assert all(e["val/ensemble_argmax_exact"] == 1.0 for e in evals)  # 10 classes: the whole distribution
+
+
+def test_eval_subset_is_a_fixed_seeded_subset_in_order():
+    from codistill.evaluation import eval_subset
+
+    indices = torch.arange(100, 200)
+    picked = eval_subset(indices, 30)
+    assert len(picked) == 30 and torch.equal(picked, eval_subset(indices, 30))  # the same every evaluation
+    assert bool((picked[1:] > picked[:-1]).all()) and set(picked.tolist()) <= set(indices.tolist())
+    assert not torch.equal(picked, indices[:30])  # spread over the split, not its head (classes may be sorted)
+    assert eval_subset(list(range(100, 200)), 30) == picked.tolist()  # lists (translation) alike
+    assert eval_subset(indices, 0) is indices and eval_subset(indices, 500) is indices  # no budget, or a larger one

@@ -48,8 +48,9 @@ def run(tmp_path_factory):
 def test_every_rank_reports_the_same_metrics(run):
     _, results = run
     first = results[0]
+    metrics = lambda val: {k: v for k, v in val.items() if k != "bytes_sent"}  # noqa: E731 (bytes: each worker's own)
     for r in results[1:]:
-        assert r["val"] == first["val"]
+        assert metrics(r["val"]) == metrics(first["val"])
         assert r["summary"]["models"] == first["summary"]["models"]
         assert r["summary"]["ensemble_test_bleu"] == first["summary"]["ensemble_test_bleu"]
     assert first["summary"]["steps"] == STEPS and first["summary"]["replicas"] == 2
@@ -113,8 +114,9 @@ def _decode_worker(rank, world, beam):
     from codistill.translation.task import ensemble_log_probs
 
     model = _models()[rank]
-    return beam_search(model, _sources(), BOS, EOS, max_len=7, beam=beam, length_penalty=0.0,
-                       combine=ensemble_log_probs(dist.group.WORLD, world))
+    combine = ensemble_log_probs(dist.group.WORLD, world)
+    out = beam_search(model, _sources(), BOS, EOS, max_len=7, beam=beam, length_penalty=0.0, combine=combine)
+    return out, torch.tensor(combine.bytes_sent)
 
 
 def _ensemble_log_probs(models, src, prefix):
@@ -157,10 +159,13 @@ def test_ensemble_greedy_decoding_across_processes_is_the_mean_probability_argma
     from codistill.models.transformer import greedy_decode
 
     models, src = _models(), _sources()
-    outs = run_workers(_decode_worker, 2, tmp_path, (1,), timeout=120)
-    assert torch.equal(outs[0], outs[1])  # both processes chose the same tokens
+    (out0, sent), (out1, _) = run_workers(_decode_worker, 2, tmp_path, (1,), timeout=120)
+    assert torch.equal(out0, out1)  # both processes chose the same tokens
     expected = _ensemble_greedy(models, src, 7)
-    assert torch.equal(outs[0], expected)
+    assert torch.equal(out0, expected)
+    # Evaluation traffic, counted: one (6 sentences, VOCAB) fp32 all-reduce between 2 per decoding step.
+    row = 6 * VOCAB * 4
+    assert sent > 0 and sent % row == 0 and sent // row <= 7
     # The ensemble's choice is neither model's own (else the test could not tell).
     for m in models:
         assert not torch.equal(greedy_decode(m, src, BOS, EOS, 7), expected)
@@ -168,9 +173,9 @@ def test_ensemble_greedy_decoding_across_processes_is_the_mean_probability_argma
 
 def test_ensemble_beam_search_across_processes_beats_ensemble_greedy(tmp_path):
     models, src = _models(), _sources()
-    outs = run_workers(_decode_worker, 2, tmp_path, (4,), timeout=120)
-    assert torch.equal(outs[0], outs[1])
-    beam, greedy = _ensemble_score(models, src, outs[0]), _ensemble_score(models, src, _ensemble_greedy(models, src, 7))
+    (out0, _), (out1, _) = run_workers(_decode_worker, 2, tmp_path, (4,), timeout=120)
+    assert torch.equal(out0, out1)
+    beam, greedy = _ensemble_score(models, src, out0), _ensemble_score(models, src, _ensemble_greedy(models, src, 7))
     assert bool((beam >= greedy - 1e-4).all()) and bool((beam > greedy + 1e-4).any())
 
 

@@ -277,7 +277,8 @@ class TranslationTask:
         if split == "test":
             was_training = model.training
             model.eval()
-            scores, ensemble = self.bleu(model, topo)
+            scores, ensemble, decode_bytes = self.bleu(model, topo)
+            result["bytes_sent"] = result.get("bytes_sent", 0) + decode_bytes
             for m, bleu in zip(result["models"], scores):
                 m["bleu"] = bleu
             if ensemble is not None:
@@ -301,9 +302,10 @@ class TranslationTask:
             out.update(zip(idx, tok.decode(rows)))
         return out
 
-    def bleu(self, model: nn.Module, topo: Topology) -> tuple[list[float], float | None]:
-        """Corpus BLEU of every model on the first `translation.bleu_sentences` test sentences, and of
-        their ensemble (None for one model): the column's workers decode the same sentences in step,
+    def bleu(self, model: nn.Module, topo: Topology) -> tuple[list[float], float | None, float]:
+        """Corpus BLEU of every model on the first `translation.bleu_sentences` test sentences, of
+        their ensemble (None for one model), and the bytes this worker sent to the other models while
+        decoding with the ensemble: the column's workers decode the same sentences in step,
         choosing every token by the models' mean probability."""
         try:
             import sacrebleu
@@ -325,21 +327,26 @@ class TranslationTask:
 
         own = score()
         if topo.job_models == 1:
-            return [own], None
-        ensemble = score(ensemble_log_probs(topo.exchange_group, topo.job_models))
+            return [own], None, 0.0
+        combine = ensemble_log_probs(topo.exchange_group, topo.job_models)
+        ensemble = score(combine)
         scores = [None] * topo.job_models  # the column holds one worker of each model, in model order
         dist.all_gather_object(scores, own, group=topo.exchange_group)
-        return scores, ensemble
+        return scores, ensemble, combine.bytes_sent
 
 
 def ensemble_log_probs(group, n_models: int):
     """A decoding `combine`: the log of the mean of the n models' probabilities, summed over `group`
     (one worker of each model). all_reduce leaves the same sum on every member, so all of them
-    choose the same tokens."""
+    choose the same tokens. Beam search needs every token's probability, so these (rows, V)
+    all-reduces stay (on `translation.bleu_sentences` test sentences, once per run); `bytes_sent`
+    counts them as ring all-reduces (accounting.py)."""
 
     def combine(logp: torch.Tensor) -> torch.Tensor:
         probs = logp.exp()
         dist.all_reduce(probs, group=group)
+        combine.bytes_sent += 2.0 * (n_models - 1) / n_models * probs.numel() * probs.element_size()
         return (probs / n_models).log()
 
+    combine.bytes_sent = 0.0
     return combine
