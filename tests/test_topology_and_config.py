@@ -64,8 +64,6 @@ def test_yaml_then_overrides(tmp_path):
     (["codistill.exchange_every=-5"], "codistill.exchange_every must be > 0"),
     (["codistill.alpha=-1"], "codistill.alpha must be >= 0"),
     (["codistill.loss=l1"], "codistill.loss must be one of kl, mse, ce"),
-    (["model.name=resnet9000"], "unknown model 'resnet9000'"),
-    (["data.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
     (["optim.weight_decay=[1e-4, 0]"], "optim.weight_decay has 2 stages"),
     (["train.progress=maybe"], "train.progress must be bool"),
     (["model.name=[cnn, mlp, cnn]"], "model.name lists 3 models"),
@@ -81,6 +79,18 @@ def test_yaml_then_overrides(tmp_path):
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=resnet9000"], "unknown model 'resnet9000'"),
+    (["data.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
+])
+def test_unknown_names_are_refused_by_the_registries(overrides, message):
+    from codistill.tasks import check_names
+
+    cfg = load_config(None, overrides)  # config.py knows fields, not the registries above it
+    with pytest.raises(ConfigError, match=message):
+        check_names(cfg)
 
 
 def test_world_size_must_divide(tmp_path):

@@ -67,11 +67,21 @@ def _add_groups(sub) -> None:
     p.add_argument("--nnodes", type=int, default=1, help="with --print-commands: nodes per group")
 
 
+def _load_config(args):
+    """The config of --config and --set, its dataset and model names checked against the registries
+    (which config.py, the bottom layer, does not import)."""
+    from .config import load_config
+    from .tasks import check_names
+
+    cfg = load_config(args.config, args.overrides)
+    check_names(cfg)
+    return cfg
+
+
 def _groups(args) -> int:
-    from . import config as config_mod
     from .groups import group_config, print_summary, run_groups, torchrun_commands
 
-    cfg = config_mod.load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     for flag in ("nproc", "restarts", "nnodes"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "restarts" else 1):
@@ -168,7 +178,7 @@ def _run(args) -> int:
         from .cost_model import parse_link_rate
 
         link_bps = parse_link_rate(args.link)
-    cfg = config_mod.load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     if args.command == "config":
         print(config_mod.dump_yaml(cfg), end="")
         return 0

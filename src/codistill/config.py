@@ -371,7 +371,9 @@ MAX_BEAM = 100
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults < YAML file < `section.key=value` overrides, validated."""
+    """Defaults < YAML file < `section.key=value` overrides, validated. Dataset and model names are
+    checked by `codistill.tasks.check_names` (the command line and every launch call it): their
+    registries live in the layers above this one."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -654,7 +656,6 @@ def validate(cfg: Config) -> None:
     m = cmp.regularized_milestones
     if m is not None and (list(m) != sorted(m) or any(v <= 0 for v in m)):
         raise ConfigError(f"compare.regularized_milestones must be increasing positive epochs, got {m}")
-    _check_registries(cfg)
 
 
 def _validate_knobs(cfg: Config) -> None:
@@ -683,15 +684,6 @@ def _validate_knobs(cfg: Config) -> None:
 def effective_precision(cfg: Config) -> str:
     """train.precision, with train.amp=true read as bf16."""
     return "bf16" if cfg.train.amp and cfg.train.precision == "fp32" else cfg.train.precision
-
-
-def _check_registries(cfg: Config) -> None:
-    from . import models, tasks  # late import: the registries import torch; tasks registers every dataset
-
-    tasks.registered(cfg.data.name)  # ConfigError naming the allowed datasets
-    for name in cfg.model_names():
-        if name not in models.MODELS:
-            raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(sorted(models.MODELS))}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:

@@ -38,8 +38,10 @@ def preflight(cfg: Config, world_size: int, out: str | Path | None = None, overw
     from .distributed import check_rendezvous, resolve_backend
     from .faults import parse_fault
     from .run_log import check_run_dir, doomed_run_dir
+    from .tasks import check_names  # the registries: filled above config.py, so checked here
 
     check_rendezvous()  # first: a leftover torchrun environment fails in seconds, not after a timeout
+    check_names(cfg)
     check_world_size(cfg, world_size)
     parse_fault(os.environ.get("CODISTILL_FAULT"))
     resolve_backend(cfg.dist.backend)

@@ -23,8 +23,8 @@ from .data import (ShardBatchSampler, check_splits, eval_batches, load_dataset, 
                    model_indices, registered)
 from .errors import ConfigError
 from .evaluation import eval_subset, evaluate
-from .models import build_model, check_model_options
-from .topology import Topology, job_grid
+from .models import MODELS, build_model, check_model_options
+from .topology import Topology, job_topology
 
 
 @runtime_checkable
@@ -138,6 +138,16 @@ class ClassificationTask:
                         self.cfg.eval.topk)
 
 
+def check_names(cfg: Config) -> None:
+    """The dataset and every model are registered (a ConfigError naming the allowed ones). Here, not
+    in config.py: config is the bottom layer, and the registries are filled by the layers above it
+    (models/, data/, and the task packages imported at the top of this file)."""
+    registered(cfg.data.name)
+    for name in cfg.model_names():
+        if name not in MODELS:
+            raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
+
+
 def task_class(cfg: Config) -> type[Task]:
     """The task registered with the config's dataset (classification when none is)."""
     return registered(cfg.data.name).task or ClassificationTask
@@ -145,13 +155,6 @@ def task_class(cfg: Config) -> type[Task]:
 
 def make_task(cfg: Config, device: torch.device, run_dir=None) -> Task:
     return task_class(cfg)(cfg, device, run_dir)
-
-
-def job_topology(cfg: Config, world_size: int) -> Topology:
-    """Rank 0's topology of a job of `world_size` workers, without process groups (for sizing)."""
-    c = cfg.codistill
-    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
-    return Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
 
 
 def steps_per_epoch(cfg: Config, world_size: int) -> int:

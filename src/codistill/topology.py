@@ -15,10 +15,14 @@ n models, so its grid has one row while `Topology.model_index` and `Topology.n_m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from .seeds import derive_seed
+
+if TYPE_CHECKING:  # annotations only: topology needs no more of the config than its fields
+    from .config import Config
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,13 @@ def job_grid(world_size: int, n_models: int, job_model: int | None = None) -> tu
     if not 0 <= job_model < n_models:
         raise ValueError(f"job_model must be in 0..{n_models - 1}, got {job_model}")
     return Grid(world_size, 1), job_model, n_models
+
+
+def job_topology(cfg: Config, world_size: int) -> Topology:
+    """Rank 0's topology of a job of `world_size` workers, without process groups (for sizing)."""
+    c = cfg.codistill
+    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
+    return Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
 
 
 def build_topology(n_models: int, job_model: int | None = None) -> Topology:

@@ -40,7 +40,7 @@ from ..data import ShardBatchSampler, eval_batches, load_dataset, model_indices
 from ..errors import ConfigError, DataError
 from ..evaluation import eval_subset, evaluate
 from ..models import build_model
-from ..topology import Topology
+from ..topology import Topology, job_topology
 from ..translation.tokenizer import TOKENIZER_FILE, Tokenizer
 from .cache import MANIFEST, SPLITS, build_cache, read_manifest, sha256_file, token_dtype
 from .corpus import TextCorpus
@@ -114,8 +114,6 @@ class LMTask:
         """Build the task (its tokenizer and tokens live in the cache, not the run directory) with
         every byte of the cache verified, so every bad input, including a damaged cache and a batch
         larger than the data, is reported before the run directory is touched."""
-        from ..tasks import job_topology
-
         cls(cfg, torch.device("cpu"), checksums=True).steps_per_epoch(job_topology(cfg, world_size))
 
     @classmethod
