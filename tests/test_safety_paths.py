@@ -249,6 +249,13 @@ CASES = [
     ("describe with config", ["config", "--describe", "--config", "{tmp}/a_file"], ["--describe"]),
     ("link far too slow", ["compare", *DIGITS, "--link", "0.000001bit", *OUT], ["--link", "outside 100 kbit/s"]),
     ("link far too fast", ["compare", *DIGITS, "--link", "1000tbit", *OUT], ["--link", "outside"]),
+    ("out under proc", [*T, "--out", "/proc/codistill-run"], ["--out=/proc/codistill-run is under /proc"]),
+    ("out a url", [*T, "--out", "s3://bucket/run"], ["--out=s3://bucket/run: URLs are not supported"]),
+    ("out tilde quoted", [*T, "--out", "~/runs/x"], ["'~' is not expanded"]),
+    ("reproduce out a file", ["reproduce", "F1", "--quick", "--out", "{tmp}/a_file"], ["--out={tmp}/a_file is a file"]),
+    ("reproduce doc a directory", ["reproduce", "--report", "--out", "{tmp}/results", "--doc", "{tmp}/user"],
+     ["--doc", "not a file path"]),
+    ("bench out under proc", ["bench", "step_overhead", "--quick", "--out", "/proc/bench"], ["--out=/proc/bench is under /proc"]),
     ("exchange_dir half url", [*T, "--set", "codistill.exchange=storage", "--set", "codistill.exchange_dir=s3:/bucket",
                                "--set", "codistill.model_index=0", *OUT], ["missing '//'"]),
 ]
@@ -294,7 +301,7 @@ def test_one_line_instead_of_a_traceback_or_silence(world, capsys, name, argv, f
         resumable_run(world)
     before = tree_digest(world)
     code, lines = run_main([a.format(tmp=world) for a in argv], capsys)
-    assert_one_error(code, lines, fragments)
+    assert_one_error(code, lines, [f.format(tmp=world) for f in fragments])
     after = tree_digest(world)
     if name.startswith(("sentencepiece", "vocab")):  # the cache is codistill's own, not the user's
         after = {k: v for k, v in after.items() if not k.startswith(str(world / "cache"))}
@@ -403,6 +410,10 @@ WARNINGS = [
     ("gamma with cosine", ["schedule.name=cosine", "schedule.gamma=0.5"], "schedule.gamma does nothing", "cosine"),
     ("reference batch unscaled", ["schedule.scale_lr=false", "schedule.reference_batch=128"],
      "schedule.reference_batch does nothing", "scale_lr is false"),
+    ("disjoint split with one model", ["codistill.n_models=1", "data.split=disjoint"], "data.split does nothing",
+     "one model"),
+    ("alpha with all-reduce", ["codistill.n_models=1", "codistill.alpha=0.5"], "codistill.alpha does nothing",
+     "all-reduce"),
     ("hierarchical with one replica", ["codistill.exchange_hierarchical=true"],
      "codistill.exchange_hierarchical does nothing", "one worker per model"),
 ]

@@ -134,7 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_outputs(args) -> None:
+    """--out (and reproduce's --doc) of every command, before anything runs or is written."""
+    from .preflight import check_path
+
+    if getattr(args, "out", None) is not None:
+        if not args.out.strip():
+            raise UserError("--out is empty; give a directory or leave --out out for the default")
+        check_path("--out", args.out, "output")
+    if getattr(args, "doc", None) is not None:
+        doc = Path(args.doc)
+        if not args.doc.strip() or doc.is_dir():
+            raise UserError(f"--doc {args.doc!r} is not a file path; give the report's file, e.g. OUT/results.md")
+        check_path("--doc's directory", str(doc.parent), "output")
+
+
 def _run(args) -> int:
+    _check_outputs(args)
     if args.command == "reproduce":
         return _reproduce(args)
     if args.command == "groups":
@@ -157,8 +173,6 @@ def _run(args) -> int:
                             "(codistill config --config/--set prints the resolved values)")
         print(config_mod.describe())
         return 0
-    if getattr(args, "out", None) is not None and not args.out.strip():
-        raise UserError("--out is empty; give a run directory or leave --out out for runs/<command>-<time>")
     if getattr(args, "resume", None) is not None:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--out", args.out),
                                          ("--nproc", args.nproc is not None), ("--overwrite", args.overwrite)) if value]

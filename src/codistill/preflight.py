@@ -48,6 +48,7 @@ def preflight(cfg: Config, world_size: int, out: str | Path | None = None, overw
     check_paths(cfg, None if resume else doomed_run_dir(out, overwrite))
     check_models(cfg)
     if out is not None and not resume:
+        check_path("--out", str(out), "output")  # the run directory is a path like any other
         check_run_dir(out, overwrite)
     check_data(cfg, world_size)
 

@@ -65,7 +65,7 @@ def run_steps(cfg: Config, world_size: int) -> int | None:
 
 
 DISTILLATION = ("loss", "temperature", "alpha", "alpha_schedule", "alpha_steps", "teacher_mode",
-                "teacher_precision", "exchange_dtype", "exchange_delay")
+                "teacher_precision", "exchange_dtype", "exchange_delay", "max_teacher_age")
 """codistill.* settings that only the distillation term and its teachers read."""
 
 
@@ -101,7 +101,10 @@ def ignored_settings(cfg: Config, world_size: int, given: Config | None = None) 
                      (("milestones",), cfg.schedule.name != "goyal" and not isinstance(cfg.optim.weight_decay, list),
                       f"schedule.name={cfg.schedule.name} has no milestones and optim.weight_decay has one stage"),
                      (("reference_batch",), not cfg.schedule.scale_lr, "schedule.scale_lr is false")],
-        "data": [(("root",), not registered(cfg.data.name).takes_root,
+        "model": [(("channels_last",), task != "ClassificationTask",
+                   f"dataset {cfg.data.name}'s models are not convolutional")],
+        "data": [(("split",), c.n_models == 1, "there is one model: nothing to split between models"),
+                 (("root",), not registered(cfg.data.name).takes_root,
                   f"dataset {cfg.data.name} is built in and reads no files"),
                  (("num_workers",), task != "ClassificationTask", f"dataset {cfg.data.name} is not read by "
                   "DataLoader workers"),
