@@ -322,9 +322,10 @@ def test_a_damaged_tokenizer_in_the_cache_is_one_line(world, capsys, content):
 @pytest.mark.parametrize("budget", ["nan", "inf", "0", "-1", "1e9"])
 def test_reproduce_budget_is_checked_before_anything_is_written(world, capsys, budget):
     out = world / "results"
+    before = tree_digest(world)
     code, lines = run_main(["reproduce", "F1", "--quick", "--budget", budget, "--out", str(out)], capsys)
     assert_one_error(code, lines, ["--budget must be a number in (0, 1000]"])
-    assert not out.exists()
+    assert not out.exists() and tree_digest(world) == before
 
 
 # scripts/ensemble_bleu.py on a run whose config, manifest or checkpoint is broken.
