@@ -147,6 +147,7 @@ def test_a_marked_run_is_replaced_and_marked_anew(world, capsys, monkeypatch):
         (Path(run_dir) / "summary.json").write_text(json.dumps({"steps": 8, "models": []}))
 
     monkeypatch.setattr(launch, "spawn", fake_spawn)
+    monkeypatch.setattr(launch, "prepare_task", lambda cfg, run_dir: None)  # trackers: beside the point
     monkeypatch.setattr("codistill.cli._finish", lambda *args: None)  # plots (matplotlib): slow, beside the point
     old = json.loads((world / "earlier" / RUN_MARKER).read_text())
     code, lines = run_main(["train", *DIGITS, "--out", str(world / "earlier"), "--overwrite"], capsys)
@@ -203,8 +204,10 @@ def test_every_path_field_is_checked_before_the_earlier_run_is_touched(world, ca
     (world / "link_to_sub").symlink_to(world / "earlier" / "sub")
     (world / "link_to_proc").symlink_to("/proc/self")
     os.mkfifo(world / "fifo")
-    if case == "not writable":  # root writes anywhere: simulate a read-only parent
-        monkeypatch.setattr("codistill.preflight.os.access", lambda path, mode: False)
+    if case == "not writable":  # root writes anywhere: simulate a read-only cache directory
+        access = os.access
+        monkeypatch.setattr("codistill.preflight.os.access",
+                            lambda path, mode: access(path, mode) and Path(path) != world / "cache")
     before = tree_digest(world)
     code, lines = run_main(["train", *DIGITS, "--set", f"{key}={value.format(tmp=world)}",
                             "--out", str(world / "earlier"), "--overwrite"], capsys)

@@ -137,11 +137,14 @@ def check_run_dir(path: str | Path, overwrite: bool = False) -> None:
 
 
 def doomed_run_dir(path: str | Path | None, overwrite: bool) -> Path | None:
-    """The directory that preparing `path` would delete (resolved), or None."""
+    """The directory that preparing `path` would delete (resolved), or None (nothing there, or
+    something check_run_dir refuses to delete anyway)."""
     if path is None or not overwrite:
         return None
     path = Path(path)
-    return path.resolve() if path.is_dir() and not path.is_symlink() and any(path.iterdir()) else None
+    if not path.is_dir() or path.is_symlink() or not any(path.iterdir()) or not_a_run(path) is not None:
+        return None
+    return path.resolve()
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False, config: dict | None = None) -> Path:
