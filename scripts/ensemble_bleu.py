@@ -49,14 +49,14 @@ def main() -> int:
     torch.set_num_threads(1)
     task = make_task(cfg, torch.device("cpu"), args.run)
     models = []
-    for i in range(cfg.codistill.n_models):
-        model = task.build_model(cfg.model.name)
+    for i, name in enumerate(cfg.model_names()):  # one name per model: architectures may differ
+        model = task.build_model(name)
         entry = load_entry(args.run, manifest, f"model_{i}.pt")
         try:
             model.load_state_dict(entry["model"])
         except (KeyError, TypeError, RuntimeError) as e:  # weights of another model or config
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            fail(f"{args.run}: checkpoint model_{i}.pt does not fit model {cfg.model.name!r} of its config.yaml: "
+            fail(f"{args.run}: checkpoint model_{i}.pt does not fit model {name!r} of its config.yaml: "
                  f"{first[:200]}")
         models.append(model.eval())
     test, refs = task.encoded("test"), task.corpus.test.tgt

@@ -440,3 +440,34 @@ def test_prepare_writes_the_tokenizer_once(corpus_dir, tmp_path):
     assert path.read_bytes() == first
     task = TranslationTask(cfg, torch.device("cpu"), tmp_path)
     assert task.tokenizer.proto == first
+
+
+def test_ensemble_bleu_script_scores_models_of_different_architectures(tmp_path, corpus_dir):
+    """A run that trains a tiny and a base Transformer together: the script builds each model's own
+    architecture (it built `model.name`, a list here, for every model). Untrained weights suffice."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from codistill import checkpoint as ckpt
+    from codistill.config import dump_yaml
+    from codistill.tasks import make_task, task_class
+
+    cfg = _config(corpus_dir, **{"model.name": "[transformer_tiny, transformer_base]", "codistill.n_models": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    task_class(cfg).prepare(cfg, run)  # the run's tokenizer
+    task = make_task(cfg, torch.device("cpu"), run)
+    hashes = {}
+    for i, name in enumerate(cfg.model_names()):
+        torch.manual_seed(i)
+        state = {"model": task.build_model(name).state_dict()}
+        hashes[f"model_{i}.pt"] = ckpt.save_file(state, ckpt.step_dir(run, 1) / f"model_{i}.pt")
+    ckpt.commit(run, 1, hashes, world_size=2)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_bleu.py"
+    out = subprocess.run([sys.executable, str(script), str(run), "--sentences", "2"], capture_output=True,
+                         text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"2 test sentences: BLEU model 0 [\d.]+, model 1 [\d.]+; ensemble [\d.]+", out.stdout.strip())
