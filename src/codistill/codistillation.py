@@ -34,10 +34,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .accounting import CommCounter, counting_allreduce_hook
+from .cheap_teachers import LowPrecisionTeachers, check_cheap_teachers, leading_rows, should_run_teachers
 from .data.sampling import ShardSampler
 from .data.splits import model_indices
 from .exchange import Exchange, Exchanger, NoExchange, Teachers
-from .losses import codistillation_loss
+from .losses import TopKTeacher, codistillation_loss, topk_teacher
 from .topology import Topology, build_topology, model_seed
 
 
@@ -126,6 +127,12 @@ class Codistillation:
         step T); the trainer sets it with the default burn-in.
     max_teacher_age: > 0: a teacher whose weights are more than this many steps old sits out of the
         distillation term (the mean runs over the others); 0 never drops one.
+    distill_fraction, teacher_every, teacher_dtype, teacher_topk: cheaper teachers (cheap_teachers.py):
+        teachers on the first ceil(f * B) examples of each batch only; on steps 0, m, 2m, ... only
+        (the distillation term is absent on the others, alpha unscaled); run from a `bf16` copy of
+        their weights or with `int8` dynamic quantized Linear layers (CPU); KL on each teacher's
+        top-k classes plus one bucket for the rest (losses.topk_kl_per_row). Defaults: the paper's
+        full-batch, every-step, fp32, full-KL teacher.
     """
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
@@ -136,7 +143,8 @@ class Codistillation:
                  outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
                  device: torch.device | None = None, topology: Topology | None = None,
                  counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False,
-                 max_teacher_age: int = 0):
+                 max_teacher_age: int = 0, distill_fraction: float = 1.0, teacher_every: int = 1,
+                 teacher_dtype: str = "fp32", teacher_topk: int | None = None):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if teacher_precision not in WIRE_DTYPES:
@@ -156,6 +164,9 @@ class Codistillation:
         self.wire_dtype, self.hierarchical = WIRE_DTYPES[exchange_dtype], hierarchical
         self.trained_teachers_only = trained_teachers_only
         self.device = device if device is not None else _default_device()
+        check_cheap_teachers(distill_fraction, teacher_every, teacher_dtype, teacher_topk, self.device.type)
+        self.distill_fraction, self.teacher_every, self.teacher_topk = distill_fraction, teacher_every, teacher_topk
+        self.low_precision = LowPrecisionTeachers(teacher_dtype)
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)
         self.counter = counter if counter is not None else CommCounter()
@@ -219,14 +230,25 @@ class Codistillation:
         self.maybe_exchange()
         if self.current_alpha() <= 0 or not self.teachers.available(self.trained_teachers_only, self.step):
             return []
+        if not should_run_teachers(self.step, self.teacher_every):
+            return []
+        batch = leading_rows(batch, self.distill_fraction)
         dtype = WIRE_DTYPES[self.teacher_precision]  # fp32: None, bf16, fp16
         amp = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         if self.teacher_stream is None:
             with amp:
-                return self.teachers.logits(batch, forward, self.trained_teachers_only, self.step)
+                return self._run_teachers(batch, forward)
         self.teacher_stream.wait_stream(torch.cuda.current_stream(self.device))  # the batch is ready
         with torch.cuda.stream(self.teacher_stream), amp:
-            return self.teachers.logits(batch, forward, self.trained_teachers_only, self.step)
+            return self._run_teachers(batch, forward)
+
+    def _run_teachers(self, batch, forward: Callable | None) -> list:
+        run = (lambda j, m: self.low_precision.runnable(j, m, self.teachers.versions[j]))
+        logits = self.teachers.logits(batch, forward, self.trained_teachers_only, self.step, runnable=run)
+        if self.teacher_topk is None:
+            return logits
+        # one teacher's (tokens x vocabulary) logits at a time: each is cut to k columns before the next runs
+        return [topk_teacher(t, self.teacher_topk, self.temperature) for t in logits]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: list[torch.Tensor] | None = None,
              *, teacher_inputs=None) -> dict[str, torch.Tensor]:
@@ -243,8 +265,10 @@ class Codistillation:
             main = torch.cuda.current_stream(self.device)
             main.wait_stream(self.teacher_stream)
             for t in teacher_logits:
-                t.record_stream(main)  # allocated on the side stream, used on the main one
-        return codistillation_loss(logits.float(), [t.float() for t in teacher_logits], targets,
+                for tensor in (t if isinstance(t, TopKTeacher) else (t,)):
+                    tensor.record_stream(main)  # allocated on the side stream, used on the main one
+        teacher_logits = [t if isinstance(t, TopKTeacher) else t.float() for t in teacher_logits]
+        return codistillation_loss(logits.float(), teacher_logits, targets,
                                    alpha=self.current_alpha(), kind=self.loss_kind, temperature=self.temperature,
                                    label_smoothing=self.label_smoothing)
 
@@ -286,6 +310,7 @@ class Codistillation:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.exchanger.load_state_dict(state["exchanger"])
+        self.low_precision.clear()  # the teachers' weights may differ at an unchanged version
 
 
 class Attached:

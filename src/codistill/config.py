@@ -113,6 +113,25 @@ class CodistillConfig:
     teacher_precision: str = "fp32"
     """`fp32`, `bf16` or `fp16`: teacher forward passes under autocast to that type (cheaper; measure
     its effect). With train.precision bf16 or fp16 the teachers run under the student's autocast."""
+    distill_fraction: float = 1.0
+    """Cheaper teachers: in (0, 1], the teachers run on the first ceil(f * B) examples of each batch
+    only and the distillation term is the mean over those examples (task loss on the whole batch).
+    1.0 (default, the paper's): the full batch. Teacher cost scales with f."""
+    teacher_every: int = 1
+    """Cheaper teachers: >= 1, the teachers run on steps 0, m, 2m, ... only; on the other steps the
+    distillation term is absent (loss = task loss) and alpha is not scaled by m: scaling would put an
+    m times larger distillation gradient on one step in m, a spike the learning rate was not tuned
+    for; unscaled, the average weight is alpha / m (set alpha * m to keep it). 1 (default): every step."""
+    teacher_dtype: str = "fp32"
+    """Cheaper teachers: the weights the teachers run with. `fp32` (default, the paper's); `bf16` (a
+    bfloat16 copy of each teacher, remade when it receives weights; inputs cast to bf16); `int8`
+    (torch.ao dynamic quantization of the teachers' nn.Linear layers, other layers fp32; CPU only).
+    The fp32 teachers stay: the exchange receives into them and checkpoints save them."""
+    teacher_topk: int | None = None
+    """Cheaper teachers, for language models: k >= 1 distills on each teacher's k most likely tokens
+    plus one bucket holding the rest of the mass: KL_k = sum_{c in K} p_t[c] (log p_t[c] - log p_s[c])
+    + r_t (log r_t - log r_s), r = 1 - sum_{c in K} p[c], times tau^2 (needs loss=kl). Keeps k, not
+    the vocabulary, numbers per token per teacher. null (default): the full KL."""
     exchange_hierarchical: bool = False
     """Collective exchange with several replicas per model: only replica 0 of each model takes part
     in the exchange between models, then broadcasts the teachers over its model group. With each
@@ -355,6 +374,7 @@ CHOICES = {
     "train.nonfinite": ("stop", "skip"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "codistill.teacher_precision": ("fp32", "bf16", "fp16"),
+    "codistill.teacher_dtype": ("fp32", "bf16", "int8"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
@@ -554,6 +574,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("codistill.exchange_hierarchical applies to exchange=collective only")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
+    check_teacher_settings(cfg)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "
                           f"({c.exchange_every}), got {c.exchange_delay}")
@@ -679,6 +700,26 @@ def _validate_knobs(cfg: Config) -> None:
     from .trackers import check_trackers
 
     check_trackers(t.trackers)
+
+
+def _uses_cuda(cfg) -> bool:
+    import torch
+
+    return cfg.dist.backend == "nccl" or (cfg.dist.backend == "auto" and torch.cuda.is_available())
+
+
+def check_teacher_settings(cfg) -> None:
+    """The cheaper-teacher settings (cheap_teachers.py), as one ConfigError line."""
+    from .cheap_teachers import check_cheap_teachers
+
+    c = cfg.codistill
+    try:
+        check_cheap_teachers(c.distill_fraction, c.teacher_every, c.teacher_dtype, c.teacher_topk,
+                             "cuda" if _uses_cuda(cfg) else "cpu")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c.teacher_topk is not None and c.loss != "kl":
+        raise ConfigError(f"codistill.teacher_topk needs codistill.loss=kl, got {c.loss}")
 
 
 def effective_precision(cfg: Config) -> str:

@@ -70,10 +70,12 @@ class Teachers:
                 if self.versions[j] >= first and (oldest is None or self.versions[j] >= oldest)}
 
     @torch.no_grad()
-    def logits(self, batch, forward=None, trained_only: bool = False, step: int | None = None) -> list[torch.Tensor]:
+    def logits(self, batch, forward=None, trained_only: bool = False, step: int | None = None,
+               runnable=None) -> list[torch.Tensor]:
         """Each available teacher's output on the student's own batch (the one teacher forward of
-        the library). forward(teacher, batch) -> logits; default teacher(batch)."""
-        teachers = self.available(trained_only, step).values()
+        the library). forward(teacher, batch) -> logits; default teacher(batch). runnable(j, teacher)
+        -> the module to run in its place (a lower-precision copy; cheap_teachers.py)."""
+        teachers = [runnable(j, m) if runnable else m for j, m in self.available(trained_only, step).items()]
         if forward is None:
             return [m(batch) for m in teachers]
         return [forward(m, batch) for m in teachers]

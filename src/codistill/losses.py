@@ -14,6 +14,7 @@ scale independent of tau.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,9 @@ def codistillation_loss(student: torch.Tensor, teachers: Sequence[torch.Tensor],
                         label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Task loss plus alpha times the mean distillation loss to each teacher.
 
-    student: (N, C) logits; teachers: n-1 tensors (N, C); target: (N,) class indices. Rows whose
+    student: (N, C) logits; teachers: n-1 tensors (M, C) or `TopKTeacher`s of M rows, M <= N: the
+    teachers' rows are the student's first M (distill_fraction < 1), the distillation term their mean;
+    target: (N,) class indices. Rows whose
     target is `ignore_index` (padding in translation) are left out of both terms, by weighting
     rather than indexing: no host synchronization and no copy of the logits per teacher.
     Returns {"total", "task", "distill"}; "distill" is the unweighted mean over teachers (0 when
@@ -75,10 +78,23 @@ def codistillation_loss(student: torch.Tensor, teachers: Sequence[torch.Tensor],
     if len(teachers) == 0:
         distill = student.new_zeros(())
     else:
-        weight = (target != ignore_index).to(student.dtype)
-        per_row = mean_distillation_per_row(student, teachers, kind, temperature)
+        rows = teacher_rows(teachers[0])  # distill_fraction < 1: the teachers saw the leading rows only
+        if rows > student.shape[0]:
+            raise ValueError(f"teachers' logits have {rows} rows, the student's only {student.shape[0]}")
+        student_d, target_d = student[:rows], target[:rows]  # the same tensors when rows = N
+        weight = (target_d != ignore_index).to(student.dtype)
+        if isinstance(teachers[0], TopKTeacher):
+            if kind != "kl":
+                raise ValueError(f"top-k teachers need the kl distillation loss, got {kind!r}")
+            per_row = topk_kl_per_row(student_d, teachers, temperature)
+        else:
+            per_row = mean_distillation_per_row(student_d, teachers, kind, temperature)
         distill = (per_row * weight).sum() / weight.sum().clamp_min(1)
     return {"total": task + alpha * distill, "task": task, "distill": distill}
+
+
+def teacher_rows(teacher) -> int:
+    return (teacher.log_p if isinstance(teacher, TopKTeacher) else teacher).shape[0]
 
 
 def mean_distillation_per_row(student: torch.Tensor, teachers: Sequence[torch.Tensor], kind: str = "kl",
@@ -106,3 +122,45 @@ def mean_distillation_per_row(student: torch.Tensor, teachers: Sequence[torch.Te
                 neg_entropy.add_((p * log_p).sum(-1), alpha=1.0 / m)
     cross = -(p_bar * F.log_softmax(student / tau, dim=-1)).sum(-1)
     return (neg_entropy + cross if kind == "kl" else cross) * (tau * tau)
+
+
+class TopKTeacher(NamedTuple):
+    """A teacher's distribution at temperature tau, kept as its top-k classes plus one bucket:
+    log_p (N, k) log-probabilities of its k most likely classes, index (N, k) those classes,
+    log_rest (N,) log of the mass outside them (-inf when k = C)."""
+    log_p: torch.Tensor
+    index: torch.Tensor
+    log_rest: torch.Tensor
+
+
+@torch.no_grad()
+def topk_teacher(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopKTeacher:
+    """The (N, C) logits reduced to N x k numbers (plus N), so the teachers' logits need not be kept
+    at tokens x vocabulary. k > C is taken as C."""
+    z = logits.float() / float(temperature)
+    k = min(k, z.shape[-1])
+    log_z = z.logsumexp(-1)
+    top, index = z.topk(k, dim=-1)
+    log_rest = z.scatter(-1, index, float("-inf")).logsumexp(-1) - log_z  # exactly -inf when k = C
+    return TopKTeacher(top - log_z.unsqueeze(-1), index, log_rest)
+
+
+def topk_kl_per_row(student: torch.Tensor, teachers: Sequence[TopKTeacher], temperature: float = 1.0) -> torch.Tensor:
+    """1/m sum_t KL_k(teacher_t || student) per row, shape (N,), times tau^2:
+
+        KL_k(t || s) = sum_{c in K_t} p_t[c] (log p_t[c] - log p_s[c]) + r_t (log r_t - log r_s)
+
+    K_t the teacher's k most likely classes, r = 1 - sum_{c in K_t} p[c] the mass outside them (the
+    bucket), p = softmax(logits / tau). It is the KL between the two (k + 1)-outcome distributions,
+    so 0 <= KL_k <= KL (data processing), equal to the full KL when k = C (r_t = 0)."""
+    tau = float(temperature)
+    log_p_student = F.log_softmax(student.float() / tau, dim=-1)
+    total = log_p_student.new_zeros(student.shape[:-1])
+    for t in teachers:
+        log_p_s = log_p_student.gather(-1, t.index)
+        p_t = t.log_p.exp()
+        rest_t = t.log_rest.exp()
+        rest_s = (1 - log_p_s.exp().sum(-1)).clamp_min(torch.finfo(log_p_s.dtype).tiny)
+        bucket = torch.where(rest_t > 0, rest_t * (t.log_rest - rest_s.log()), torch.zeros_like(rest_t))
+        total = total + (p_t * (t.log_p - log_p_s)).sum(-1) + bucket
+    return total / len(teachers) * (tau * tau)

@@ -65,7 +65,9 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           teacher_mode=c.teacher_mode, teacher_precision=teacher_precision,
                           exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical,
                           outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo,
-                          trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age)
+                          trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age,
+                          distill_fraction=c.distill_fraction, teacher_every=c.teacher_every,
+                          teacher_dtype=c.teacher_dtype, teacher_topk=c.teacher_topk)
 
 
 class Trainer:
