@@ -45,7 +45,7 @@ def check_table(name: str, proc: subprocess.CompletedProcess, out: Path) -> dict
 def test_step_overhead_quick(tmp_path):
     import statistics
 
-    result = check_table("step_overhead", bench("step_overhead", tmp_path, 120), tmp_path)
+    result = check_table("step_overhead", bench("step_overhead", tmp_path, 240), tmp_path)
     md = (tmp_path / "step_overhead.md").read_text()
     for name, r in result["data"]["results"].items():
         assert set(r["efficiency"]) == {"2", "4"}
@@ -58,6 +58,16 @@ def test_step_overhead_quick(tmp_path):
         # what was timed, not of a speed target).
         assert r["teacher_forwards_per_step"] == {"2": 1, "4": 3}
         assert all(v > 0 for v in med.values())
+    # The teacher-cost table: every cheaper-teacher setting timed against the all-reduce step, and each
+    # setting's timed block really ran the teachers as often as it says (counted with hooks).
+    cost = result["data"]["teacher_cost"]["cnn_tiny"]
+    forwards = cost["teacher_forwards_per_block"]
+    assert forwards["allreduce"] == 0 and forwards["teacher_every 2"] == 2 and forwards["teacher_every 4"] == 1
+    assert forwards["fp32, full batch, every step (paper)"] == 4 and forwards["distill_fraction 0.25"] == 4
+    assert "teacher_topk 32" not in cost["ratio"]  # language models only
+    for name, ratio in cost["ratio"].items():
+        assert ratio == statistics.median(cost["ratio_per_repeat"][name]) > 0
+        assert f"| cnn_tiny | {name} |" in md and f"{ratio:.2f}" in md
 
 
 def test_bytes_quick_counters_agree_with_formulas(tmp_path):

@@ -36,6 +36,7 @@ import torch
 
 from ..config import load_config
 from ..exchange import Teachers
+from . import teacher_cost
 from .common import Result, fmt, machine_info, markdown_table, median
 
 
@@ -53,19 +54,10 @@ def _block(fn, iters: int) -> float:
 
 
 def _trainer(ctx, model: str, data: str, batch: int, n: int, exchange_dir: str, precision: str = "fp32"):
-    """A real Trainer of one model group of one worker; its n - 1 teachers marked as holding weights."""
-    from ..trainer import Trainer
-
-    sets = [f"model.name={model}", f"data.name={data}", f"data.batch_size={batch}", f"codistill.n_models={n}",
-            "train.progress=false", f"codistill.teacher_precision={precision}", "train.steps=1000000"]
-    if n > 1:
-        sets += ["codistill.exchange=storage", f"codistill.exchange_dir={exchange_dir}", "codistill.model_index=0",
-                 "codistill.exchange_every=1000000",
-                 "codistill.alpha_schedule=constant"]  # the default burn-in would skip the teachers for T steps
-    trainer = Trainer(load_config(None, sets), ctx, None)
-    trainer.maybe_exchange()  # step 0's (publishes this model; no peer publishes here)
-    trainer.teachers.mark_received(0)  # as after the first exchange with peers: every teacher takes part
-    return trainer
+    """A real Trainer of one model group of one worker; its n - 1 teachers marked as holding weights
+    (each trainer exchanges through a directory of its own)."""
+    where = Path(exchange_dir) / f"{model}_n{n}_{precision}"
+    return teacher_cost.build_trainer(ctx, model, n, where, precision=precision, data=data, batch=batch)
 
 
 def measure_model(name: str, ns: list[int], batch: int, repeats: int, iters: int, warmup: int = 2,
@@ -217,6 +209,11 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
             "results": {k: {**v, "efficiency": {str(n): e for n, e in v["efficiency"].items()},
                             "efficiency_per_repeat": {str(n): e for n, e in v["efficiency_per_repeat"].items()}}
                         for k, v in results.items()}}
+    cost = teacher_cost.run_all(["cnn_tiny"] if quick else teacher_cost.FULL_MODELS, 3 if quick else 7)
+    data["teacher_cost"] = cost
+    cost_table, cost_notes = teacher_cost.table(cost)
+    table += "\n\nTeacher cost per setting: codistillation step / all-reduce step's compute:\n\n" + cost_table
+    notes += cost_notes
     if not quick:
         effect = bf16_accuracy_effect(Path(out))
         data["bf16_teachers"] = effect
