@@ -14,6 +14,7 @@ import json
 import os
 
 import pytorch_lightning as pl
+from pytorch_lightning.strategies import DDPStrategy
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from codistill.data import load_dataset, make_splits
 from codistill.lightning import CodistillStrategy
 from codistill.models import build_model
+from codistill.topology import model_seed
 
 
 class Classifier(pl.LightningModule):
@@ -80,6 +82,23 @@ class CheckExchange(pl.Callback):
         self.expected = None
 
 
+class SeededDDP(DDPStrategy):
+    """Lightning's DDP with the sampler seed given, as CodistillStrategy gives it (Lightning's own
+    comes from seed_everything, which takes 32 bits), and the RNG seeded with it at setup."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        torch.manual_seed(self.seed)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        return {**super().distributed_sampler_kwargs, "seed": self.seed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", choices=("ddp", "codistill"), required=True)
@@ -104,7 +123,9 @@ def main() -> None:
         strategy = CodistillStrategy(n_models=args.n_models, every=args.every)
         callbacks.append(CheckExchange(args.every))
     else:
-        strategy = "ddp"
+        # What CodistillStrategy does for model 0: its own seed (codistill.seeds, not the run's seed
+        # itself) for the sampler's shuffle and the RNG from setup on.
+        strategy = SeededDDP(model_seed(args.seed, 0))
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=args.steps,
                          callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=None,
