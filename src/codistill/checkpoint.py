@@ -75,7 +75,8 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 MANIFEST_FIELDS = {"step": int, "dir": str, "world_size": int, "sha256": dict}
-FILE_NAME = re.compile(r"(model|rank)_\d+\.pt")
+# model_0.pt / rank_3.pt; a sharded run's DCP files: model_0/.metadata, model_0/__1_0.distcp
+FILE_NAME = re.compile(r"(model|rank)_\d+\.pt|model_\d+/(\.metadata|__\d+_\d+\.distcp)")
 STEP_DIR = re.compile(r"step_\d+")
 
 
@@ -133,7 +134,7 @@ def latest_model_states(run_dir: Path) -> dict[str, dict]:
     if manifest is None:
         raise CheckpointError(f"{run_dir} has no checkpoint")
     return {name: load_entry(Path(run_dir), manifest, name) for name in sorted(manifest["sha256"])
-            if name.startswith("model_")}
+            if name.startswith("model_") and name.endswith(".pt")}
 
 
 def rng_state(device: torch.device) -> dict:

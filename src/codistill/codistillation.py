@@ -24,6 +24,7 @@ are the ones the schedule says.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Callable
@@ -37,8 +38,9 @@ from .accounting import CommCounter, counting_allreduce_hook
 from .cheap_teachers import LowPrecisionTeachers, check_cheap_teachers, leading_rows, should_run_teachers
 from .data.sampling import ShardSampler
 from .data.splits import model_indices
-from .exchange import Exchange, Exchanger, NoExchange, Teachers
+from .exchange import Exchange, Exchanger, NoExchange, Teachers, broadcast_buffers
 from .losses import TopKTeacher, codistillation_loss, topk_teacher
+from .sharding import PARALLEL, forward_gather_bytes, gathered, model_mesh, shard_model, sharded_traffic
 from .topology import Topology, build_topology, model_seed
 
 
@@ -46,7 +48,7 @@ def _collective(c: "Codistillation") -> Exchange:
     if not len(c.teachers):
         return NoExchange()
     return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter, wire_dtype=c.wire_dtype,
-                     hierarchical=c.hierarchical)
+                     hierarchical=c.hierarchical and c.mesh is None)
 
 
 def _storage(c: "Codistillation") -> Exchange:
@@ -65,7 +67,7 @@ def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
 
         lr, momentum, nesterov = AVERAGING if averaging else c.outer
         sync = OuterSync(c.module, c.topo, c.every, lr, momentum, nesterov, counter=c.counter,
-                         hierarchical=c.hierarchical)
+                         hierarchical=c.hierarchical and c.mesh is None)
         sync.start_together()  # one starting point (model 0's), before anyone records "initial"
         return sync
 
@@ -122,6 +124,11 @@ class Codistillation:
     topology, counter: pass them to share a grid or byte counter already built.
     wrap: wrap the model in DDP over its model group (False when a framework wraps it, as the
         Lightning strategy does; `model` is then the module itself).
+    parallel: `ddp` (every worker of a group holds the whole model) or `fsdp`: the model and its
+        teachers are sharded over the model group with FSDP2 (sharding.py; `model` is the sharded
+        module itself), and the exchange and outer steps move each worker's shard over its column
+        (1/k of a model per worker). `hierarchical` then changes nothing: each shard already
+        crosses between groups once, as the hierarchical exchange arranges for DDP.
     trained_teachers_only: never distill toward a teacher that still holds the initial weights
         handed out at step 0 (through storage, a slow peer's first trained file can arrive long after
         step T); the trainer sets it with the default burn-in.
@@ -144,7 +151,7 @@ class Codistillation:
                  device: torch.device | None = None, topology: Topology | None = None,
                  counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False,
                  max_teacher_age: int = 0, distill_fraction: float = 1.0, teacher_every: int = 1,
-                 teacher_dtype: str = "fp32", teacher_topk: int | None = None):
+                 teacher_dtype: str = "fp32", teacher_topk: int | None = None, parallel: str = "ddp"):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if teacher_precision not in WIRE_DTYPES:
@@ -155,6 +162,10 @@ class Codistillation:
             raise ValueError("exchange_dtype applies to the collective exchange only")
         if hierarchical and exchange == "storage":
             raise ValueError("hierarchical applies to the collective exchange and DiLoCo / local SGD")
+        if parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
+        if parallel == "fsdp" and (exchange == "storage" or not wrap):
+            raise ValueError("parallel='fsdp' needs the collective exchange (or DiLoCo / local SGD) and wrap=True")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
         self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
@@ -171,23 +182,34 @@ class Codistillation:
         self.seed = model_seed(seed, self.topo.model_index)
         self.counter = counter if counter is not None else CommCounter()
 
+        # Sharded: each model and teacher over the model group's mesh, in place (sharding.py).
+        self.mesh = model_mesh(self.topo.model_group, self.device) if parallel == "fsdp" else None
+        shard = (lambda m: shard_model(m, self.mesh)) if self.mesh is not None else (lambda m: m)
         build = _by_index(make_model)
         torch.manual_seed(self.seed)
-        self.module = build(self.topo.model_index).to(self.device)  # this worker's model, unwrapped
+        self.module = shard(build(self.topo.model_index).to(self.device))  # this worker's model, no DDP
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
             peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
-            teachers = {j: build(j).to(self.device) for j in peers}
+            teachers = {j: shard(build(j).to(self.device)) for j in peers}
         self.teachers = Teachers(teachers, teacher_mode, max_teacher_age)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
-        self.model.register_forward_pre_hook(self._before_forward)
+        # First among the forward pre-hooks: the exchange reads the shards before FSDP gathers them.
+        self.model.register_forward_pre_hook(self._before_forward, prepend=True)
+        # In-group traffic of a sharded model, counted as its all-reduce: the student's gathers per
+        # forward + backward and reduce-scatter per update, each teacher's gather per forward.
+        k = self.topo.replicas
+        self._gather_bytes, self._reduce_bytes = sharded_traffic(self.module, k) if self.mesh is not None else (0, 0)
+        self._teacher_gather_bytes = {j: forward_gather_bytes(m, k) if self.mesh is not None else 0
+                                      for j, m in self.teachers.modules.items()}
         self.exchanger = EXCHANGES[exchange](self)  # checked above
         self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.step = 0  # completed optimizer steps
         self._exchanged_step = -1  # the step whose exchange already ran
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica."""
-        if self.topo.replicas == 1:
+        """DDP over this model's group, counting its all-reduce bytes; no wrapper for one replica
+        (nor for a sharded module: FSDP is its own wrapper)."""
+        if self.topo.replicas == 1 or self.mesh is not None:
             return module
         ddp = DDP(module, process_group=self.topo.model_group,
                   device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -213,6 +235,16 @@ class Codistillation:
     def _before_forward(self, module: nn.Module, args) -> None:
         if module.training:  # not evaluation: that happens between steps
             self.maybe_exchange()
+            if self.mesh is not None:  # as DDP does before every training forward
+                broadcast_buffers(self.module, self.topo)
+                self.counter.allreduce_sent += self._gather_bytes
+
+    def evaluating(self):
+        """A context for evaluating (or sampling from) the model outside the training steps: a
+        sharded model is gathered on every worker of its group (collective: all call it), each
+        worker keeping its own buffers as under DDP (which syncs them only in training forwards);
+        nothing for DDP."""
+        return gathered(self.module) if self.mesh is not None else contextlib.nullcontext()
 
     def maybe_exchange(self) -> None:
         """Run this step's exchange, once (teacher_logits and loss call it too)."""
@@ -233,6 +265,8 @@ class Codistillation:
         if not should_run_teachers(self.step, self.teacher_every):
             return []
         batch = leading_rows(batch, self.distill_fraction)
+        for j in self.teachers.available(self.trained_teachers_only, self.step):  # sharded: their gathers
+            self.counter.allreduce_sent += self._teacher_gather_bytes[j]
         dtype = WIRE_DTYPES[self.teacher_precision]  # fp32: None, bf16, fp16
         amp = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         if self.teacher_stream is None:
@@ -275,6 +309,9 @@ class Codistillation:
     def on_optimizer_step(self, *_) -> None:
         """One update done (installed on `optimizer.step` by `attach`)."""
         self.step += 1
+        if self.mesh is not None:  # FSDP's gradient reduce-scatter of this update
+            self.counter.allreduce_sent += self._reduce_bytes
+            self.counter.allreduce_calls += 1
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Attached":
         """Count `optimizer`'s steps from now on (a hook on `optimizer.step`).

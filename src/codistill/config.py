@@ -236,6 +236,11 @@ class TrainConfig:
     and no TF32). Bitwise-exact resume holds on CPU either way; on GPU it needs this switch."""
     checkpoint_every: int = 0
     """Save the full run state every this many steps (0: only at the end)."""
+    parallel: str = "ddp"
+    """How a model is data-parallel over its group of k workers: `ddp` (each worker holds the whole
+    model, its gradients and optimizer state) or `fsdp` (FSDP2: each worker holds 1/k of them, and
+    of every teacher; the exchange and DiLoCo's outer step move each worker's shard, 1/k of a model
+    per worker). Same results up to floating-point reduction order; docs/performance.md (memory)."""
     nonfinite: str = "stop"
     """On a NaN or infinite loss: `stop` (error naming step, model and rank; the last good checkpoint
     stays) or `skip` (that update is skipped on every replica and counted)."""
@@ -375,6 +380,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "codistill.teacher_precision": ("fp32", "bf16", "fp16"),
     "codistill.teacher_dtype": ("fp32", "bf16", "int8"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
@@ -572,6 +578,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("codistill.exchange_dtype applies to exchange=collective only")
         if c.exchange_hierarchical:
             raise ConfigError("codistill.exchange_hierarchical applies to exchange=collective only")
+        if cfg.train.parallel != "ddp":
+            raise ConfigError("train.parallel=fsdp needs codistill.exchange=collective (storage exchanges "
+                              "whole models)")
+    if cfg.train.parallel == "fsdp" and cfg.train.precision == "fp16":
+        # GradScaler would look for inf/NaN in each worker's shard only: replicas could disagree.
+        raise ConfigError("train.precision=fp16 is not supported with train.parallel=fsdp yet; use bf16")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
     check_teacher_settings(cfg)

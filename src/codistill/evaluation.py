@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .losses import IGNORE_INDEX
+from .sharding import local
 from .topology import Topology
 
 SUBSET_SEED = 4321  # fixed: the budgeted subset is the same at every evaluation, for every model and run
@@ -148,8 +150,21 @@ def evaluate(model: nn.Module, batches: Iterable, forward: Callable, topo: Topol
     return score.result()
 
 
+def initial_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """theta_0 for `parameter_distance`: an fp32 copy of this worker's parameters (its shards when
+    sharded) kept on the CPU, so the metric costs no device memory between log steps."""
+    return [local(p).detach().float().to("cpu", copy=True) for p in model.parameters()]
+
+
 def parameter_distance(model: nn.Module, initial: list[torch.Tensor]) -> float:
-    """||theta_t - theta_0||_2 over all parameters (the paper's Fig. 1c)."""
+    """||theta_t - theta_0||_2 over all parameters (the paper's Fig. 1c); for a sharded model the
+    shards' squared distances are summed over the model group."""
     with torch.no_grad():
-        sq = sum(((p.detach().float() - p0) ** 2).sum() for p, p0 in zip(model.parameters(), initial))
+        params = list(model.parameters())
+        sq = torch.zeros((), device=local(params[0]).device if params else "cpu")
+        for p, p0 in zip(params, initial):
+            sq += ((local(p).detach().float() - p0.to(sq.device)) ** 2).sum()
+        mesh = next((p.device_mesh for p in params if isinstance(p, DTensor)), None)
+        if mesh is not None:
+            dist.all_reduce(sq, group=mesh.get_group())
     return float(sq) ** 0.5

@@ -27,6 +27,7 @@ import torch.nn as nn
 from .accounting import CommCounter
 from .flat import FlatState
 from .publish_check import check_finite_before_publishing
+from .sharding import is_sharded
 from .stall_clock import StallClock
 from .topology import Topology
 
@@ -50,9 +51,14 @@ class Teachers:
         self.max_age = max_age  # > 0: teachers older than this many steps sit out (0: never)
         self.modules = {j: freeze_as_teacher(m, mode) for j, m in sorted(modules.items())}
         self.flats = {}
+        # A sharded teacher's shards belong to FSDP (it gathers them for the forward): the flat
+        # buffers receive, and `mark_received` copies them in. Otherwise the teacher's tensors
+        # become views into the flat buffers, and receiving is all there is.
+        self.bound = not any(is_sharded(m) for m in self.modules.values())
         for j, m in self.modules.items():
             self.flats[j] = FlatState(m)
-            self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
+            if self.bound:
+                self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
         self.versions = {j: -1 for j in self.modules}  # source step of each teacher's weights
         # Only the methods below write `versions`: mark_received, load_state_dict.
 
@@ -90,13 +96,19 @@ class Teachers:
         """Teachers `models` (default: all) now hold their model's state after `step` updates."""
         for j in self.versions if models is None else models:
             self.versions[j] = step
+            if not self.bound:
+                self.flats[j].unpack(self.modules[j])
 
     def state_dict(self) -> dict:
-        return {"versions": {str(j): v for j, v in self.versions.items()},
-                "teachers": flats_state(self.flats)}
+        """Their age and, unless sharded (a sharded checkpoint saves the teachers' modules), weights."""
+        state = {"versions": {str(j): v for j, v in self.versions.items()}}
+        if self.bound:
+            state["teachers"] = flats_state(self.flats)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        load_flats(self.flats, state["teachers"])
+        if self.bound:  # sharded teachers are loaded as modules (sharded_checkpoint.py)
+            load_flats(self.flats, state["teachers"])
         self.versions.update({int(j): v for j, v in state["versions"].items()})
 
 
@@ -134,6 +146,17 @@ class NoExchange:
         pass
 
 
+def broadcast_buffers(model: nn.Module, topo: Topology) -> list:
+    """Replica 0's buffers to every replica of the model group; returns them."""
+    buffers = list(model.buffers())
+    if topo.replicas > 1:
+        src = topo.grid.rank(topo.job_model, 0)
+        works = [dist.broadcast(b, src=src, group=topo.model_group, async_op=True) for b in buffers]
+        for w in works:
+            w.wait()
+    return buffers
+
+
 def sync_buffers(model: nn.Module, topo: Topology, counter: CommCounter) -> None:
     """Give every replica of our model replica 0's buffers before they are sent.
 
@@ -143,12 +166,8 @@ def sync_buffers(model: nn.Module, topo: Topology, counter: CommCounter) -> None
     """
     if topo.replicas == 1:
         return
-    src = topo.grid.rank(topo.job_model, 0)
-    buffers = list(model.buffers())
-    works = [dist.broadcast(b, src=src, group=topo.model_group, async_op=True) for b in buffers]
-    for w in works:
-        w.wait()
-    if topo.rank == src:
+    buffers = broadcast_buffers(model, topo)
+    if topo.replica_index == 0:
         counter.buffer_sync_sent += (topo.replicas - 1) * sum(b.numel() * b.element_size() for b in buffers)
 
 

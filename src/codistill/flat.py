@@ -4,6 +4,10 @@ Packing once into preallocated buffers means an exchange costs one copy and one 
 dtype, whatever the number of parameter tensors. `bind` goes further for teachers: it makes the
 module's tensors *views* into the flat buffers, so receiving into the buffers updates the teacher
 with no copy at all.
+
+For a sharded module (sharding.py) the state is this worker's shard of every parameter (and the
+whole buffers, which FSDP does not shard): a FlatState of a model and one of its teacher on the same
+worker have the same layout, so shards travel between the workers of a column like whole states.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .sharding import local
+
 
 def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and buffers in state_dict order (identical for two modules of one architecture).
-    A tensor shared by two modules (an output layer tied to the embedding) appears under both names."""
-    return [(k, v) for k, v in module.state_dict(keep_vars=True).items()]
+    """Parameters and buffers in state_dict order (identical for two modules of one architecture);
+    this worker's shard of a sharded parameter. A tensor shared by two modules (an output layer tied
+    to the embedding) appears under both names."""
+    return [(k, local(v)) for k, v in module.state_dict(keep_vars=True).items()]
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -51,7 +58,7 @@ class FlatState:
                              and t.is_contiguous(memory_format=torch.channels_last))
             self.layout.append((t.dtype, offset, t.shape, channels_last))
             sizes[t.dtype] = offset + t.numel()
-        first = next(iter(module.state_dict().values()), torch.empty(0))
+        first = local(next(iter(module.state_dict().values()), torch.empty(0)))
         device = device if device is not None else first.device
         self.buffers = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
 
@@ -79,7 +86,7 @@ class FlatState:
     def _tensors(self, module: nn.Module) -> list[torch.Tensor]:
         """`module`'s distinct tensors, in the order of `names`."""
         state = module.state_dict(keep_vars=True)
-        return [state[name] for name in self.names]
+        return [local(state[name]) for name in self.names]
 
     def pack(self, module: nn.Module) -> None:
         """Copy `module`'s state into the buffers."""

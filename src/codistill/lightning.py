@@ -19,6 +19,9 @@ Models differ by their data order and, when built in `configure_model` or with d
 seed: after setup every rank is seeded with its model's seed (`model_seed(seed, j)`, `seed` being
 the `seed_everything` seed), the same for all replicas of one model, as Lightning seeds all ranks.
 
+DDP only: sharded model groups (`parallel='fsdp'`) need codistill's trainer or your own loop with
+`Codistillation`; passing it here is an error.
+
 Not covered: Lightning checkpoints hold the module and optimizer of global rank 0 (model 0); the
 teachers are not saved, so a resumed run distills only after its next exchange.
 """
@@ -58,6 +61,10 @@ class CodistillStrategy(DDPStrategy):
             raise ValueError(f"n_models must be >= 1, got {n_models}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if (codistill_options or {}).get("parallel", "ddp") != "ddp":
+            # Lightning's sharded strategies are other Strategy classes; this one is DDP's.
+            raise ValueError("CodistillStrategy is DDP-only: parallel='fsdp' (sharded model groups) works in "
+                             "codistill's trainer and in your own loop with codistill.Codistillation")
         if "process_group" in ddp_kwargs:
             raise ValueError("CodistillStrategy sets DDP's process_group (each model's own group)")
         super().__init__(**ddp_kwargs)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from .accounting import CommCounter
 from .exchange import sync_buffers
 from .publish_check import check_finite_before_publishing
+from .sharding import as_dtensor, local
 from .stall_clock import StallClock
 from .topology import Topology
 
@@ -44,11 +46,20 @@ class OuterSync:
             raise ValueError(f"outer period must be > 0, got {every}")
         self.model, self.topo, self.every = model, topo, every
         self.counter = counter if counter is not None else CommCounter()
-        self.params = [p for p in model.parameters()]
+        # A sharded model's shards (sharding.local aliases FSDP's storage): each worker averages and
+        # steps its own shard with worker r of the other groups, 1/k of the model.
+        self.params = [local(p) for p in model.parameters()]
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         # The outer optimizer owns a copy of the parameters: the global model of Algorithm 1.
         self.global_params = [p.detach().clone() for p in self.params]
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
+        # Sharded: the global copy and momentum are shards too, saved as DTensors (`sharded_state`)
+        # so a run resumes at another k. The momentum exists from the start (zeros: SGD's first
+        # step then sets it to the gradient, as when it creates it), so a checkpoint always has it.
+        self.like = [p for p in model.parameters()] if isinstance(next(model.parameters()), DTensor) else None
+        if self.like is not None and momentum > 0:
+            for g in self.global_params:
+                self.outer.state[g]["momentum_buffer"] = torch.zeros_like(g)
         self.dirty = True  # local steps taken since the last outer step
         self.step = 0  # the step of the last maybe_exchange
         self.started = False  # every group holds model 0's initialization
@@ -154,10 +165,25 @@ class OuterSync:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        if self.like is not None:  # the tensors are in `sharded_state`
+            return {"dirty": self.dirty}
         return {"global": [g.detach().to("cpu", copy=True) for g in self.global_params], "outer": self.outer.state_dict(),
                 "dirty": self.dirty}
 
+    def sharded_state(self) -> dict:
+        """The global copy and momentum as DTensors laid out like the parameters, aliasing ours (a
+        torch.distributed.checkpoint loads into them in place)."""
+        state = {}
+        for i, (g, like) in enumerate(zip(self.global_params, self.like)):
+            state[f"global.{i}"] = as_dtensor(g, like)
+            if "momentum_buffer" in self.outer.state[g]:
+                state[f"momentum.{i}"] = as_dtensor(self.outer.state[g]["momentum_buffer"], like)
+        return state
+
     def load_state_dict(self, state: dict) -> None:
+        if self.like is not None:
+            self.dirty = state["dirty"]
+            return
         with torch.no_grad():
             for g, saved in zip(self.global_params, state["global"]):
                 g.copy_(saved)

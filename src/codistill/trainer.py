@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from . import checkpoint as ckpt
+from . import sharded_checkpoint
 from .codistillation import Codistillation
 from .config import Config, check_world_size, effective_precision, to_dict
 from .distributed import DistContext, configure_device
-from .evaluation import parameter_distance
+from .evaluation import initial_parameters, parameter_distance
 from .faults import NonFiniteLossError, PeerError, inject_fault, parse_fault, peer_error
 from .metrics import MetricsWindow
 from .optim_step import autocast, clip_grad_norm, grad_scaler, grad_sync_paused
@@ -67,7 +69,7 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           outer=(o.lr, o.momentum, o.nesterov), seed=cfg.train.seed, device=device, topology=topo,
                           trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age,
                           distill_fraction=c.distill_fraction, teacher_every=c.teacher_every,
-                          teacher_dtype=c.teacher_dtype, teacher_topk=c.teacher_topk)
+                          teacher_dtype=c.teacher_dtype, teacher_topk=c.teacher_topk, parallel=cfg.train.parallel)
 
 
 class Trainer:
@@ -97,7 +99,7 @@ class Trainer:
         self.codist = build_codistillation(cfg, self.task, topo, self.device, self.schedules.alpha)
         self.model, self.teachers = self.codist.module, self.codist.teachers
         self.counter, self.exchanger = self.codist.counter, self.codist.exchanger
-        self.initial = [p.detach().float().clone() for p in self.model.parameters()]
+        self.initial = initial_parameters(self.model)  # on the CPU
         self.optimizer = build_optimizer(self.model, cfg)
         self.precision = effective_precision(cfg)
         self.scaler = grad_scaler(self.device, self.precision)
@@ -284,7 +286,8 @@ class Trainer:
         # (a straggler's cost), and the evaluation's own duration is what follows.
         dist.barrier()
         eval_start = time.perf_counter() - self._t0
-        result = self.task.evaluate(self.model, "val", self.topo)
+        with self.codist.evaluating():  # a sharded model gathered for the evaluation
+            result = self.task.evaluate(self.model, "val", self.topo)
         self.counter.eval_sent += result.get("bytes_sent", 0)  # the evaluation's traffic between models
         result["step"] = self.step
         self.last_eval = result
@@ -324,28 +327,37 @@ class Trainer:
             self.codist.wait()  # a transfer in flight is part of the state: complete it on every rank
             self.save_checkpoint()
 
+    def rank_state(self) -> dict:
+        """What each rank saves of its own: RNG, byte counters, skipped steps, the metrics window."""
+        return {"rng": ckpt.rng_state(self.device), "counter": self.counter.as_dict(),
+                "skipped_steps": self.skipped_steps, **self.window.state_dict()}
+
     def save_checkpoint(self) -> None:
-        """This step's files on every rank, then the manifest (checkpoint.save_run_state)."""
+        """This step's files on every rank, then the manifest (checkpoint.save_run_state; sharded
+        runs: sharded_checkpoint.save)."""
+        if self.codist.mesh is not None:
+            return sharded_checkpoint.save(self)
         model_state = None
         if self.topo.is_model_leader:
             model_state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            **self.codist.state_dict(), "initial": self.initial}
             if self.scaler is not None:  # fp16's loss scale and its growth tracker
                 model_state["scaler"] = self.scaler.state_dict()
-        rank_state = {"rng": ckpt.rng_state(self.device), "counter": self.counter.as_dict(),
-                      "skipped_steps": self.skipped_steps, **self.window.state_dict()}
         ckpt.save_run_state(self.run_dir, self.step, f"model_{self.model_index}.pt", model_state, self.topo.rank,
-                            rank_state, self.topo.grid.world_size)
+                            self.rank_state(), self.topo.grid.world_size)
 
     def load_checkpoint(self) -> None:
-        state, mine = ckpt.load_run_state(self.run_dir, f"model_{self.model_index}.pt", self.topo.rank,
-                                          self.topo.grid.world_size)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.codist.load_state_dict(state)  # the step, teachers and a pending transfer
-        self.initial = [t.to(self.device) for t in state["initial"]]
+        if self.codist.mesh is not None:
+            mine = sharded_checkpoint.load(self)  # model, optimizer, component; possibly another k
+        else:
+            state, mine = ckpt.load_run_state(self.run_dir, f"model_{self.model_index}.pt", self.topo.rank,
+                                              self.topo.grid.world_size)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            self.codist.load_state_dict(state)  # the step, teachers and a pending transfer
+            self.initial = [t.cpu() for t in state["initial"]]
         ckpt.set_rng_state(mine["rng"], self.device)
         self.counter.load(mine["counter"])
         self.skipped_steps = mine["skipped_steps"]
@@ -359,7 +371,8 @@ class Trainer:
         """Final evaluation, gathered over the grid into the run summary (written by rank 0)."""
         if self.last_eval.get("step") != self.step:
             self.maybe_eval(force=True)
-        test = self.task.evaluate(self.model, "test", self.topo)
+        with self.codist.evaluating():
+            test = self.task.evaluate(self.model, "test", self.topo)
         self.counter.eval_sent += test.get("bytes_sent", 0)
         mine = {"index": self.model_index, "name": self.cfg.model_names()[self.model_index],
                 "train_loss": self.last_train.get("train/task_loss"),

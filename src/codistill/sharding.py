@@ -1,0 +1,108 @@
+"""Sharded model groups (`train.parallel=fsdp`): FSDP2 applied to a model from outside.
+
+Each model is sharded over its own model group (a `DeviceMesh` built from the grid's row group) with
+`torch.distributed.fsdp.fully_shard`, as torchtitan does: one FSDP unit per block of every
+`nn.ModuleList` (a Transformer's layers), then the root, so a forward holds one block's gathered
+weights at a time. Worker r of a group keeps shard r of every parameter (dim-0 chunk r, FSDP's
+layout), its gradients and optimizer state; teachers are sharded the same way, so shard r of teacher
+j has exactly the shape of shard r of model j, and the exchange moves shards between the workers of
+one column (worker r of every group): 1/k of a model per worker (exchange.py, flat.py).
+
+Everything outside FSDP works on `local(t)`, the plain tensor behind a DTensor parameter (the
+shard), which aliases FSDP's storage, so writing into it updates the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This worker's shard of a DTensor (aliasing it), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def as_dtensor(shard: torch.Tensor, like: DTensor) -> DTensor:
+    """`shard` (this worker's part, laid out like `like`'s) as a DTensor aliasing it."""
+    return DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def model_mesh(group, device: torch.device):
+    """A one-dimensional DeviceMesh over `group` (the model's row of the grid)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device.type)
+
+
+def shard_model(module: nn.Module, mesh) -> nn.Module:
+    """fully_shard every block of every ModuleList, then the root (in place; returns the module)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _fsdp_modules(module: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Inside, every worker of the group holds the whole model (all-gathered once, collectively)
+    and forwards need no collective: evaluation may run different numbers of batches per worker,
+    and one worker alone may sample from the model. A no-op for an unsharded module."""
+    units = _fsdp_modules(module)
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield module
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def sharded_traffic(module: nn.Module, group_size: int) -> tuple[float, float]:
+    """(bytes one worker sends per forward + backward, per gradient reduce-scatter) of a sharded
+    module, in accounting.py's convention (each collective moves (k-1)/k of its payload). A forward
+    all-gathers every unit; the backward gathers the blocks again (FSDP keeps the root gathered
+    from forward to backward; a forward without backward, a teacher's, does not have it, see
+    `forward_gather_bytes`); the gradients are reduce-scattered once per update. For a root-only
+    model, forward + backward + reduce-scatter is DDP's all-reduce, 2 (k-1)/k of the model."""
+    share = (group_size - 1) / group_size
+    blocks = {id(p) for m in _fsdp_modules(module) if m is not module for p in m.parameters()}
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    inner = nbytes(p for p in module.parameters() if id(p) in blocks)
+    total = nbytes(module.parameters())
+    return share * (total + inner), share * total
+
+
+def forward_gather_bytes(module: nn.Module, group_size: int) -> float:
+    """Bytes one worker sends to gather a sharded module for one forward (a teacher's)."""
+    return (group_size - 1) / group_size * sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def group_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """Sum of a tensor over `group` (in place)."""
+    dist.all_reduce(value, group=group)
+    return value

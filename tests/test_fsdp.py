@@ -1,0 +1,137 @@
+"""Sharded model groups (train.parallel=fsdp): the same training as DDP, 1/k of the exchange bytes,
+checkpoints that resume at another number of workers per model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mp_helpers import digits_config, run_workers
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _full_state(module) -> dict:
+    """The whole model's state on every rank (a sharded one gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.state_dict().items()}
+
+
+def _twins(rank, world, cfgs, run_dir):
+    """Train each config in turn on the same processes; each run's summary and final weights."""
+    from codistill.distributed import DistContext
+    from codistill.trainer import Trainer
+
+    ctx = DistContext(rank, world, rank, "gloo", torch.device("cpu"))
+    out = []
+    for i, cfg in enumerate(cfgs):
+        tr = Trainer(cfg, ctx, None if run_dir is None else f"{run_dir}/{i}")
+        summary = tr.fit()
+        out.append({"summary": summary, "state": _full_state(tr.codist.module),
+                    "counter": tr.counter.as_dict()})
+    return out
+
+
+def _digits_sets():
+    return ["data.name=digits", "data.batch_size=16", "data.val_fraction=0.1", "model.name=cnn_tiny",
+            "schedule.name=constant", "schedule.warmup_epochs=0", "schedule.milestones=[]",
+            "optim.lr=0.05", "optim.weight_decay=0.0005", "schedule.scale_lr=false",
+            "train.progress=false", "train.log_every=4", "dist.threads=1", "train.steps=12",
+            "train.eval_every=0", "codistill.alpha_schedule=constant", "codistill.alpha_steps=0",
+            "codistill.exchange_every=4"]
+
+
+ARMS = {
+    "codistill": ["codistill.n_models=2"],
+    "codistill_async_bf16": ["codistill.n_models=2", "codistill.exchange_delay=2", "codistill.exchange_dtype=bf16"],
+    "allreduce": ["codistill.n_models=1"],
+    "diloco": ["codistill.n_models=2", "codistill.method=diloco"],
+    "localsgd": ["codistill.n_models=2", "codistill.method=localsgd", "codistill.exchange_hierarchical=true"],
+}
+
+
+def _buffer_share(state: dict, wire_fp32_bytes: int, floating_only: bool) -> float:
+    """Of one model's exchanged bytes, the fraction in buffers (BatchNorm statistics, not sharded);
+    DiLoCo and local SGD average the floating-point tensors only."""
+    state = {k: v for k, v in state.items() if v.is_floating_point() or not floating_only}
+    size = lambda v: v.numel() * (wire_fp32_bytes if v.dtype == torch.float32 else v.element_size())  # noqa: E731
+    buffers = sum(size(v) for k, v in state.items() if "running" in k or "num_batches" in k)
+    return buffers / sum(size(v) for v in state.values())
+
+
+def test_sharded_runs_match_their_ddp_twins_on_digits(tmp_path):
+    """Every arm, 2 models x 2 workers (all-reduce: 1 x 4): the same losses and final weights and
+    buffers as DDP, and the exchange bytes per worker of DDP / k for the sharded parameters."""
+    from codistill.config import load_config
+
+    cfgs = []
+    for sets in ARMS.values():
+        sets = [*_digits_sets(), *sets]
+        cfgs += [load_config(None, sets), load_config(None, [*sets, "train.parallel=fsdp"])]
+    runs = run_workers(_twins, 4, tmp_path, (cfgs, None), timeout=500)
+    for a, (arm, sets) in enumerate(ARMS.items()):
+        ddp, fsdp = [r[2 * a] for r in runs], [r[2 * a + 1] for r in runs]
+        d, f = ddp[0]["summary"], fsdp[0]["summary"]
+        for md, mf in zip(d["models"], f["models"]):
+            assert mf["train_loss"] == pytest.approx(md["train_loss"], rel=1e-4, abs=1e-5), arm
+            assert mf["val_loss"] == pytest.approx(md["val_loss"], rel=1e-4, abs=1e-5), arm
+            assert mf["param_distance"] == pytest.approx(md["param_distance"], rel=1e-4), arm
+        bad = [(arm, r, k) for r, (rd, rf) in enumerate(zip(ddp, fsdp)) for k, v in rd["state"].items()
+               if not torch.allclose(rf["state"][k].float(), v.float(), rtol=1e-4, atol=1e-5)]
+        assert not bad  # every worker ends with its DDP twin's weights and buffers
+        # Bytes: the parameters' part of the exchange / k, the buffers' as DDP (k = 2); FSDP's
+        # gathers + reduce-scatters of this root-only model cost what DDP's all-reduce does.
+        share = _buffer_share(ddp[0]["state"], 2 if "bf16" in arm else 4, "method" in " ".join(sets))
+        de, fe = d["bytes_per_worker"]["exchange"], f["bytes_per_worker"]["exchange"]
+        assert fe == pytest.approx(de * ((1 - share) / 2 + share), rel=1e-12), arm
+        assert (fe > 0) == (arm != "allreduce") and f["exchanges"] == d["exchanges"]
+        # In-group traffic: DDP's all-reduce, or FSDP's gathers + reduce-scatters (for this root-only
+        # model the same bytes) plus each teacher's gather for its forward, one per step here.
+        params = sum(v.numel() * 4 for k, v in ddp[0]["state"].items() if "running" not in k and "num_b" not in k)
+        teachers = 12 * params / 2 if "method" not in " ".join(sets) and "n_models=1" not in sets else 0
+        assert f["bytes_per_worker"]["allreduce"] == d["bytes_per_worker"]["allreduce"] + teachers > 0, arm
+
+
+def _resume(rank, world, cfgs, run_dir):
+    """Resume `run_dir` with each config in turn; a config that cannot resume gives its error."""
+    from codistill.checkpoint import CheckpointError
+    from codistill.distributed import DistContext
+    from codistill.trainer import Trainer
+
+    ctx = DistContext(rank, world, rank, "gloo", torch.device("cpu"))
+    out = []
+    for cfg in cfgs:
+        try:
+            tr = Trainer(cfg, ctx, run_dir, resume=True)
+        except CheckpointError as e:
+            out.append({"error": str(e)})
+            continue
+        out.append({"summary": tr.fit(), "state": _full_state(tr.codist.module)})
+    return out
+
+
+def test_sharded_checkpoint_resumes_at_another_number_of_workers_per_model(tmp_path):
+    """Trained 2 x 2 to step 6, resumed 2 x 1 with the same model batch to step 12: the weights of
+    the uninterrupted 2 x 2 run (up to reduction order); with another model batch, an error. An MLP:
+    BatchNorm's statistics over 16 or 32 examples would differ, so only a model without it can match."""
+    from codistill.config import load_config
+
+    sets = [*_digits_sets(), "codistill.n_models=2", "train.parallel=fsdp", "model.name=mlp",
+            "train.log_every=6"]
+    whole, first = load_config(None, sets), load_config(None, [*sets, "train.steps=6"])
+    run = tmp_path / "run"
+    uninterrupted = [r[0] for r in run_workers(_twins, 4, tmp_path, ([whole, first], str(run)), timeout=400)]
+    saved = run / "1"
+    assert sorted(p.name for p in (saved / "checkpoints/step_000006/model_0").iterdir())[0] == ".metadata"
+    other_batch = load_config(None, [*sets, "data.batch_size=16"])
+    same_batch = load_config(None, [*sets, "data.batch_size=32"])
+    resumed = run_workers(_resume, 2, tmp_path, ([other_batch, same_batch], str(saved)), timeout=400)
+    assert "data.batch_size=32" in resumed[0][0]["error"]
+    for r_new, r_old in ((0, 0), (1, 2)):
+        ref = uninterrupted[r_old]["state"]  # ranks 0 and 2 of the 2 x 2 run: models 0 and 1
+        got = resumed[r_new][1]["state"]
+        for k, v in ref.items():
+            torch.testing.assert_close(got[k].float(), v.float(), rtol=1e-4, atol=1e-5, msg=k)
+    assert resumed[0][1]["summary"]["steps"] == 12
