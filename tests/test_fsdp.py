@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mp_helpers import digits_config, run_workers
+from mp_helpers import run_workers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -90,7 +90,7 @@ def test_sharded_runs_match_their_ddp_twins_on_digits(tmp_path):
         # In-group traffic: DDP's all-reduce, or FSDP's gathers + reduce-scatters (for this root-only
         # model the same bytes) plus each teacher's gather for its forward, one per step here.
         params = sum(v.numel() * 4 for k, v in ddp[0]["state"].items() if "running" not in k and "num_b" not in k)
-        teachers = 12 * params / 2 if "method" not in " ".join(sets) and "n_models=1" not in sets else 0
+        teachers = 12 * params / 2 if arm.startswith("codistill") else 0
         assert f["bytes_per_worker"]["allreduce"] == d["bytes_per_worker"]["allreduce"] + teachers > 0, arm
 
 
@@ -120,7 +120,10 @@ def test_sharded_checkpoint_resumes_at_another_number_of_workers_per_model(tmp_p
 
     sets = [*_digits_sets(), "codistill.n_models=2", "train.parallel=fsdp", "model.name=mlp",
             "train.log_every=6"]
-    whole, first = load_config(None, sets), load_config(None, [*sets, "train.steps=6"])
+    # The uninterrupted run is DDP's twin (same weights up to reduction order; its checkpoint is
+    # DDP's, for the export test below).
+    whole = load_config(None, [s for s in sets if s != "train.parallel=fsdp"])
+    first = load_config(None, [*sets, "train.steps=6"])
     run = tmp_path / "run"
     uninterrupted = [r[0] for r in run_workers(_twins, 4, tmp_path, ([whole, first], str(run)), timeout=400)]
     saved = run / "1"
@@ -135,3 +138,68 @@ def test_sharded_checkpoint_resumes_at_another_number_of_workers_per_model(tmp_p
         for k, v in ref.items():
             torch.testing.assert_close(got[k].float(), v.float(), rtol=1e-4, atol=1e-5, msg=k)
     assert resumed[0][1]["summary"]["steps"] == 12
+    from codistill.config import dump_yaml
+
+    (run / "0/config.yaml").write_text(dump_yaml(whole))  # as `codistill train` writes it
+    (saved / "config.yaml").write_text(dump_yaml(first))
+    _check_export(run / "0", "ddp")
+    _check_export(saved, "sharded")
+
+
+def _check_export(run_dir, kind):
+    """`codistill export` of model 1 and of the ensemble: they load strictly with build_model alone
+    and score on the test split what the run's summary says."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from codistill.cli import main
+    from codistill.config import load_config
+    from codistill.export import load_exported
+    from codistill.models import build_model
+    from codistill.tasks import make_task
+    from codistill.topology import Grid, Topology
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert main(["export", str(run_dir), "--model", "1"]) == 0
+    path = run_dir / "export/model_1.safetensors"
+    with safe_open(str(path), "pt") as f:  # without codistill's loader: build_model + strict load
+        spec = json.loads(f.metadata()["codistill"])["models"][0]
+    plain = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["options"])
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    assert main(["export", str(run_dir), "--ensemble", "--out", str(run_dir / "ens.safetensors")]) == 0
+    task = make_task(load_config(run_dir / "config.yaml"), torch.device("cpu"))
+    alone = Topology(Grid(1, 1), 0, None, None)  # one model, one worker: no process group
+    score = lambda m: task.evaluate(m.eval(), "test", alone)["models"][0]  # noqa: E731
+    assert score(plain)["accuracy"] == summary["models"][1]["test_accuracy"], kind
+    assert score(plain)["loss"] == pytest.approx(summary["models"][1]["test_loss"], rel=1e-5), kind
+    ens = score(load_exported(run_dir / "ens.safetensors"))
+    assert ens["accuracy"] == summary["ensemble_test_accuracy"], kind
+    assert ens["loss"] == pytest.approx(summary["ensemble_test_loss"], rel=1e-5), kind
+    assert main(["export", str(run_dir), "--model", "2"]) == 2  # bad input: one line, nothing written
+    assert not (run_dir / "export/model_2.safetensors").exists()
+
+
+def test_sharded_gpt_matches_its_ddp_twin_and_exchanges_half_the_bytes(tmp_path):
+    """gpt_tiny (Transformer blocks sharded one by one, tied embeddings, dropout), 2 models x 2
+    workers: DDP's losses and weights, and exactly half DDP's exchange bytes per worker (no buffers)."""
+    from test_lm import lm_config, write_text
+
+    from codistill.lm.task import LMTask
+
+    sets = ["codistill.n_models=2", "codistill.exchange_every=3", "train.steps=6", "train.eval_every=0",
+            "codistill.alpha_schedule=constant", "codistill.alpha_steps=0", "lm.sample_tokens=0"]
+    corpus = write_text(tmp_path / "text"), tmp_path / "cache"
+    ddp = lm_config(*corpus, *sets)
+    LMTask.prepare(ddp, tmp_path)
+    runs = run_workers(_twins, 4, tmp_path, ([ddp, lm_config(*corpus, *sets, "train.parallel=fsdp")], None),
+                       timeout=500)
+    d, f = runs[0][0]["summary"], runs[0][1]["summary"]
+    for md, mf in zip(d["models"], f["models"]):
+        assert mf["train_loss"] == pytest.approx(md["train_loss"], rel=1e-4)
+        assert mf["val_loss"] == pytest.approx(md["val_loss"], rel=1e-4)
+    for r in runs:
+        for k, v in r[0]["state"].items():
+            torch.testing.assert_close(r[1]["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert f["bytes_per_worker"]["exchange"] == d["bytes_per_worker"]["exchange"] / 2 > 0

@@ -1,4 +1,4 @@
-"""Command line: `codistill train | compare | groups | config | bench | reproduce`."""
+"""Command line: `codistill train | compare | groups | config | bench | reproduce | export`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="gpu only: run the checks' logic on CPU with gloo")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the table, not the speed")
     p.add_argument("--out", help="directory for <name>.md/.json and run directories (default: runs/bench-<time>)")
+    p = sub.add_parser("export", help="a trained model or the ensemble as safetensors, loadable with build_model")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (DDP or sharded)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", type=int, metavar="I", help="which model (default 0)")
+    which.add_argument("--ensemble", action="store_true", help="every model, as one module averaging their probabilities")
+    p.add_argument("--out", metavar="FILE", help="default: RUN_DIR/export/model_I.safetensors or ensemble.safetensors")
     _add_reproduce(sub)
     return parser
 
@@ -155,6 +161,11 @@ def _run(args) -> int:
         return _reproduce(args)
     if args.command == "groups":
         return _groups(args)
+    if args.command == "export":
+        from .export import export
+
+        print(export(args.run_dir, model=args.model, ensemble=args.ensemble, out=args.out))
+        return 0
     if args.command == "bench" and args.name == "gpu":
         from .bench import gpu_check
 

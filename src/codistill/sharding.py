@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
@@ -100,9 +99,3 @@ def sharded_traffic(module: nn.Module, group_size: int) -> tuple[float, float]:
 def forward_gather_bytes(module: nn.Module, group_size: int) -> float:
     """Bytes one worker sends to gather a sharded module for one forward (a teacher's)."""
     return (group_size - 1) / group_size * sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def group_sum(value: torch.Tensor, group) -> torch.Tensor:
-    """Sum of a tensor over `group` (in place)."""
-    dist.all_reduce(value, group=group)
-    return value
