@@ -127,6 +127,19 @@ def load_entry(run_dir: Path, manifest: dict, name: str):
     return load_file(run_dir / "checkpoints" / manifest["dir"] / name, manifest["sha256"][name])
 
 
+def verify_entry(run_dir: Path, manifest: dict, name: str) -> None:
+    """Check one file of a checkpoint: a torch file is loaded (weights_only); a sharded run's DCP
+    file (sharded_checkpoint.py) is checked against its SHA-256."""
+    if name.endswith(".pt"):
+        load_entry(run_dir, manifest, name)
+        return
+    path = run_dir / "checkpoints" / manifest["dir"] / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if sha256_file(path) != manifest["sha256"][name]:
+        raise CheckpointError(f"checkpoint file {path} is corrupt (SHA-256 mismatch)")
+
+
 def latest_model_states(run_dir: Path) -> dict[str, dict]:
     """{"model_0.pt": state, ...} of the run's newest checkpoint, each file checked against its
     sha256 (for comparing runs: bitwise resume checks, the GPU check)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, load_entry, read_latest
+from .checkpoint import CheckpointError, read_latest, verify_entry
 from .config import Config, check_world_size, dump_yaml, load_config, to_dict
 from .distributed import init_distributed, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
@@ -53,7 +53,7 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
                         "a resumed run keeps its own config: undo the edit, or start a new run")
     check_world_size(cfg, world)
     for name in manifest["sha256"]:  # verify every file here: one clear error before any worker starts
-        load_entry(run_dir, manifest, name)
+        verify_entry(run_dir, manifest, name)
     expected = {f"rank_{r}.pt" for r in range(world)}
     ranks = {name for name in manifest["sha256"] if name.startswith("rank_")}
     if ranks != expected:

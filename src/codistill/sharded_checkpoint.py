@@ -100,9 +100,8 @@ def load(trainer) -> dict:
         raise CheckpointError(f"checkpoint {manifest['dir']} has no sharded {name} (was it written with "
                               "train.parallel=ddp?)")
     directory = run_dir / "checkpoints" / manifest["dir"]
-    for file, digest in files.items():
-        if ckpt.sha256_file(directory / file) != digest:
-            raise CheckpointError(f"checkpoint file {directory / file} is corrupt (SHA-256 mismatch)")
+    for file in files:
+        ckpt.verify_entry(run_dir, manifest, file)
     state = _dcp_state(trainer)  # templates: DCP loads into them in place
     dcp.load(state, checkpoint_id=directory / name, process_group=topo.model_group)
     set_model_state_dict(trainer.model, state["model"])

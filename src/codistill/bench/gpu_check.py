@@ -154,6 +154,22 @@ def checks(cpu: bool, work: Path):
         return (f"fp16 + GradScaler, accumulate 2, clip 1.0: val acc {s['models'][0]['val_accuracy']:.2f}, "
                 f"{logged[-1]['skipped_steps']} skipped updates, peak {logged[-1]['peak_memory_mib']:.0f} MiB")
 
+    def sharded():
+        need(2, "sharded codistillation in one job")
+        sets = ["codistill.n_models=2", "train.steps=20", "codistill.exchange_delay=2", *fast]
+        ddp = train(work / "ddp_twin", world, sets, backend)
+        fsdp = train(work / "fsdp", world, [*sets, "train.parallel=fsdp"], backend)
+        gap = max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(ddp["models"], fsdp["models"]))
+        if gap > 0.05:
+            raise RuntimeError(f"train.parallel=fsdp ends {gap:.4f} away from its DDP twin's validation loss")
+        proc = codistill(["export", str(work / "fsdp"), "--ensemble"])
+        if proc.returncode != 0:
+            raise RuntimeError(f"export failed: {proc.stderr.strip().splitlines()[-1:]}")
+        ratio = fsdp["bytes_per_worker"]["exchange"] / ddp["bytes_per_worker"]["exchange"]
+        return (f"{world} workers: val loss within {gap:.4f} of DDP, exchange bytes x{ratio:.3f} of DDP's "
+                f"(1/k plus whole buffers), peak memory {fsdp['peak_memory_mib']:.0f} vs {ddp['peak_memory_mib']:.0f} MiB, "
+                "ensemble exported")
+
     def resnet50():
         args = [sys.executable, "-m", "codistill.bench.gpu_resnet50", "--out", str(work / "resnet50"),
                 "--repeats", "3", "--iters", "5", "--warmup", "5"]
@@ -168,7 +184,7 @@ def checks(cpu: bool, work: Path):
     return [("allreduce_nccl_amp_channels_last", allreduce), ("codistill_sync_exchange_stall", codistill_sync),
             ("codistill_async_exchange", codistill_async), ("storage_exchange_2_replicas", storage),
             ("checkpoint_kill_resume_bitwise", resume), ("no_host_sync_in_step", host_syncs),
-            ("fp16_grad_scaler_accumulate_clip", fp16_scaler),
+            ("fp16_grad_scaler_accumulate_clip", fp16_scaler), ("fsdp_matches_ddp_and_exports", sharded),
             ("resnet50_throughput", resnet50)]
 
 
