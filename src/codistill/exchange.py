@@ -244,7 +244,8 @@ class Exchanger:
         """Snapshot our model and launch the column's broadcasts (asynchronously)."""
         sync_buffers(self.model, self.topo, self.counter)
         self.send.pack(self.model)
-        check_finite_before_publishing(list(self.send.buffers.values()), self.topo, step)  # never send a diverged model
+        check_finite_before_publishing(list(self.send.buffers.values()), self.topo, step,
+                                       sharded=is_sharded(self.model))  # never send a diverged model
         grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats
         if self.hierarchical:

@@ -132,7 +132,7 @@ class OuterSync:
         deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
         flat = torch.cat([t.reshape(-1) for t in deltas + [b.detach() for b in self.buffers]])
         # A diverged group would poison every group's average: stop first, naming it.
-        check_finite_before_publishing([flat], self.topo, step)
+        check_finite_before_publishing([flat], self.topo, step, sharded=self.like is not None)
         if self._crosses():
             dist.all_reduce(flat, group=self.topo.exchange_group)  # sum over the n groups
         self._spread(flat)

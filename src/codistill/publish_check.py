@@ -18,10 +18,12 @@ from .topology import Topology
 
 
 def check_finite_before_publishing(tensors: list[torch.Tensor], topo: Topology, step: int,
-                                   collective: bool = True) -> None:
+                                   collective: bool = True, sharded: bool = False) -> None:
     """Raise NonFiniteLossError on every worker of the column when any model's `tensors` (the state
     it is about to send) hold a NaN or an infinity. `collective`: share the verdict over the
-    exchange group (False when the peers are other jobs, as with exchange through storage)."""
+    exchange group (False when the peers are other jobs, as with exchange through storage).
+    `sharded`: `tensors` are this worker's shards (train.parallel=fsdp), so the verdict is shared
+    over the model group too: every worker of every column then stops together."""
     floats = [t for t in tensors if t.is_floating_point()]
     device = floats[0].device if floats else torch.device("cpu")
     flags = torch.zeros(topo.job_models, dtype=torch.float32, device=device)
@@ -29,6 +31,8 @@ def check_finite_before_publishing(tensors: list[torch.Tensor], topo: Topology, 
         flags[topo.job_model] = torch.stack([~torch.isfinite(t).all() for t in floats]).any().float()
     if collective and topo.job_models > 1:
         dist.all_reduce(flags, group=topo.exchange_group)
+    if sharded and topo.replicas > 1:
+        dist.all_reduce(flags, group=topo.model_group)
     diverged = [topo.first_model + m for m, bad in enumerate(flags.tolist()) if bad]
     if diverged:
         which = ", ".join(map(str, diverged))
