@@ -584,6 +584,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.precision == "fp16":
         # GradScaler would look for inf/NaN in each worker's shard only: replicas could disagree.
         raise ConfigError("train.precision=fp16 is not supported with train.parallel=fsdp yet; use bf16")
+    if cfg.train.parallel == "fsdp" and c.teacher_dtype != "fp32":
+        raise ConfigError("codistill.teacher_dtype applies to train.parallel=ddp (sharded teachers stay fp32)")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
     check_teacher_settings(cfg)

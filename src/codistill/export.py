@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ def checkpoint_weights(run_dir: Path, manifest: dict, spec: dict) -> dict[str, t
     import torch.distributed.checkpoint as dcp
 
     state = {"model": build(spec).state_dict()}  # the template DCP fills, whole tensors
-    dcp.load(state, checkpoint_id=directory / f"model_{i}", no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": as intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=directory / f"model_{i}", no_dist=True)
     return state["model"]
 
 
