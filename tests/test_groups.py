@@ -17,24 +17,35 @@ pytestmark = pytest.mark.timeout(1000)  # four CPU jobs start torch; minutes on 
 STEPS = 120
 
 
-def _groups(tmp_path, *sets, faults="", release=None, timeout=900):
-    """Run `codistill groups`; with `release(read_pointer)`, create the hold fault's release file once
-    it returns True for model 1's pointer (polled while the groups train)."""
+def _groups(tmp_path, *sets, faults="", go=None, release=None, timeout=900):
+    """Run `codistill groups`; create the hold fault's go file once `go()` returns True, then its
+    release file once `release()` does (both polled while the groups train)."""
     cmd = [sys.executable, "-m", "codistill.cli", "groups", "--config", os.path.abspath("configs/digits_tiny.yaml"),
            "--set", f"train.steps={STEPS}", "--set", "codistill.exchange_every=5", "--set", "train.log_every=5",
            "--set", "train.eval_every=1000", "--set", "train.progress=false", *sets, "--nproc", "1",
            "--out", str(tmp_path / "groups"), "--restarts", "1"]
-    gate = tmp_path / "release"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODISTILL_GROUP_FAULTS": faults, "CODISTILL_FAULT_RELEASE": str(gate)}
+    gates = [(tmp_path / "go", go), (tmp_path / "release", release)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODISTILL_GROUP_FAULTS": faults,
+           "CODISTILL_FAULT_GO": str(gates[0][0]), "CODISTILL_FAULT_RELEASE": str(gates[1][0])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout
-    while release is not None and proc.poll() is None and time.monotonic() < deadline:
-        if release():
-            gate.touch()
-            break
-        time.sleep(0.5)
+    for gate, ready in gates:
+        while ready is not None and proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                gate.touch()
+                break
+            time.sleep(0.2)
     out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _reached(metrics, step):
+    def check():
+        try:
+            return any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines())
+        except (OSError, ValueError):
+            return False
+    return check
 
 
 def _restarted_published(read):
@@ -58,9 +69,11 @@ def _verify_publications(read, names):
 @pytest.mark.parametrize("where", ["directory", "s3"])
 def test_a_killed_group_restarts_alone_while_the_other_keeps_training(tmp_path, monkeypatch, where):
     # Group 1's worker is killed (SIGKILL) after step 12. Group 0 is a straggler (0.1 s per step) that
-    # holds at step 100 until group 1's restarted incarnation has published, so it still trains when
-    # group 1 comes back (however slow the machine) and must take group 1's new publications.
+    # waits after step 1 until group 1 has reached step 10 (so it is mid-run when group 1 dies, however
+    # the two jobs' start-up times differ) and at step 100 until group 1's restarted incarnation has
+    # published (so it still trains when group 1 is back, and must take its new publications).
     faults = "1=kill@0:12,0=hold@0:100"
+    go = _reached(tmp_path / "groups" / "group_1" / "model_1" / "metrics.jsonl", 10)
     if where == "s3":
         with s3_server(monkeypatch):
             from s3fs import S3FileSystem
@@ -72,11 +85,12 @@ def test_a_killed_group_restarts_alone_while_the_other_keeps_training(tmp_path, 
                 return fs.cat_file(f"{root}/{name}")
 
             result = _groups(tmp_path, "--set", "codistill.exchange_dir=s3://codistill-test/runs", faults=faults,
-                             release=_restarted_published(read))
+                             go=go, release=_restarted_published(read))
             _verify_publications(read, lambda d: [k.rsplit("/", 1)[1] for k in fs.ls(f"{root}/{d}", detail=False)])
     else:
         root = tmp_path / "groups" / "exchange"
-        result = _groups(tmp_path, faults=faults, release=_restarted_published(lambda n: (root / n).read_bytes()))
+        result = _groups(tmp_path, faults=faults, go=go,
+                         release=_restarted_published(lambda n: (root / n).read_bytes()))
         _verify_publications(lambda n: (root / n).read_bytes(), lambda d: os.listdir(root / d))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "groups" / "groups.json").read_text())

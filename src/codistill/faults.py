@@ -3,8 +3,9 @@
 `CODISTILL_FAULT="kind@rank:step"` makes one worker misbehave after `step` updates: `raise` (an
 exception), `hang` (sleeps, so its peers must time out), `kill` (SIGKILL, like `kill -9`), `nan`
 (its loss becomes NaN at that step), `slow` (sleeps SLOW_S after every step from then on: a
-straggler) or `hold` (a straggler, SLOW_S per step, that stops at `step` until the file named by
-CODISTILL_FAULT_RELEASE exists: lets a test keep one group training until another has come back). Unset, it costs nothing. `codistill groups` hands a fault to one group's first attempt
+straggler) or `hold` (a straggler, SLOW_S per step, that waits after step 1 until the file named by
+CODISTILL_FAULT_GO exists and at `step` until CODISTILL_FAULT_RELEASE exists, each where set: lets
+a test keep one group training while another dies and until it has come back). Unset, it costs nothing. `codistill groups` hands a fault to one group's first attempt
 only (CODISTILL_GROUP_FAULTS, groups.py).
 """
 
@@ -58,12 +59,12 @@ def inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int) -> No
         time.sleep(SLOW_S)
         return
     if fault and fault[0] == "hold" and fault[1] == rank:
+        gate = {1: "CODISTILL_FAULT_GO", fault[2]: "CODISTILL_FAULT_RELEASE"}.get(step)
+        path, deadline = os.environ.get(gate or "", ""), time.monotonic() + 600
+        while path and not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if step < fault[2]:
             time.sleep(SLOW_S)
-        elif step == fault[2]:
-            release, deadline = os.environ.get("CODISTILL_FAULT_RELEASE", ""), time.monotonic() + 600
-            while release and not os.path.exists(release) and time.monotonic() < deadline:
-                time.sleep(0.2)
         return
     if not fault or fault[1:] != (rank, step) or fault[0] == "nan":
         return
