@@ -192,3 +192,20 @@ def test_bad_teacher_settings_are_one_line_errors(tmp_path, capsys, setting, fra
     assert code == 2 and len(lines) == 1 and lines[0].startswith("codistill: error: "), lines
     assert fragment in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_int8_teacher_runs_torch_transformer_layers_and_restores_the_fast_path():
+    from codistill.cheap_teachers import LowPrecisionTeachers
+    from codistill.exchange import freeze_as_teacher
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    teacher = freeze_as_teacher(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    x = torch.randn(3, 5, 16)
+    before = torch.backends.mha.get_fastpath_enabled()
+    run = LowPrecisionTeachers("int8").runnable(1, teacher, 0)
+    with torch.no_grad():  # eval + no_grad: where torch takes the fused path that reads Linear.weight
+        got, exact = run(x), teacher(x)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    assert not torch.equal(got, exact)
+    torch.testing.assert_close(got, exact, atol=0.1, rtol=0.1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,10 @@ def int8_unavailable(device_type: str) -> str | None:
     """Why torch cannot run int8 dynamic quantization here, or None."""
     if device_type != "cpu":
         return f"torch's dynamic int8 quantization runs on the CPU only, these teachers are on {device_type}"
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401  (deprecated in recent torch: it may go)
+    except ImportError:
+        return "this torch has no torch.ao.quantization.quantize_dynamic"
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     if not engines:
         return "this torch build has no quantized engine (torch.backends.quantized.supported_engines)"
@@ -120,4 +125,24 @@ class LowPrecisionTeachers:
             return run
         from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(run, {nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():  # its deprecation notice, once per teacher per exchange: said in the docs
+            warnings.simplefilter("ignore", UserWarning)
+            run = quantize_dynamic(run, {nn.Linear}, dtype=torch.qint8)
+        run.register_forward_pre_hook(_mha_fastpath_off)
+        run.register_forward_hook(_mha_fastpath_back)
+        return run
+
+
+# torch's Transformer layers take a fused "fast path" in eval mode that reads each Linear's `.weight`
+# tensor, which a dynamically quantized Linear does not have (it is a method there): the int8 copy
+# runs with the fast path off, and puts back what it found.
+_FASTPATH_WAS: list[bool] = []
+
+
+def _mha_fastpath_off(module, args):
+    _FASTPATH_WAS.append(torch.backends.mha.get_fastpath_enabled())
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _mha_fastpath_back(module, args, output):
+    torch.backends.mha.set_fastpath_enabled(_FASTPATH_WAS.pop())
