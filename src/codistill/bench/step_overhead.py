@@ -21,6 +21,9 @@ thread, as each training worker uses on CPU (`dist.threads`).
 A second table times the n - 1 teachers' forward three ways, for the choices the issue leaves
 open: one after the other (what `Teachers.logits` does), batched into one vectorized call
 (torch.func.vmap over their stacked weights), and under bf16 autocast (`codistill.teacher_precision`).
+A third table (teacher_cost.py) gives the ratio that decides when codistillation pays: a
+codistillation step (n = 2) over an all-reduce step's compute, per model (cnn, resnet20,
+transformer_tiny, gpt_tiny; quick: cnn_tiny) and per cheaper-teacher setting (cheap_teachers.py).
 The full mode also trains two short real runs, fp32 and bf16 teachers, to measure bf16's effect
 on accuracy rather than assume it.
 """
@@ -209,7 +212,7 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
             "results": {k: {**v, "efficiency": {str(n): e for n, e in v["efficiency"].items()},
                             "efficiency_per_repeat": {str(n): e for n, e in v["efficiency_per_repeat"].items()}}
                         for k, v in results.items()}}
-    cost = teacher_cost.run_all(["cnn_tiny"] if quick else teacher_cost.FULL_MODELS, 3 if quick else 7)
+    cost = teacher_cost.run_all(["cnn_tiny"] if quick else teacher_cost.FULL_MODELS, 3 if quick else 5)
     data["teacher_cost"] = cost
     cost_table, cost_notes = teacher_cost.table(cost)
     table += "\n\nTeacher cost per setting: codistillation step / all-reduce step's compute:\n\n" + cost_table
