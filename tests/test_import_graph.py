@@ -10,8 +10,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "codistill"
 
 # Loops owned by work in progress elsewhere, each named edge by edge; remove when it is broken.
 ALLOWED = {
-    # trackers.py (issue 27) writes through run_log.atomic_write_text, and run_log opens the trackers.
-    ("codistill.trackers", "codistill.run_log"),
     # bench/teacher_cost.py (issue 29) takes `quartiles` from step_overhead, which runs teacher_cost.
     ("codistill.bench.teacher_cost", "codistill.bench.step_overhead"),
 }

@@ -126,7 +126,7 @@ class MLflowTracker:
             return
         run = self.client.create_run(_mlflow_experiment(self.client), run_name=run_name)
         self.run_id = run.info.run_id
-        from .run_log import atomic_write_text  # late: run_log imports this module
+        from .files import atomic_write_text
 
         atomic_write_text(id_file, self.run_id + "\n")
         params = [Param(k, str(v)[:500]) for k, v in flatten(config).items()]
@@ -173,7 +173,7 @@ class WandbTracker:
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True,
                                                       save_code=False, disable_git=True))
         if run_id is None:
-            from .run_log import atomic_write_text
+            from .files import atomic_write_text
 
             atomic_write_text(id_file, self.run.id + "\n")
 

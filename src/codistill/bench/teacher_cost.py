@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from .common import Result, median
+from .common import median
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # model -> (config file or None, data, per-worker batch: examples, or tokens for the sequence tasks)
