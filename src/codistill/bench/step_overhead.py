@@ -30,7 +30,6 @@ on accuracy rather than assume it.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,12 +39,8 @@ import torch
 from ..config import load_config
 from ..exchange import Teachers
 from . import teacher_cost
+from .teacher_cost import quartiles
 from .common import Result, fmt, machine_info, markdown_table, median
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return q[0], q[2]
 
 
 def _block(fn, iters: int) -> float:

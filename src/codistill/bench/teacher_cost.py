@@ -14,6 +14,7 @@ machine hit every variant alike); the ratio is taken within each repeat and the 
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def build_trainer(ctx, model: str, n: int, exchange_dir: Path, extra: dict | Non
     return trainer
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile of repeats (both the value itself for one repeat)."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
 def settings_for(model: str) -> dict:
     return {k: v for k, v in SETTINGS.items() if "teacher_topk" not in v or model in SEQUENCE_MODELS}
 
@@ -123,7 +130,6 @@ def run_all(models: list[str], repeats: int) -> dict:
 
 def table(results: dict) -> tuple[str, list[str]]:
     from .common import markdown_table
-    from .step_overhead import quartiles
 
     rows = []
     for model, r in results.items():
