@@ -120,16 +120,20 @@ def test_metrics_window_weights_by_targets_and_round_trips():
 
     w = MetricsWindow(torch.device("cpu"))
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
-    w.add({"task": torch.tensor(1.0), "distill": torch.tensor(0.5), "total": torch.tensor(1.5)}, logits,
-          torch.tensor([0, 0, -100]))  # 2 real targets, 1 correct
-    w.add({"task": torch.tensor(4.0), "distill": torch.tensor(0.0), "total": torch.tensor(4.0)}, logits[:1],
-          torch.tensor([0]))  # 1 target, correct
+    stats = MetricsWindow.batch_stats
+    w.add(stats({"task": torch.tensor(1.0), "distill": torch.tensor(0.5), "total": torch.tensor(1.5)}, logits,
+                torch.tensor([0, 0, -100])), torch.tensor(3.0))  # 2 real targets, 1 correct; grad norm 3
+    w.add(stats({"task": torch.tensor(4.0), "distill": torch.tensor(0.0), "total": torch.tensor(4.0)}, logits[:1],
+                torch.tensor([0])), torch.tensor(1.0))  # 1 target, correct; grad norm 1
+    w.add(stats({"task": torch.tensor(0.0), "distill": torch.tensor(0.0), "total": torch.tensor(0.0)}, logits[:0],
+                torch.tensor([], dtype=torch.long)))  # a step without an update: no grad norm, no targets
     assert w.means() == [2.0, 1 / 3, (3.0 + 4.0) / 3, 2 / 3]
+    assert w.grad_norm() == (2.0, 3.0)  # mean and max over the two updates
     copy = MetricsWindow(torch.device("cpu"))
     copy.load_state_dict(w.state_dict())
-    assert copy.means() == w.means() and copy.steps == 2
+    assert copy.means() == w.means() and copy.steps == 3 and copy.grad_norm() == w.grad_norm()
     w.reset()
-    assert w.steps == 0 and w.means() == [0.0, 0.0, 0.0, 0.0]
+    assert w.steps == 0 and w.means() == [0.0, 0.0, 0.0, 0.0] and w.grad_norm() == (None, None)
     with pytest.raises(NonFiniteLossError, match="before step 3"):
         w.check_finite([math.nan, 0.0, math.nan, 0.5], "step 3")
 

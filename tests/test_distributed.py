@@ -174,9 +174,12 @@ def test_alpha_zero_matches_independent_training(tmp_path):
     joint = run_workers(_final_params_worker, 4, tmp_path,
                         (digits_config(codistill__n_models=2, codistill__alpha=0.0, train__steps=steps),))
     for model in (0, 1):
-        # The same model alone: all-reduce on 2 workers with the seed model `model` gets.
+        # The same model alone: model `model` of the same run (its seed, data order) trained as its own job
+        # on 2 workers (exchange=storage), with no peer ever publishing.
         alone = run_workers(_final_params_worker, 2, tmp_path,
-                            (digits_config(codistill__n_models=1, train__steps=steps, train__seed=model),))
+                            (digits_config(codistill__n_models=2, codistill__alpha=0.0, train__steps=steps,
+                                           codistill__exchange="storage", codistill__model_index=model,
+                                           codistill__exchange_dir=str(tmp_path / f"alone{model}")),))
         assert _equal(alone[0]["state"], joint[2 * model]["state"]), model
 
 
