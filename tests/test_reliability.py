@@ -211,4 +211,4 @@ def test_malicious_checkpoint_is_never_unpickled(finished_run, tmp_path):
 
 def test_resume_without_checkpoint_or_with_extra_args(tmp_path, finished_run):
     _one_line_error(run("train", "--resume", str(tmp_path)), "no config.yaml")
-    _one_line_error(run("train", "--resume", str(finished_run), "--set", "optim.lr=1"), "drop --config")
+    _one_line_error(run("train", "--resume", str(finished_run), "--set", "optim.lr=1"), "drop --set")
