@@ -4,9 +4,7 @@ model's projections at three link rates, the default arms, and an import graph w
 
 from __future__ import annotations
 
-import ast
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +12,8 @@ import codistill.cost_model as cm
 from codistill.config import load_config, replace
 from codistill.convergence import judge_arm, not_converged_line, short_run_warning
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "codistill"
+from test_import_graph import cycles, import_graph
+
 
 
 # -- the budget rule on every arm ------------------------------------------------------------------
@@ -169,53 +168,12 @@ def test_default_arms_are_allreduce_codistillation_diloco_and_local_sgd():
 
 # -- layers import only downward -------------------------------------------------------------------
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """codistill module -> the codistill modules it imports anywhere (top level or in a function)."""
-    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                base = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-            else:
-                continue
-            edges |= {t for t in targets if t in modules and t != name}
-        graph[name] = edges
-    return graph
-
-
-def cycles_through(graph: dict[str, set[str]], start: str) -> list[list[str]]:
-    """Every simple import path that leads from `start` back to it (depth-first)."""
-    found, stack = [], [(start, [start])]
-    while stack:
-        node, path = stack.pop()
-        for nxt in graph[node]:
-            if nxt == start:
-                found.append(path + [start])
-            elif nxt not in path:
-                stack.append((nxt, path + [nxt]))
-    return found
-
-
 def test_compare_and_the_benchmarks_import_only_downward():
     graph = import_graph()
     assert "codistill.bench.slow_network" not in graph["codistill.compare"]
     for module in ("codistill.compare", "codistill.arms", "codistill.curves", "codistill.convergence",
                    "codistill.bench.slow_network", "codistill.bench.sweep", "codistill.experiments.budget"):
-        assert cycles_through(graph, module) == [], module
+        assert not any(module in loop for loop in cycles(graph)), module
     # The benchmarks and the suite take the matched arms from below compare, not from it.
     users = [m for m, edges in graph.items() if "codistill.compare" in edges]
     assert sorted(users) == ["codistill.cli"], users

@@ -10,32 +10,13 @@ import sys
 import pytest
 import torch
 
-from codistill.exchange import Teachers
-from codistill.models import build_model
-from codistill.storage_exchange import KEEP, StorageExchanger
-from codistill.topology import Grid, Topology
+from codistill.storage_exchange import KEEP
 
 from s3_server import refuse_unknown_credentials, s3_server
+from test_storage_exchange import _exchanger, _same, _step
 
 pytestmark = pytest.mark.timeout(300)
 URL = "s3://codistill-test/run1"
-
-
-def _exchanger(model_index: int, location: str, every=5):
-    torch.manual_seed(model_index)
-    model = build_model("cnn_tiny", 10, (1, 8, 8))
-    teachers = Teachers({1 - model_index: build_model("cnn_tiny", 10, (1, 8, 8))})
-    topo = Topology(Grid(1, 1), 0, None, None, first_model=model_index, total_models=2)
-    return model, teachers, StorageExchanger(model, teachers, topo, every, location)
-
-
-def _step(exchanger, step):
-    exchanger.maybe_exchange(step)
-    exchanger.finish()
-
-
-def _same(module, model):
-    return all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), model.state_dict().values()))
 
 
 def test_groups_exchange_through_a_bucket_and_skip_corrupt_objects(monkeypatch, capsys):
