@@ -41,6 +41,7 @@ from .data.splits import model_indices
 from .exchange import Exchange, Exchanger, NoExchange, Teachers, broadcast_buffers
 from .losses import TopKTeacher, codistillation_loss, topk_teacher
 from .sharding import PARALLEL, forward_gather_bytes, gathered, model_mesh, shard_model, sharded_traffic
+from .teacher_offload import TeacherStore
 from .topology import Topology, build_topology, model_seed
 
 
@@ -67,7 +68,7 @@ def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
 
         lr, momentum, nesterov = AVERAGING if averaging else c.outer
         sync = OuterSync(c.module, c.topo, c.every, lr, momentum, nesterov, counter=c.counter,
-                         hierarchical=c.hierarchical and c.mesh is None)
+                         hierarchical=c.hierarchical and c.mesh is None, state_device=c.outer_state_device)
         sync.start_together()  # one starting point (model 0's), before anyone records "initial"
         return sync
 
@@ -82,6 +83,7 @@ EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {
 }
 OUTER_SYNCS = ("diloco", "localsgd")  # exchanges that average the models themselves: no teachers
 WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # exchange_dtype -> on the wire
+OUTER_STATE_DEVICES = ("device", "cpu")  # where DiLoCo's global copy and momentum live
 DILOCO_OUTER = (0.7, 0.9, True)  # Douillard et al. 2023: outer Nesterov SGD, lr 0.7, momentum 0.9
 
 
@@ -140,6 +142,10 @@ class Codistillation:
         their weights or with `int8` dynamic quantized Linear layers (CPU); KL on each teacher's
         top-k classes plus one bucket for the rest (losses.topk_kl_per_row). Defaults: the paper's
         full-batch, every-step, fp32, full-KL teacher.
+    outer_state_device: DiLoCo / local SGD, where the global copy and outer momentum live: `device`
+        (the model's) or `cpu` (pinned under CUDA; the device holds them only inside an outer step).
+    teacher_offload: keep the teachers in CPU memory (pinned under CUDA) between their forwards,
+        one teacher on the device at a time during its forward (teacher_offload.py); same results.
     """
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
@@ -151,7 +157,8 @@ class Codistillation:
                  device: torch.device | None = None, topology: Topology | None = None,
                  counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False,
                  max_teacher_age: int = 0, distill_fraction: float = 1.0, teacher_every: int = 1,
-                 teacher_dtype: str = "fp32", teacher_topk: int | None = None, parallel: str = "ddp"):
+                 teacher_dtype: str = "fp32", teacher_topk: int | None = None, parallel: str = "ddp",
+                 teacher_offload: bool = False, outer_state_device: str = "device"):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if teacher_precision not in WIRE_DTYPES:
@@ -172,10 +179,16 @@ class Codistillation:
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
+        if outer_state_device not in OUTER_STATE_DEVICES:
+            raise ValueError(f"unknown outer_state_device {outer_state_device!r}; allowed: {', '.join(OUTER_STATE_DEVICES)}")
+        self.outer_state_device = outer_state_device
         self.wire_dtype, self.hierarchical = WIRE_DTYPES[exchange_dtype], hierarchical
         self.trained_teachers_only = trained_teachers_only
         self.device = device if device is not None else _default_device()
         check_cheap_teachers(distill_fraction, teacher_every, teacher_dtype, teacher_topk, self.device.type)
+        if teacher_offload and teacher_dtype != "fp32":
+            raise ValueError("teacher_offload keeps the fp32 teachers on the CPU; a teacher_dtype copy would stay "
+                             "on the device: use teacher_dtype='fp32'")
         self.distill_fraction, self.teacher_every, self.teacher_topk = distill_fraction, teacher_every, teacher_topk
         self.low_precision = LowPrecisionTeachers(teacher_dtype)
         self.base_seed = seed
@@ -184,13 +197,14 @@ class Codistillation:
 
         # Sharded: each model and teacher over the model group's mesh, in place (sharding.py).
         self.mesh = model_mesh(self.topo.model_group, self.device) if parallel == "fsdp" else None
-        shard = (lambda m: shard_model(m, self.mesh)) if self.mesh is not None else (lambda m: m)
+        shard = (lambda m, offload=False: shard_model(m, self.mesh, offload)) if self.mesh is not None \
+            else (lambda m, offload=False: m)
         build = _by_index(make_model)
         torch.manual_seed(self.seed)
         self.module = shard(build(self.topo.model_index).to(self.device))  # this worker's model, no DDP
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
             peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
-            teachers = {j: shard(build(j).to(self.device)) for j in peers}
+            teachers = {j: shard(build(j).to(self.device), teacher_offload) for j in peers}
         self.teachers = Teachers(teachers, teacher_mode, max_teacher_age)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         # First among the forward pre-hooks: the exchange reads the shards before FSDP gathers them.
@@ -201,7 +215,9 @@ class Codistillation:
         self._gather_bytes, self._reduce_bytes = sharded_traffic(self.module, k) if self.mesh is not None else (0, 0)
         self._teacher_gather_bytes = {j: forward_gather_bytes(m, k) if self.mesh is not None else 0
                                       for j, m in self.teachers.modules.items()}
-        self.exchanger = EXCHANGES[exchange](self)  # checked above
+        self.exchanger = EXCHANGES[exchange](self)  # checked above (its buffers sized on the device)
+        # Offloaded teachers: in a CPU store between forwards (teacher_offload.py).
+        self.teacher_store = TeacherStore(self.teachers, self.device) if teacher_offload and len(self.teachers) else None
         self.teacher_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.step = 0  # completed optimizer steps
         self._exchanged_step = -1  # the step whose exchange already ran
@@ -250,7 +266,9 @@ class Codistillation:
         """Run this step's exchange, once (teacher_logits and loss call it too)."""
         if self._exchanged_step != self.step:
             self._exchanged_step = self.step
-            self.exchanger.maybe_exchange(self.step)
+            store = self.teacher_store
+            with store.receiving() if store and store.receives_at(self.exchanger, self.step) else contextlib.nullcontext():
+                self.exchanger.maybe_exchange(self.step)
 
     def teacher_logits(self, batch, forward: Callable | None = None) -> list[torch.Tensor]:
         """Each teacher's logits on `batch`, without autograd; [] when alpha is 0 or no teacher

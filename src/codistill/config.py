@@ -132,6 +132,12 @@ class CodistillConfig:
     plus one bucket holding the rest of the mass: KL_k = sum_{c in K} p_t[c] (log p_t[c] - log p_s[c])
     + r_t (log r_t - log r_s), r = 1 - sum_{c in K} p[c], times tau^2 (needs loss=kl). Keeps k, not
     the vocabulary, numbers per token per teacher. null (default): the full KL."""
+    teacher_offload: bool = False
+    """Keep the teachers in CPU memory (pinned under CUDA) between their forwards: each teacher is
+    copied to the device for its forward only (sharded teachers: FSDP2's CPUOffloadPolicy, gathered
+    for the forward, resharded after), so nothing teacher-sized stays on the device between steps.
+    Same results; costs one host-to-device copy of each teacher (its shard under fsdp) per forward.
+    Needs teacher_dtype=fp32."""
     exchange_hierarchical: bool = False
     """Collective exchange with several replicas per model: only replica 0 of each model takes part
     in the exchange between models, then broadcasts the teachers over its model group. With each
@@ -156,6 +162,11 @@ class OuterConfig:
     every: int | None = None
     """H: inner steps between outer steps; None means codistill.exchange_every (T), so the groups
     communicate as often as codistillation exchanges."""
+    state_device: str = "device"
+    """Where the global copy of the model and the outer momentum live between outer steps: `device`
+    (the model's) or `cpu` (CPU memory, pinned under CUDA, as torchft keeps them): two model-sized
+    tensors (one per shard under train.parallel=fsdp) off the device. Same results; costs a copy of
+    the global model to the device and of the averaged change back at each outer step."""
 
 
 @dataclass(frozen=True)
@@ -381,6 +392,7 @@ CHOICES = {
     "codistill.teacher_precision": ("fp32", "bf16", "fp16"),
     "codistill.teacher_dtype": ("fp32", "bf16", "int8"),
     "train.parallel": ("ddp", "fsdp"),
+    "outer.state_device": ("device", "cpu"),
 }
 ARMS = ("allreduce", "codistill", "codistill_regularized", "diloco", "localsgd")
 MAX_INT = 2**31 - 1
@@ -584,6 +596,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.precision == "fp16":
         # GradScaler would look for inf/NaN in each worker's shard only: replicas could disagree.
         raise ConfigError("train.precision=fp16 is not supported with train.parallel=fsdp yet; use bf16")
+    if c.teacher_offload and c.teacher_dtype != "fp32":
+        raise ConfigError("codistill.teacher_offload needs codistill.teacher_dtype=fp32 (the low-precision copy "
+                          "would stay on the device)")
     if cfg.train.parallel == "fsdp" and c.teacher_dtype != "fp32":
         raise ConfigError("codistill.teacher_dtype applies to train.parallel=ddp (sharded teachers stay fp32)")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)

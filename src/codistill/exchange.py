@@ -188,7 +188,8 @@ class Exchanger:
         self.counter = counter if counter is not None else CommCounter()
         self.send = FlatState(model)
         # Background transfers land in staging buffers, so the teachers in use stay untouched.
-        self.staging = {j: FlatState(m) for j, m in teachers.modules.items()} if delay else None
+        # On the model's device: teachers may be offloaded to the CPU (teacher_offload.py).
+        self.staging = {j: FlatState(m, self.send.device) for j, m in teachers.modules.items()} if delay else None
         self._pending: tuple[int, list] | None = None  # (source step, async works)
         self.clock = StallClock(self.send.device)  # wall time spent inside the exchange (stall)
         # Compressed exchange: the fp32 part of each state crosses as `wire_dtype` (bf16 / fp16),

@@ -41,7 +41,8 @@ class OuterSync:
     """Every `every` steps, one outer SGD step on the column's averaged parameter change."""
 
     def __init__(self, model: nn.Module, topo: Topology, every: int, lr: float, momentum: float,
-                 nesterov: bool, counter: CommCounter | None = None, hierarchical: bool = False):
+                 nesterov: bool, counter: CommCounter | None = None, hierarchical: bool = False,
+                 state_device: str = "device"):
         if every <= 0:
             raise ValueError(f"outer period must be > 0, got {every}")
         self.model, self.topo, self.every = model, topo, every
@@ -50,8 +51,13 @@ class OuterSync:
         # steps its own shard with worker r of the other groups, 1/k of the model.
         self.params = [local(p) for p in model.parameters()]
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
-        # The outer optimizer owns a copy of the parameters: the global model of Algorithm 1.
-        self.global_params = [p.detach().clone() for p in self.params]
+        # The outer optimizer owns a copy of the parameters: the global model of Algorithm 1. With
+        # state_device="cpu" it and the momentum live in CPU memory (pinned under CUDA), as torchft
+        # keeps them: the device holds them only as temporaries inside an outer step.
+        device = self.params[0].device if self.params else torch.device("cpu")
+        on_cpu = state_device == "cpu"
+        self.global_params = [_copy_to(p.detach(), torch.device("cpu"), pin=device.type == "cuda") if on_cpu
+                              else p.detach().clone() for p in self.params]
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=nesterov)
         # Sharded: the global copy and momentum are shards too, saved as DTensors (`sharded_state`)
         # so a run resumes at another k. The momentum exists from the start (zeros: SGD's first
@@ -129,7 +135,7 @@ class OuterSync:
         # forwards), so that every worker ends with identical buffers.
         sync_buffers(self.model, self.topo, self.counter)
         n = self.topo.grid.n_models
-        deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
+        deltas = [g.to(p.device, non_blocking=True) - p.detach() for g, p in zip(self.global_params, self.params)]
         flat = torch.cat([t.reshape(-1) for t in deltas + [b.detach() for b in self.buffers]])
         # A diverged group would poison every group's average: stop first, naming it.
         check_finite_before_publishing([flat], self.topo, step, sharded=self.like is not None)
@@ -144,7 +150,7 @@ class OuterSync:
         mean_deltas = [torch.empty_like(d) for d in deltas]
         _unflatten_into(flat, mean_deltas + self.buffers)
         for g, d in zip(self.global_params, mean_deltas):
-            g.grad = d
+            g.grad = d.to(g.device)
         self.outer.step()
         for g, p in zip(self.global_params, self.params):
             g.grad = None
@@ -189,6 +195,11 @@ class OuterSync:
                 g.copy_(saved)
         self.outer.load_state_dict(state["outer"])
         self.dirty = state["dirty"]
+
+
+def _copy_to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    out = t.to(device, copy=True)
+    return out.pin_memory() if pin else out
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -66,7 +66,7 @@ def run_steps(cfg: Config, world_size: int) -> int | None:
 
 DISTILLATION = ("loss", "temperature", "alpha", "alpha_schedule", "alpha_steps", "teacher_mode",
                 "teacher_precision", "exchange_dtype", "exchange_delay", "max_teacher_age", "distill_fraction",
-                "teacher_every", "teacher_dtype", "teacher_topk")
+                "teacher_every", "teacher_dtype", "teacher_topk", "teacher_offload")
 """codistill.* settings that only the distillation term and its teachers read."""
 
 

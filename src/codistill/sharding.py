@@ -47,14 +47,17 @@ def model_mesh(group, device: torch.device):
     return DeviceMesh.from_group(group, device.type)
 
 
-def shard_model(module: nn.Module, mesh) -> nn.Module:
-    """fully_shard every block of every ModuleList, then the root (in place; returns the module)."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
+    """fully_shard every block of every ModuleList, then the root (in place; returns the module).
+    offload: the shards live in CPU memory (pinned under CUDA), gathered onto the device for each
+    forward (FSDP2's CPUOffloadPolicy; for teachers, which have no optimizer step)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=policy)
     return module
 
 

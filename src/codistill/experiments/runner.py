@@ -114,7 +114,8 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
 # Settings added after the first result rows: at their defaults they train exactly as before they
 # existed, so they are left out of the identity and the earlier rows stay reusable.
 ADDED_LATER = (("outer", None), ("lm", None), ("codistill", "method"), ("train", "deterministic"),
-               ("codistill", "exchange_dtype"), ("codistill", "exchange_hierarchical"))
+               ("codistill", "exchange_dtype"), ("codistill", "exchange_hierarchical"),
+               ("codistill", "teacher_offload"))
 
 
 def config_hash(cfg: Config, world: int) -> str:
