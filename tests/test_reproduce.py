@@ -19,7 +19,7 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge, judge_budgets
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM", "Teachers", "TeachersMT"]
 
 
 def codistill(*args, timeout):
@@ -452,3 +452,17 @@ def test_report_summary_says_where_each_claim_stands_and_shows_the_budget_curves
     assert (out / "F5-budget.png").is_file() and "F5-budget.png" in text  # the curves behind the rule
     f2_row = next(line for line in text.splitlines() if line.startswith("| [F2:"))
     assert "| not yet run |" in f2_row
+
+
+def test_cheap_teachers_are_judged_against_the_papers_teacher_within_seed_noise():
+    accs = {"codistill-trained": (0.90, 0.900), "codistill-fraction0.25-trained": (0.90, 0.897),
+            "codistill-every4-trained": (0.89, 0.890)}
+    verdict, reason = judge(EXPERIMENTS["Teachers"], _acc_rows("Teachers", accs))
+    assert verdict == "1 of 2 cheaper teachers keep the paper's accuracy"  # 0.3 points: within the 0.5 floor
+    assert "`codistill-fraction0.25-trained` 89.70 ± 0.00% (within seed noise of the paper's teacher)" in reason
+    assert "`codistill-every4-trained` 89.00 ± 0.00% (worse than the paper's teacher)" in reason
+    del accs["codistill-trained"]  # no reference: not judged
+    assert judge(EXPERIMENTS["Teachers"], _acc_rows("Teachers", accs))[0] == NOT_RUN
+    losses = {"codistill-trained": 3.40, "codistill-every4-trained": 3.35}  # lower NLL is better
+    verdict, reason = judge(EXPERIMENTS["TeachersMT"], _rows("TeachersMT", losses, "val_loss"))
+    assert verdict == "1 of 1 cheaper teachers keep the paper's NLL" and "(better than the paper's teacher)" in reason

@@ -455,7 +455,40 @@ LM = Experiment(
     select=("codistill-drop0.1", "codistill-drop0.05", "codistill-drop0"),
     select_by="val_loss0")
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (F1, F2, F3, F4, F5, F6, F7, BEYOND, PEERS, PEERS_MT, LM)}
+# Cheaper teachers (issue 29, cheap_teachers.py): each at the trained budget against the paper's
+# full-batch fp32 teacher in the same seeds, all with the library's burn-in (the `trained` helper).
+CHEAP_TEACHERS = (("fraction0.25", {"codistill.distill_fraction": 0.25}),
+                  ("fraction0.5", {"codistill.distill_fraction": 0.5}),
+                  ("every4", {"codistill.teacher_every": 4}))
+
+TEACHERS = Experiment(
+    "Teachers", "Beyond the paper: cheaper teachers at the trained budget",
+    "Not a claim of the paper, whose teacher runs on every example of every step in fp32. A teacher on a "
+    "quarter of each batch, or on every fourth step, costs at most 1.15x an all-reduce step's compute "
+    "(docs/performance.md section 1); the question is whether it keeps the full teacher's accuracy "
+    "within seed noise at F1's trained budget (1,260 updates).",
+    variants=(Variant("codistill", CD, quick=True),  # F1's run (reused): the smoke run's only variant
+              trained("codistill", CD),  # the paper's teacher (F1's `codistill-trained` config)
+              *(trained(f"codistill-{name}", CD, set=over) for name, over in CHEAP_TEACHERS)),
+    columns=("val_acc0", "test_acc0", "test_acc_mean", "ens_test_acc", "train_loss", "wall"))
+
+# The same on translation at F5's trained budget (a quarter of the corpus, 2,000 updates), with F5's
+# codistillation setting best on validation there (no label smoothing, no dropout).
+MT_TRAINED = {**NO_REG, "data.fraction": 0.25}
+TEACHERS_MT = Experiment(
+    "TeachersMT", "Beyond the paper: cheaper teachers on translation at the trained budget",
+    "Not a claim of the paper. As Teachers, on the Bible En -> Es Transformer at F5's trained budget: a "
+    "teacher every fourth step against the paper's teacher on every step, validation NLL of model 0.",
+    variants=(Variant("codistill-ls0.05-drop0.05", CD, set=HALF_REG, quick=True),  # F5's (reused): smoke run only
+              trained("codistill", CD, set=MT_TRAINED, scale=epochs(2000 / 300)),
+              trained("codistill-every4", CD, set={**MT_TRAINED, "codistill.teacher_every": 4},
+                      scale=epochs(2000 / 300))),
+    family="translation", config="configs/translation_tiny.yaml", metrics=("val_loss0", "test_bleu0"),
+    columns=("val_loss0", "test_loss0", "test_bleu0", "val_loss_mean", "train_loss", "wall"),
+    select_by="val_loss0")
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (F1, F2, F3, F4, F5, F6, F7, BEYOND, PEERS, PEERS_MT, LM,
+                                                          TEACHERS, TEACHERS_MT)}
 
 
 def seed_of(index: int) -> int:

@@ -411,5 +411,35 @@ def _lm(t: Table):
     return "not reproduced", reason + "."
 
 
-JUDGES = {"Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
+def _cheap_teachers(t: Table, metric: str, floor: float, unit: str):
+    """Each cheaper teacher that ran against the paper's (`codistill-trained`) on `metric`: within
+    seed noise (the suite's floor or the seeds' spread) or not."""
+    paper = t.get(metric, "codistill-trained")
+    higher = metric.startswith(("val_acc", "test_acc"))
+    parts, kept = [], []
+    for v in t.experiment.variants:
+        if v.name == "codistill-trained" or not v.name.endswith("-trained") or not t.has(v.name):
+            continue
+        cheap = t.get(metric, v.name)
+        side = compare(cheap, paper, floor) * (1 if higher else -1)
+        word = ("worse than", "within seed noise of", "better than")[side + 1]
+        parts.append(f"`{v.name}` {pts(cheap)}{unit} ({word} the paper's teacher)")
+        if side >= 0:
+            kept.append(v.name)
+    if not parts:
+        raise Missing(t.experiment.variants[1].name)
+    reason = f"{metric} of model 0: the paper's teacher {pts(paper)}{unit}; " + "; ".join(parts) + "."
+    return (f"{len(kept)} of {len(parts)} cheaper teachers keep the paper's accuracy" if higher else
+            f"{len(kept)} of {len(parts)} cheaper teachers keep the paper's NLL"), reason
+
+
+def _teachers(t: Table):
+    return _cheap_teachers(t, "test_acc0", ACC_FLOOR, "%")
+
+
+def _teachers_mt(t: Table):
+    return _cheap_teachers(t, "val_loss0", NLL_FLOOR, "")
+
+
+JUDGES = {"Teachers": _teachers, "TeachersMT": _teachers_mt, "Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
           "LM": _lm}
