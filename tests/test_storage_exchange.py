@@ -230,6 +230,32 @@ def test_what_would_run_blind_is_said_at_start_and_in_the_metrics(tmp_path, caps
         _exchanger_of(2, tmp_path / "typo", n_models=3)
 
 
+def _skew_pointer(directory, seconds):
+    """Model 0's pointer as written by a machine whose clock is `seconds` off ours."""
+    path = directory / "model_0" / "latest.json"
+    pointer = json.loads(path.read_text())
+    path.write_text(json.dumps({**pointer, "time": pointer["time"] + seconds}))
+
+
+def test_two_jobs_on_one_model_are_told_apart_by_what_they_wrote_not_by_clocks(tmp_path, capsys):
+    """A restarted group whose dead incarnation's clock ran an hour ahead is no conflict; a second
+    job publishing after we joined, with its clock an hour behind, is one before our first publication."""
+    _, _, dead = _exchanger_of(0, tmp_path)
+    _step(dead, 5)
+    _skew_pointer(tmp_path, +3600)
+    _, _, restarted = _exchanger_of(0, tmp_path)
+    _step(restarted, 5)
+    assert restarted.metrics(5)["storage/conflicts"] == 0
+
+    _, _, first = _exchanger_of(0, tmp_path / "two")
+    _, _, second = _exchanger_of(0, tmp_path / "two")  # both joined before either published
+    _step(second, 5)
+    _skew_pointer(tmp_path / "two", -3600)
+    capsys.readouterr()
+    _step(first, 5)
+    assert first.metrics(5)["storage/conflicts"] == 1 and "two jobs claim codistill.model_index=0" in capsys.readouterr().err
+
+
 def test_teacher_age_is_in_the_metrics_and_an_old_teacher_can_be_dropped(tmp_path):
     _, teachers0, ex0 = _exchanger(0, tmp_path)
     _, _, ex1 = _exchanger(1, tmp_path)

@@ -7,9 +7,9 @@ are never logged. A `Store` offers what the exchange needs and nothing more: who
 a local file is written to a temporary name, fsynced and renamed; an object store's PUT is atomic
 already), get, create-if-absent, list and delete.
 
-`check_exchange_dir` runs before anything is created (pre-launch): an unknown scheme, a path that
-looks like a URL with a slash missing (`s3:/bucket`, which a plain path join would turn into a local
-directory named `s3:`), a missing bucket or refused credentials each give one line.
+Before anything is created (pre-launch): `check_exchange_dir` gives one line for an unknown scheme, a
+missing bucket or refused credentials; preflight.check_path checks a local path like every other
+directory setting, and refuses a path that looks like a URL with a slash missing (`half_url`).
 """
 
 from __future__ import annotations
@@ -67,24 +67,10 @@ def describe_failure(location: str, e: Exception) -> str:
 
 
 def check_exchange_dir(location: str) -> None:
-    """Pre-launch: one clear error for a location the exchange cannot use. Creates nothing."""
-    location = str(location)
-    if not location.strip():
-        raise UserError("codistill.exchange_dir is empty")
+    """Pre-launch, for a URL: the scheme is known, the bucket exists and our credentials may list it.
+    Creates nothing. A local path (and a URL missing its '//') is preflight.check_path's: the same
+    walk as every other directory setting, one set of messages."""
     if not is_url(location):
-        half = HALF_URL.match(location)
-        if half and len(half.group(1)) > 1:  # not a Windows drive letter
-            raise UserError(f"codistill.exchange_dir {location!r} looks like a URL missing '//' "
-                            f"(write {half.group(1)}://...); a local path would create a directory named "
-                            f"'{half.group(1)}:'")
-        path = Path(location).expanduser()
-        for parent in (path, *path.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"codistill.exchange_dir {location}: {parent} is not a directory")
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise UserError(f"codistill.exchange_dir {location}: {parent} is not writable")
-                break
         return
     fs, path = _filesystem(location)
     bucket = path.split("/", 1)[0]
@@ -92,6 +78,13 @@ def check_exchange_dir(location: str) -> None:
         fs.ls(bucket, detail=False)  # the bucket (or root) exists and our credentials may list it
     except Exception as e:  # noqa: BLE001 - every failure here is the user's storage or credentials
         raise StoreError(describe_failure(location, e)) from None
+
+
+def half_url(location: str) -> str | None:
+    """The scheme of a URL missing its '//' (`s3:bucket`, `s3:/bucket`), which a plain path join
+    would turn into a local directory named `s3:`; None for a URL or a path (a drive letter too)."""
+    half = None if is_url(location) else HALF_URL.match(location)
+    return half.group(1) if half and len(half.group(1)) > 1 else None
 
 
 class Store:

@@ -60,7 +60,7 @@ def check_paths(cfg: Config, doomed: Path | None = None) -> None:
         value = getattr(getattr(cfg, section), name)
         if value is not None:
             check_path(key, value, kind, doomed)
-    if cfg.codistill.exchange == "storage":  # URLs too: bucket and credentials (exchange_store.py)
+    if cfg.codistill.exchange == "storage":  # a URL's bucket and credentials (exchange_store.py)
         from .exchange_store import check_exchange_dir
 
         check_exchange_dir(cfg.codistill.exchange_dir)
@@ -68,7 +68,7 @@ def check_paths(cfg: Config, doomed: Path | None = None) -> None:
 
 def check_path(key: str, value: str, kind: str, doomed: Path | None = None) -> None:
     """One setting naming a path of `kind` (`input`: read, must be a file or directory if it exists;
-    `output`: a directory codistill creates and writes; `location`: the same, or a URL, which
+    `output`: a directory codistill creates and writes; `location`: the same, or a URL, whose storage
     exchange_store.check_exchange_dir checks where it is used)."""
     if not value.strip():
         raise ConfigError(f"{key} is empty; give a path, or null for the default")
@@ -79,6 +79,12 @@ def check_path(key: str, value: str, kind: str, doomed: Path | None = None) -> N
             return
         raise ConfigError(f"{key}={value}: URLs are not supported here; give a local path")
     if kind == "location":  # its reader expands '~' (exchange_store.Store)
+        from .exchange_store import half_url
+
+        scheme = half_url(value)
+        if scheme is not None:
+            raise ConfigError(f"{key}={value} looks like a URL missing '//' (write {scheme}://...); a local path "
+                              f"would create a directory named '{scheme}:'")
         value, kind = str(Path(value).expanduser()), "output"
     elif value.startswith("~"):
         raise ConfigError(f"{key}={value}: '~' is not expanded here (only an unquoted shell argument is); "

@@ -88,7 +88,7 @@ class StorageExchanger:
         self._warned: set[str] = set()
         self._published: deque[str] = deque()  # this incarnation's objects, oldest first
         self._last_pointer: str | None = None
-        self._started = time.time()
+        self._pointer_at_start: str | None = None  # the object our model's pointer named when we joined
         if topo.is_model_leader:  # only the first rank touches storage
             self.store = Store(self.location)
             self.run = self._join_run()
@@ -115,6 +115,7 @@ class StorageExchanger:
             raise UserError(f"codistill.exchange_dir {self.location} belongs to a run of n_models="
                             f"{run.get('n_models')}; this job has codistill.n_models={n}: give every group the same "
                             "n_models, or use another exchange_dir")
+        self._pointer_at_start = pointer.get("object") if pointer is not None else None
         if pointer is not None and pointer.get("run") == run["run"]:
             ago = time.time() - float(pointer.get("time", 0))
             warn(f"model {self.model_index} already has publications in {self.location} (step {pointer.get('step')}, "
@@ -226,9 +227,12 @@ class StorageExchanger:
             warn(f"exchange round at step {step} failed, teachers stay as they are: {describe_failure(self.location, e)}")
 
     def _publish(self, step: int, snapshot: dict, channels_last: list[bool]) -> None:
+        # Another job publishes our model if the pointer is not ours after we published, or names
+        # another object than when we joined (a restarted group's dead incarnation cannot publish).
+        # Object names, not timestamps: two machines' clocks may disagree.
         current = self._pointer(self.model_index)
         if current is not None and current.get("incarnation") != self.incarnation and (
-                self._last_pointer is not None or float(current.get("time", 0)) > self._started):
+                self._last_pointer is not None or current.get("object") != self._pointer_at_start):
             self.conflicts += 1
             self._warn_once("conflict", f"another job (incarnation {current.get('incarnation')}) also publishes "
                             f"model {self.model_index} in {self.location}: two jobs claim codistill.model_index="
