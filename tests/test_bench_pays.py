@@ -77,11 +77,13 @@ def test_straggler_quick(tmp_path):
     runs = result["data"]["runs"]
     assert result["data"]["cgroup_version"] == version
     assert {(r["arm"], r["condition"]) for r in runs} == {
-        (a, c) for a in ("allreduce", "codistill_storage") for c in ("even", "machine 1 at half speed")}
+        (a, c) for a in ("allreduce", "groups") for c in ("even", "machine 1 at half speed")}
     slow = next(r for r in runs if r["condition"] != "even")
     assert slow["cores"][1] == slow["cores"][0] / 2
-    storage = [r for r in runs if r["arm"] == "codistill_storage"]
-    assert all(len(r["s_per_step"]) == 2 for r in storage)  # two independent jobs, one per machine
+    groups = [r for r in runs if r["arm"] == "groups"]
+    assert all(len(r["s_per_step"]) == 2 for r in groups)  # two independent jobs, one per machine
+    launched = json.loads((tmp_path / "straggler" / "r0" / "straggler" / "groups" / "groups.json").read_text())
+    assert [g["status"] for g in launched["groups"]] == ["finished", "finished"]  # through the launcher
     left = [name for name in ("codistill_machine0", "codistill_machine1")
             if os.path.isdir(f"/sys/fs/cgroup/cpu/{name}") or os.path.isdir(f"/sys/fs/cgroup/{name}")]
     assert left == []  # the cgroups were removed
@@ -141,3 +143,28 @@ def test_straggler_times_use_a_level_every_arm_reaches_without_the_straggler():
     assert {r["target"] for r in records} == {0.72}
     assert records[0]["step_at_target"] == [20]
     assert records[2]["time_to_target"] == [20 * 0.11, None]  # model 1 on the slow machine: not reached
+
+
+def test_straggler_rows_are_medians_over_complete_repeats():
+    """Each row is the median of its repeats; the ratio is median with over median without the
+    straggler; an unfinished repeat (a long run stopped early) is left out, and said so."""
+    from codistill.bench.straggler import _result, retarget, settings
+
+    def record(arm, condition, repeat, step_s):
+        evals = [[{"step": 10 * (i + 1), "accuracy": a, "time_without_eval": 10 * (i + 1) * step_s}
+                  for i, a in enumerate([0.6, 0.8])] for _ in range(2)]
+        return {"arm": arm, "condition": condition, "repeat": repeat, "cores": [1, 1 if condition == "even" else 0.5],
+                "s_per_step": [step_s, step_s], "final_val_accuracy": [0.8, 0.8], "evals": evals, "load_1min": 3.0}
+
+    records = []
+    for repeat, (even_s, slow_s) in enumerate([(0.10, 0.104), (0.12, 0.11), (0.11, 0.2)]):
+        records += [record("groups", "even", repeat, even_s), record("groups", "slow", repeat, slow_s)]
+    records.append(record("groups", "even", 3, 1.0))  # repeat 3 stopped before its straggler run
+    result = _result(False, settings(False), retarget(records, 0.75), 1)
+    even_row, slow_row = result.table.splitlines()[2:]
+    assert "| 0.110 / 0.110 |" in even_row and "| 0.110 / 0.110 |" in slow_row  # medians of 3, repeat 3 left out
+    assert "| 1.00 |" in slow_row  # time to target: median 2.2 s with, 2.2 s without
+    assert any("1.00x its time without (target: at most 1.05x: met); per repeat" in n and "1.04, 0.92, 1.82" in n
+               for n in result.notes)
+    assert "partial: the runs of an unfinished repeat are left out" in result.notes
+    assert len(result.data["runs"]) == 7  # every run kept for --report

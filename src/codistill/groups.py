@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .config import Config, dump_yaml, replace
 from .errors import UserError
@@ -88,7 +89,7 @@ def _train_command(config: Path, group: Group, nproc: int, resume: bool) -> list
                   "--out", str(group.run_dir), "--overwrite"]
 
 
-def _start(group: Group, config: Path, nproc: int) -> None:
+def _start(group: Group, config: Path, nproc: int, preexec: Callable[[int], Callable] | None = None) -> None:
     from .checkpoint import read_latest
 
     resume = bool(group.attempts) and read_latest(group.run_dir) is not None
@@ -100,15 +101,18 @@ def _start(group: Group, config: Path, nproc: int) -> None:
         log.write(f"--- attempt {len(group.attempts) + 1} ({'resume' if resume else 'fresh'}) ---\n")
         log.flush()
         group.proc = subprocess.Popen(_train_command(config, group, nproc, resume), stdout=log,
-                                      stderr=subprocess.STDOUT, env=env)
+                                      stderr=subprocess.STDOUT, env=env,
+                                      preexec_fn=preexec(group.index) if preexec else None)
     group.attempts.append({"mode": "resume" if resume else "fresh",
                            "from_step": read_latest(group.run_dir)["step"] if resume else 0,
                            "start": time.time(), "exit": None})
 
 
 def run_groups(cfg: Config, out: str | Path, nproc: int, restarts: int, overwrite: bool = False,
-               poll_s: float = 0.5) -> dict:
-    """Train the groups to the end (each restarted alone up to `restarts` times); returns the summary."""
+               poll_s: float = 0.5, preexec: Callable[[int], Callable] | None = None) -> dict:
+    """Train the groups to the end (each restarted alone up to `restarts` times); returns the summary.
+    `preexec(i)`: run in group i's launch before it starts, every attempt (bench straggler puts group
+    i on emulated machine i by joining its CPU cgroup there)."""
     from .launch import preflight
     from .run_log import atomic_write_text, check_run_dir, prepare_run_dir, write_json
 
@@ -126,12 +130,12 @@ def run_groups(cfg: Config, out: str | Path, nproc: int, restarts: int, overwrit
     atomic_write_text(config, dump_yaml(cfg))
     groups = [Group(i, out / f"group_{i}", out / f"group_{i}.log") for i in range(cfg.codistill.n_models)]
     for g in groups:
-        _start(g, config, nproc)
+        _start(g, config, nproc, preexec)
     try:
         while any(g.status == "running" for g in groups):
             time.sleep(poll_s)
             for g in groups:
-                _watch(g, groups, config, nproc, restarts)
+                _watch(g, groups, config, nproc, restarts, preexec)
     finally:
         for g in groups:
             if g.proc is not None and g.proc.poll() is None:
@@ -142,7 +146,8 @@ def run_groups(cfg: Config, out: str | Path, nproc: int, restarts: int, overwrit
     return summary
 
 
-def _watch(g: Group, groups: list[Group], config: Path, nproc: int, restarts: int) -> None:
+def _watch(g: Group, groups: list[Group], config: Path, nproc: int, restarts: int,
+           preexec: Callable[[int], Callable] | None) -> None:
     outage = g.outages[-1] if g.outages and "back" not in g.outages[-1] else None
     if (outage is not None and g.metrics_inode() != outage["metrics_inode"]
             and g.last_step() > g.attempts[-1]["from_step"]):
@@ -163,7 +168,7 @@ def _watch(g: Group, groups: list[Group], config: Path, nproc: int, restarts: in
         return
     g.outages.append({"down": time.time(), "at_step": g.last_step(), "metrics_inode": g.metrics_inode(),
                       "others_at_failure": {h.index: h.last_step() for h in groups if h is not g}})
-    _start(g, config, nproc)
+    _start(g, config, nproc, preexec)
 
 
 def _report(g: Group) -> dict:
