@@ -234,12 +234,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=Path("results"), help="the suite's results directory")
-    p.add_argument("--teacher-cost", type=Path, help="a `bench step_overhead` step_overhead.json")
+    p.add_argument("--teacher-cost", type=Path, help="a `bench step_overhead` step_overhead.json (or its "
+                   "teacher_cost part); without it, the arms' own clocks give their compute ratios")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     cost = None
-    if args.teacher_cost:
-        cost = json.loads(args.teacher_cost.read_text())["data"]["teacher_cost"]
+    if args.teacher_cost:  # a step_overhead.json, or its teacher_cost part alone
+        cost = json.loads(args.teacher_cost.read_text())
+        cost = cost["data"]["teacher_cost"] if "data" in cost else cost
     result = build(args.results, cost)
     args.out.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)
