@@ -4,7 +4,8 @@ Conventions (logical payload, independent of the backend's algorithm):
 - gradient all-reduce of M bytes among k workers: each sends (and receives) 2 (k-1)/k M, the ring
   all-reduce's cost (reduce-scatter + all-gather);
 - an exchange: each worker sends its model's state to each of the n-1 peers of its exchange group,
-  (n-1) x its state bytes, and receives every peer's state once;
+  (n-1) x its state bytes, and receives every peer's state once; with codistill.graph=ring or
+  random, it sends to its students at that exchange and receives its k teachers' states only;
 - before an exchange, replica 0 of each model broadcasts its buffers (BatchNorm statistics) to the
   other replicas, (replicas-1) x buffer bytes, counted on replica 0 as `buffer_sync_sent`;
 - a hierarchical exchange sends states over replica 0's column only (the other replicas count the

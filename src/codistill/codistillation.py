@@ -42,6 +42,7 @@ from .exchange import Exchange, Exchanger, NoExchange, Teachers, broadcast_buffe
 from .losses import TopKTeacher, codistillation_loss, topk_teacher
 from .sharding import PARALLEL, forward_gather_bytes, gathered, model_mesh, shard_model, sharded_traffic
 from .teacher_offload import TeacherStore
+from .teacher_graph import TeacherGraph
 from .topology import Topology, build_topology, model_seed
 
 
@@ -49,7 +50,7 @@ def _collective(c: "Codistillation") -> Exchange:
     if not len(c.teachers):
         return NoExchange()
     return Exchanger(c.module, c.teachers, c.topo, c.every, c.delay, counter=c.counter, wire_dtype=c.wire_dtype,
-                     hierarchical=c.hierarchical and c.mesh is None)
+                     hierarchical=c.hierarchical and c.mesh is None, graph=c.graph)
 
 
 def _storage(c: "Codistillation") -> Exchange:
@@ -134,6 +135,12 @@ class Codistillation:
     trained_teachers_only: never distill toward a teacher that still holds the initial weights
         handed out at step 0 (through storage, a slow peer's first trained file can arrive long after
         step T); the trainer sets it with the default burn-in.
+    graph, peers: who distils from whom (teacher_graph.py): `all` (every other model), `ring` (models
+        i+1 .. i+peers mod n) or `random` (`peers` others drawn at each exchange, the same on every
+        replica of a model). A worker runs, and with the collective exchange receives, only its
+        teachers; it holds copies of the ones it may use (ring: its peers; random: all others).
+        Storage exchange: `all` or `ring` (its jobs do not exchange in step, so they cannot agree
+        on a draw).
     max_teacher_age: > 0: a teacher whose weights are more than this many steps old sits out of the
         distillation term (the mean runs over the others); 0 never drops one.
     distill_fraction, teacher_every, teacher_dtype, teacher_topk: cheaper teachers (cheap_teachers.py):
@@ -158,7 +165,8 @@ class Codistillation:
                  counter: CommCounter | None = None, wrap: bool = True, trained_teachers_only: bool = False,
                  max_teacher_age: int = 0, distill_fraction: float = 1.0, teacher_every: int = 1,
                  teacher_dtype: str = "fp32", teacher_topk: int | None = None, parallel: str = "ddp",
-                 teacher_offload: bool = False, outer_state_device: str = "device"):
+                 teacher_offload: bool = False, outer_state_device: str = "device",
+                 graph: str = "all", peers: int = 1):
         if exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {exchange!r}; allowed: {', '.join(EXCHANGES)}")
         if teacher_precision not in WIRE_DTYPES:
@@ -175,7 +183,10 @@ class Codistillation:
             raise ValueError("parallel='fsdp' needs the collective exchange (or DiLoCo / local SGD) and wrap=True")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
+        if graph == "random" and exchange == "storage":
+            raise ValueError("graph='random' needs the collective exchange (storage jobs cannot agree on a draw)")
         self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
+        self.graph = TeacherGraph(graph, self.topo.n_models, peers, seed)
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
@@ -203,8 +214,8 @@ class Codistillation:
         torch.manual_seed(self.seed)
         self.module = shard(build(self.topo.model_index).to(self.device))  # this worker's model, no DDP
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
-            peers = [] if exchange in OUTER_SYNCS else self.topo.peers()
-            teachers = {j: shard(build(j).to(self.device), teacher_offload) for j in peers}
+            held = [] if exchange in OUTER_SYNCS else self.graph.held_by(self.topo.model_index)
+            teachers = {j: shard(build(j).to(self.device), teacher_offload) for j in held}
         self.teachers = Teachers(teachers, teacher_mode, max_teacher_age)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         # First among the forward pre-hooks: the exchange reads the shards before FSDP gathers them.

@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
+from .teacher_graph import GRAPHS, check_graph
 
 
 def path_field(kind: str):
@@ -143,6 +144,15 @@ class CodistillConfig:
     in the exchange between models, then broadcasts the teachers over its model group. With each
     model group on one machine the states cross between machines once per machine instead of once per
     replica; training is unchanged (every replica gets the same teachers)."""
+    graph: str = "all"
+    """Who distils from whom (the teacher graph; not the rank grid): `all` (every model from the n - 1
+    others, the paper's), `ring` (model i from models i+1 .. i+peers, mod n, fixed) or `random`
+    (`peers` others drawn at each exchange from the run's seed and the exchange number, the same on
+    every replica of a model). With ring and random a step runs `peers` teacher forwards instead of
+    n - 1, and the collective exchange sends each state only to its students (point to point).
+    random holds a copy of every other model (any may be drawn) and needs exchange=collective."""
+    peers: int = 1
+    """Teachers per model with graph=ring or random, in 1 .. n_models - 1 (all: n - 1)."""
     exchange_dtype: str = "fp32"
     """Precision of the fp32 weights on the wire in the collective exchange: `fp32`, or `bf16` /
     `fp16` (half the exchanged bytes; the teachers run from the rounded weights)."""
@@ -384,6 +394,7 @@ CHOICES = {
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
     "codistill.exchange_dtype": ("fp32", "bf16", "fp16"),
+    "codistill.graph": GRAPHS,
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("goyal", "cosine", "constant"),
     "dist.backend": ("auto", "gloo", "nccl"),
@@ -603,6 +614,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("codistill.teacher_dtype applies to train.parallel=ddp (sharded teachers stay fp32)")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
+    try:
+        check_graph(c.graph, c.n_models, c.peers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c.graph == "random" and c.exchange == "storage":
+        raise ConfigError("codistill.graph=random needs codistill.exchange=collective (storage jobs do not "
+                          "exchange in step, so they cannot agree on a draw); ring works through storage")
     check_teacher_settings(cfg)
     if c.exchange_delay > c.exchange_every:
         raise ConfigError(f"codistill.exchange_delay must be <= codistill.exchange_every "

@@ -29,6 +29,7 @@ from .flat import FlatState
 from .publish_check import check_finite_before_publishing
 from .sharding import is_sharded
 from .stall_clock import StallClock
+from .teacher_graph import TeacherGraph
 from .topology import Topology
 
 
@@ -61,6 +62,9 @@ class Teachers:
                 self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
         self.versions = {j: -1 for j in self.modules}  # source step of each teacher's weights
         # Only the methods below write `versions`: mark_received, load_state_dict.
+        # The teachers the distillation term uses now (codistill.graph=random draws them at each
+        # exchange from those held; the others keep old weights and sit out).
+        self.active = set(self.modules)
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -72,8 +76,8 @@ class Teachers:
         most max_age steps old."""
         first = 1 if trained_only else 0
         oldest = step - self.max_age if step is not None and self.max_age > 0 else None
-        return {j: m for j, m in self.modules.items()
-                if self.versions[j] >= first and (oldest is None or self.versions[j] >= oldest)}
+        return {j: m for j, m in self.modules.items() if j in self.active
+                and self.versions[j] >= first and (oldest is None or self.versions[j] >= oldest)}
 
     @torch.no_grad()
     def logits(self, batch, forward=None, trained_only: bool = False, step: int | None = None,
@@ -89,19 +93,19 @@ class Teachers:
     def staleness(self, step: int) -> int:
         """Steps since the oldest teacher's weights were current (0 right after an exchange);
         -1 while no teacher has weights yet."""
-        versions = [v for v in self.versions.values() if v >= 0]
+        versions = [v for j, v in self.versions.items() if v >= 0 and j in self.active]
         return step - min(versions) if versions else -1
 
     def mark_received(self, step: int, models=None) -> None:
         """Teachers `models` (default: all) now hold their model's state after `step` updates."""
-        for j in self.versions if models is None else models:
+        for j in list(self.versions) if models is None else models:
             self.versions[j] = step
             if not self.bound:
                 self.flats[j].unpack(self.modules[j])
 
     def state_dict(self) -> dict:
         """Their age and, unless sharded (a sharded checkpoint saves the teachers' modules), weights."""
-        state = {"versions": {str(j): v for j, v in self.versions.items()}}
+        state = {"versions": {str(j): v for j, v in self.versions.items()}, "active": sorted(self.active)}
         if self.bound:
             state["teachers"] = flats_state(self.flats)
         return state
@@ -110,6 +114,7 @@ class Teachers:
         if self.bound:  # sharded teachers are loaded as modules (sharded_checkpoint.py)
             load_flats(self.flats, state["teachers"])
         self.versions.update({int(j): v for j, v in state["versions"].items()})
+        self.active = set(state.get("active", self.modules))
 
 
 class Exchange(Protocol):
@@ -172,11 +177,17 @@ def sync_buffers(model: nn.Module, topo: Topology, counter: CommCounter) -> None
 
 
 class Exchanger:
-    """Refreshes `teachers` from the other models every `every` steps."""
+    """Refreshes `teachers` from the other models every `every` steps.
+
+    graph: who distils from whom (teacher_graph.py). `all` (or None): each column broadcasts every
+    model's state to every other model. `ring` / `random`: point-to-point sends from each model to
+    its students at that exchange only, so a worker receives k states, not n - 1, and sends its own
+    as many times as it has students.
+    """
 
     def __init__(self, model: nn.Module, teachers: Teachers, topo: Topology, every: int,
                  delay: int = 0, counter: CommCounter | None = None, wire_dtype: torch.dtype | None = None,
-                 hierarchical: bool = False):
+                 hierarchical: bool = False, graph: TeacherGraph | None = None):
         if every <= 0:
             raise ValueError(f"exchange period must be > 0, got {every}")
         if not 0 <= delay <= every:
@@ -185,6 +196,7 @@ class Exchanger:
             raise ValueError("the collective exchange needs every model in this job (use exchange=storage)")
         self.model, self.teachers, self.topo = model, teachers, topo
         self.every, self.delay = every, delay
+        self.graph = graph if graph is not None and graph.kind != "all" else None
         self.counter = counter if counter is not None else CommCounter()
         self.send = FlatState(model)
         # Background transfers land in staging buffers, so the teachers in use stay untouched.
@@ -241,6 +253,12 @@ class Exchanger:
                 self.start(step, into=self.staging)
         return changed
 
+    def received_at(self, step: int) -> list[int]:
+        """The teachers the exchange at `step` refreshes (and makes the ones in use)."""
+        if self.graph is None:
+            return list(self.teachers.modules)
+        return self.graph.teachers_of(self.topo.job_model, step // self.every)
+
     def start(self, step: int, into: dict[int, FlatState] | None) -> None:
         """Snapshot our model and launch the column's broadcasts (asynchronously)."""
         sync_buffers(self.model, self.topo, self.counter)
@@ -249,6 +267,7 @@ class Exchanger:
                                        sharded=is_sharded(self.model))  # never send a diverged model
         grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
         targets = into if into is not None else self.teachers.flats
+        received = self.received_at(step)
         if self.hierarchical:
             self._spread = targets
             if replica != 0:  # this replica receives from replica 0 of its own group, in `wait`
@@ -257,7 +276,10 @@ class Exchanger:
                 return
         if self.wire is not None:
             self.wire[me].copy_(self.send.buffers[torch.float32])
-            self._unwire = targets
+            self._unwire = {j: targets[j] for j in received}
+        if self.graph is not None:
+            self._start_sends(step, targets, received)
+            return
         works = []
         for m in range(grid.n_models):
             flat = self.send if m == me else targets[m]
@@ -271,6 +293,27 @@ class Exchanger:
                                   received=sum(self.wire_nbytes(targets[j]) for j in self.teachers.modules))
         self._pending = (step, works)
         self._into_staging = into is not None
+
+    def _buffers(self, m: int, flat: FlatState) -> list[torch.Tensor]:
+        """Model m's state as it crosses: its flat buffers, the fp32 one as the wire dtype."""
+        return [self.wire[m] if dtype == torch.float32 and self.wire is not None else buffer
+                for dtype, buffer in flat.buffers.items()]
+
+    def _start_sends(self, step: int, targets: dict[int, FlatState], received: list[int]) -> None:
+        """ring / random: our state to this exchange's students, theirs from our teachers, point to
+        point over the column (every worker derives the same draws, so sends and receives pair up)."""
+        grid, me, replica = self.topo.grid, self.topo.job_model, self.topo.replica_index
+        students = self.graph.students_of(me, step // self.every)
+        group = self.topo.exchange_group
+        ops = [dist.P2POp(dist.isend, buffer, grid.rank(s, replica), group, tag)
+               for s in students for tag, buffer in enumerate(self._buffers(me, self.send))]
+        ops += [dist.P2POp(dist.irecv, buffer, grid.rank(j, replica), group, tag)
+                for j in received for tag, buffer in enumerate(self._buffers(j, targets[j]))]
+        state_bytes = self.wire_nbytes(self.send)
+        self.counter.add_exchange(sent=len(students) * state_bytes,
+                                  received=sum(self.wire_nbytes(targets[j]) for j in received))
+        self._pending = (step, dist.batch_isend_irecv(ops) if ops else [])
+        self._into_staging = targets is self.staging
 
     def wait(self) -> None:
         """Complete the transfer in flight, if any; it is still swapped in at its step."""
@@ -291,12 +334,12 @@ class Exchanger:
         """Every teacher's state from replica 0 to the other replicas of the model group (the fast,
         local links that carry the group's gradient all-reduce every step)."""
         src = self.topo.grid.rank(self.topo.job_model, 0)
-        for j in self.teachers.modules:
+        received = self.received_at(self._pending[0])
+        for j in received:
             for buffer in targets[j].buffers.values():
                 dist.broadcast(buffer, src=src, group=self.topo.model_group)
         if self.topo.rank == src:
-            self.counter.buffer_sync_sent += (self.topo.replicas - 1) * sum(
-                targets[j].nbytes for j in self.teachers.modules)
+            self.counter.buffer_sync_sent += (self.topo.replicas - 1) * sum(targets[j].nbytes for j in received)
 
     def wire_nbytes(self, flat: FlatState) -> int:
         """Bytes one state takes on the wire (its fp32 part at the wire dtype when compressed)."""
@@ -311,10 +354,12 @@ class Exchanger:
         if self._pending is None:
             return
         self.wait()
+        received = self.received_at(self._pending[0])
         if self._into_staging:
-            for j, flat in self.teachers.flats.items():
-                flat.copy_(self.staging[j])
-        self.teachers.mark_received(self._pending[0])
+            for j in received:
+                self.teachers.flats[j].copy_(self.staging[j])
+        self.teachers.mark_received(self._pending[0], received)
+        self.teachers.active = set(received)
         self._pending = None
 
     def state_dict(self) -> dict:

@@ -47,7 +47,7 @@ class CodistillStrategy(DDPStrategy):
     n_models, every, alpha: n (1 is plain data parallelism), the exchange period T in optimizer
         steps, the distillation weight (a float or a function of the step).
     codistill_options: the rest of `Codistillation`'s options (loss, temperature, delay,
-        teacher_mode, teacher_precision, label_smoothing).
+        teacher_mode, teacher_precision, label_smoothing, graph, peers).
     teacher_forward: forward(teacher, inputs) -> logits; default teacher(inputs), i.e. the
         LightningModule's `forward`.
     Other keyword arguments go to `DDPStrategy`.

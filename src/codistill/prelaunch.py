@@ -66,7 +66,8 @@ def run_steps(cfg: Config, world_size: int) -> int | None:
 
 DISTILLATION = ("loss", "temperature", "alpha", "alpha_schedule", "alpha_steps", "teacher_mode",
                 "teacher_precision", "exchange_dtype", "exchange_delay", "max_teacher_age", "distill_fraction",
-                "teacher_every", "teacher_dtype", "teacher_topk", "teacher_offload")
+                "teacher_every", "teacher_dtype", "teacher_topk", "teacher_offload", "graph",
+                "peers")
 """codistill.* settings that only the distillation term and its teachers read."""
 
 
@@ -88,6 +89,7 @@ def ignored_settings(cfg: Config, world_size: int, given: Config | None = None) 
                        f"only codistillation (codistill.method=distill, n_models >= 2) distills; this run is {method}"),
                       (("temperature",), c.loss == "mse", "codistill.loss=mse compares raw logits"),
                       (("alpha_steps",), c.alpha_schedule == "constant", "codistill.alpha_schedule=constant"),
+                      (("peers",), c.graph == "all", "codistill.graph=all distils from every other model"),
                       (("exchange_every",), c.n_models == 1, f"this run is {method}, which exchanges nothing"),
                       (("exchange_hierarchical",), c.n_models == 1 or world_size // max(1, c.n_models) == 1,
                        "there is one worker per model: no replicas to broadcast the teachers to"),

@@ -69,7 +69,8 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           trained_teachers_only=c.alpha_schedule == "burnin", max_teacher_age=c.max_teacher_age,
                           distill_fraction=c.distill_fraction, teacher_every=c.teacher_every,
                           teacher_dtype=c.teacher_dtype, teacher_topk=c.teacher_topk, parallel=cfg.train.parallel,
-                          teacher_offload=c.teacher_offload, outer_state_device=o.state_device)
+                          teacher_offload=c.teacher_offload, outer_state_device=o.state_device,
+                          graph=c.graph, peers=c.peers)
 
 
 class Trainer:
