@@ -197,6 +197,8 @@ METRICS: dict[str, Metric] = {
     "ens_test_loss": Metric("ensemble test NLL", _ensemble("ensemble_test_loss"), 4, False),
     "ens_test_bleu": Metric("ensemble test BLEU", _ensemble("ensemble_test_bleu"), 2),
     "wall": Metric("training wall (s)", lambda r: r.get("wall_seconds"), 0, False),
+    "compute_ms": Metric("compute per step, model 0 (ms)", lambda r: 1e3 * r["compute_s_per_step"]
+                         if r.get("compute_s_per_step") is not None else None, 1, False),
     "steps": Metric("steps", lambda r: r.get("steps"), 0),
 }
 

@@ -19,6 +19,7 @@ from ..bench.common import git_commit
 from ..checkpoint import CheckpointError, read_latest
 from ..arms import arm_configs
 from ..config import Config, load_config, replace, to_dict
+from ..curves import compute_seconds_per_step
 from ..distributed import is_leader, torchrun_world_size, under_torchrun
 from ..errors import UserError
 from ..seeds import DERIVATION
@@ -115,7 +116,7 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
 # existed, so they are left out of the identity and the earlier rows stay reusable.
 ADDED_LATER = (("outer", None), ("lm", None), ("codistill", "method"), ("train", "deterministic"),
                ("codistill", "exchange_dtype"), ("codistill", "exchange_hierarchical"),
-               ("codistill", "teacher_offload"))
+               ("codistill", "teacher_offload"), ("codistill", "graph"), ("codistill", "peers"))
 
 
 def config_hash(cfg: Config, world: int) -> str:
@@ -228,6 +229,7 @@ class Suite:
         row.update(res.summary_values(summary))
         row["total_seconds"] = time.perf_counter() - start
         row["curve"] = res.read_curve(run_dir)  # every experiment: the budget rule reads it
+        row["compute_s_per_step"] = compute_seconds_per_step(run_dir)  # model 0's, without evals and stalls
         row.update(run_dir=str(run_dir), reused_from=None, command=self.command,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
         self._by_hash[digest] = row
