@@ -19,7 +19,8 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge, judge_budgets
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM", "Teachers", "TeachersMT"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM", "Teachers", "TeachersMT",
+            "Topologies"]
 
 
 def codistill(*args, timeout):
@@ -290,6 +291,20 @@ def test_peers_verdict_reports_the_mixed_pair_under_each_alpha_schedule():
     assert "with the paper's constant alpha, cnn 57.00 ± 0.00% together vs 90.70 ± 0.00% alone (worse)" in reason
     assert "with the library's default burn-in, cnn 89.60 ± 0.00% together vs 90.70 ± 0.00% alone (worse); " \
            "mlp 87.20 ± 0.00% together vs 87.30 ± 0.00% alone (similar)" in reason
+
+
+def test_topologies_verdict_weighs_accuracy_against_measured_teacher_cost():
+    # (mean test accuracy of the models, compute per step in s, bytes sent per worker)
+    arms = {"allreduce-trained": (0.905, 0.010, 0), "all-trained": (0.900, 0.020, 3e7),
+            "ring-trained": (0.899, 0.013, 1e7), "random-trained": (0.890, 0.013, 1e7)}
+    rows = [{"experiment": "Topologies", "variant": v, "seed": s, "test_accuracy": [acc] * 4,
+             "compute_s_per_step": ms, "bytes_exchange": mb} for v, (acc, ms, mb) in arms.items() for s in range(3)]
+    verdict, reason = judge(EXPERIMENTS["Topologies"], rows)
+    assert verdict == "partly"
+    assert "ring 89.90 ± 0.00% (compute/step 1.30x all-reduce's, 10.0 MB sent per worker)" in reason
+    assert "Ring keeps all-to-all's accuracy at 0.65x its compute per step; random peer loses" in reason
+    ring_as_costly = [{**r, "compute_s_per_step": 0.02} if r["variant"] == "ring-trained" else r for r in rows]
+    assert judge(EXPERIMENTS["Topologies"], ring_as_costly)[0] == "not confirmed"
 
 
 def _acc_rows(experiment: str, accs: dict[str, tuple[float, float]], seeds: int = 3) -> list[dict]:

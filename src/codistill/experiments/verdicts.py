@@ -441,5 +441,27 @@ def _teachers_mt(t: Table):
     return _cheap_teachers(t, "val_loss0", NLL_FLOOR, "")
 
 
-JUDGES = {"Teachers": _teachers, "TeachersMT": _teachers_mt, "Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
+def _topologies(t: Table):
+    """n = 4: ring and random (one teacher per step) against all-to-all (three) by the mean test
+    accuracy of the four models, with each arm's measured compute per step over all-reduce's (the
+    teacher cost) and the bytes each worker sent; all-reduce is the reference."""
+    names = {"allreduce-trained": "all-reduce", "all-trained": "all-to-all", "ring-trained": "ring",
+             "random-trained": "random peer"}
+    acc = {n: t.get("test_acc_mean", n) for n in names}
+    ar_ms = t.get("compute_ms", "allreduce-trained").mean
+    cost = {n: t.get("compute_ms", n).mean / ar_ms for n in names}
+    parts = [f"{label} {pts(acc[n])}% (compute/step {cost[n]:.2f}x all-reduce's, "
+             f"{t.get('exchange_mb', n).mean:.1f} MB sent per worker)" for n, label in names.items()]
+    reason = "test accuracy, mean of the models: " + "; ".join(parts)
+    kept = {n: compare(acc[n], acc["all-trained"], ACC_FLOOR) >= 0 for n in ("ring-trained", "random-trained")}
+    cheaper = {n: cost[n] < cost["all-trained"] for n in kept}
+    held = [names[n] for n in kept if kept[n] and cheaper[n]]
+    words = [f"{names[n]} {'keeps' if kept[n] else 'loses'} all-to-all's accuracy at "
+             f"{cost[n] / cost['all-trained']:.2f}x its compute per step" for n in kept]
+    reason += ". " + "; ".join(words)[:1].upper() + "; ".join(words)[1:] + "."
+    verdict = "confirmed" if len(held) == 2 else ("partly" if held else "not confirmed")
+    return verdict, reason
+
+
+JUDGES = {"Topologies": _topologies, "Teachers": _teachers, "TeachersMT": _teachers_mt, "Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
           "LM": _lm}
