@@ -19,8 +19,8 @@ from codistill.experiments.suite import EXPERIMENTS
 from codistill.experiments.verdicts import NOT_RUN, judge, judge_budgets
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "PeersMT", "LM", "Teachers", "TeachersMT",
-            "Topologies"]
+SECTIONS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "Beyond", "Peers", "Family", "PeersMT", "LM", "Teachers",
+            "TeachersMT", "Topologies"]
 
 
 def codistill(*args, timeout):
@@ -251,6 +251,30 @@ def test_f5_is_judged_at_the_trained_budget_once_its_four_arms_ran():
     assert judge(f5, _rows("F5", {**base, **trained}, "val_loss"))[0] == "not reproduced"
 
 
+def test_f5_matched_tokens_verdict_sits_beside_matched_updates_with_the_alpha0_twins():
+    f5 = EXPERIMENTS["F5"]
+    base = {"allreduce": 4.7, "codistill-ls0.1-drop0.1": 4.8, "codistill-ls0.05-drop0.05": 4.7,
+            "codistill-ls0-drop0": 4.6, "allreduce-ls0-drop0": 4.5}
+    trained = {"allreduce-trained": 2.90, "allreduce-ls0-drop0-trained": 3.30,
+               "codistill-ls0.1-drop0.1-trained": 3.10, "codistill-ls0-drop0-trained": 3.05}
+    rows = _rows("F5", {**base, **trained}, "val_loss")
+    verdict, reason = judge(f5, rows)
+    assert verdict == "partly" and "At matched tokens" in reason and "not yet run" in reason
+    # The twins are reported at the trained budget without holding its verdict back (one seed of them).
+    twins = {"codistill-ls0.1-drop0.1-alpha0-trained": 3.20, "codistill-ls0-drop0-alpha0-trained": 3.00}
+    rows += _rows("F5", twins, "val_loss", seeds=1)
+    verdict, reason = judge(f5, rows)
+    assert verdict == "partly", verdict  # no "(provisional: 1 seed)" from the twins
+    assert "`codistill-ls0-drop0-alpha0-trained` 3.0000 vs 3.0500 codistilled (distillation +0.0500 nats)" in reason
+    # Matched tokens: 4,000 updates of the codistilled arms against all-reduce's trained 2,000.
+    tokens = {"codistill-ls0.1-drop0.1-tokens": 2.95, "codistill-ls0-drop0-tokens": 2.91}
+    verdict, reason = judge(f5, rows + _rows("F5", tokens, "val_loss", seeds=1))
+    assert verdict.startswith("partly at matched updates; reproduced (provisional: 1 seed) at matched tokens")
+    assert "At matched tokens (each codistilled model sees as many tokens as the all-reduce model): validation NLL " \
+           "of `codistill-ls0-drop0-tokens` (chosen on validation) 2.9100 vs 2.9000 for all-reduce" in reason
+    assert judge_budgets(f5, rows)["base"][0] == "partly"  # the other budgets' rows stay out of the base's
+
+
 def test_f6_is_judged_in_the_over_fitting_regime_at_the_trained_budget():
     f6 = EXPERIMENTS["F6"]
     base = {f"{arm}-data-1/{k}": (0.86, 0.86) for arm in ("allreduce", "codistill") for k in (1, 2, 4, 8)}
@@ -380,6 +404,40 @@ def test_peers_variants_resolve_to_matched_methods():
     together, _ = variant_config(peers, peers.variant("mixed-together-long"), 0, quick=False)
     assert together.model.name == alone.model.name == ["cnn", "mlp"]
     assert (together.codistill.alpha, alone.codistill.alpha) == (1.0, 0.0)
+
+
+def test_family_offline_variant_trains_the_small_model_alone_beside_the_same_updates():
+    family = EXPERIMENTS["Family"]
+    together, world = variant_config(family, family.variant("together-trained"), 1, quick=False, out="res")
+    alone, _ = variant_config(family, family.variant("alone-trained"), 1, quick=False, out="res")
+    offline, offline_world = variant_config(family, family.variant("offline-trained"), 1, quick=False, out="res")
+    assert together.model.name == alone.model.name == offline.model.name == ["cnn", "cnn_tiny"]
+    assert (together.codistill.alpha, alone.codistill.alpha) == (1.0, 0.0)
+    # Stage 2: the small model on its group's 2 of the 4 workers, for the same updates and schedule, distilled
+    # from the big model of `alone` with the same seed, from step 0.
+    assert (world, offline_world, offline.job_models) == (4, 2, 1)
+    assert offline.codistill.exchange == "frozen" and offline.codistill.model_index == 1
+    assert offline.codistill.teacher_run == str(Path("res/runs/Family/alone-trained/s1"))
+    assert offline.train == together.train and offline.schedule == together.schedule
+    assert offline.codistill.alpha_schedule == "constant" and offline.codistill.alpha == 1.0
+    assert together.codistill.alpha_schedule == "burnin"  # the library's default where it is judged
+
+
+def test_family_is_judged_on_the_small_models_gain_against_alone_and_two_stage():
+    # test_accuracy: [big, small] of a pair; the offline run trains the small model only.
+    accs = {"together-trained": [0.915, 0.895], "alone-trained": [0.92, 0.885], "offline-trained": [0.897]}
+    rows = [{"experiment": "Family", "variant": v, "seed": s, "test_accuracy": [a + 0.001 * s for a in acc],
+             "ensemble_test_accuracy": 0.918, "config": {"n_models": 2}}
+            for v, acc in accs.items() for s in range(3)]
+    verdict, reason = judge(EXPERIMENTS["Family"], rows)
+    assert verdict == "small model gains, as much as two-stage", reason
+    assert reason.startswith("At the trained budget: small model 89.60 ± 0.10% trained beside the big one vs "
+                             "88.60 ± 0.10% alone (+1.00 points, better) and 89.80 ± 0.10% distilled offline")
+    assert "big model 91.60 ± 0.10% together vs 92.10 ± 0.10% alone (-0.50 points, similar)" in reason
+    rows = [r if r["variant"] != "offline-trained" else {**r, "test_accuracy": [0.91]} for r in rows]
+    assert judge(EXPERIMENTS["Family"], rows)[0] == "small model gains, less than two-stage"
+    rows = [r if r["variant"] != "together-trained" else {**r, "test_accuracy": [0.915, 0.887]} for r in rows]
+    assert judge(EXPERIMENTS["Family"], rows)[0] == "small model does not gain"
 
 
 @pytest.mark.timeout(900)

@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .accounting import CommCounter, counting_allreduce_hook
+from .config import ONE_MODEL_EXCHANGES
 from .cheap_teachers import LowPrecisionTeachers, check_cheap_teachers, leading_rows, should_run_teachers
 from .data.sampling import ShardSampler
 from .data.splits import model_indices
@@ -61,6 +62,12 @@ def _storage(c: "Codistillation") -> Exchange:
     return StorageExchanger(c.module, c.teachers, c.topo, c.every, c.exchange_dir, counter=c.counter)
 
 
+def _frozen(c: "Codistillation") -> Exchange:
+    from .frozen_teachers import FrozenTeachers
+
+    return FrozenTeachers(c.teachers, c.teacher_run)
+
+
 def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
     """DiLoCo (`outer` optimizer) or local SGD (plain averaging) every `every` steps; no teachers."""
 
@@ -79,7 +86,7 @@ def _outer_sync(averaging: bool) -> Callable[["Codistillation"], Exchange]:
 # The one place an exchange is chosen: name -> factory(codistillation). Another synchronization
 # plugs in by adding an entry with the `Exchange` protocol.
 EXCHANGES: dict[str, Callable[["Codistillation"], Exchange]] = {
-    "collective": _collective, "storage": _storage,
+    "collective": _collective, "storage": _storage, "frozen": _frozen,
     "diloco": _outer_sync(averaging=False), "localsgd": _outer_sync(averaging=True),
 }
 OUTER_SYNCS = ("diloco", "localsgd")  # exchanges that average the models themselves: no teachers
@@ -112,7 +119,9 @@ class Codistillation:
         function of the step, e.g. a schedule).
     delay: collective exchange only, steps between an exchange's start and its swap (exchange.py).
     exchange: `collective` (one job holds all models) or `storage` (this job trains `model_index`,
-        teachers travel through files in `exchange_dir`); or, instead of distillation, `diloco` /
+        teachers travel through files in `exchange_dir`) or `frozen` (this job trains `model_index`;
+        the teachers are the other models of the finished run `teacher_run`, never refreshed:
+        offline distillation, frozen_teachers.py); or, instead of distillation, `diloco` /
         `localsgd`: every `every` steps the models average their parameter change and apply it with
         the outer SGD `outer` = (lr, momentum, nesterov) / plain averaging (outer_sync.py); no
         teachers, and all models start from model 0's initialization and end as one.
@@ -157,7 +166,7 @@ class Codistillation:
 
     def __init__(self, make_model: Callable, n_models: int = 2, every: int = 50,
                  alpha: float | Callable[[int], float] = 1.0, *, delay: int = 0, exchange: str = "collective",
-                 exchange_dir: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
+                 exchange_dir: str | Path | None = None, teacher_run: str | Path | None = None, model_index: int | None = None, loss: str = "kl",
                  temperature: float = 1.0, label_smoothing: float = 0.0, teacher_mode: str = "eval",
                  teacher_precision: str = "fp32", exchange_dtype: str = "fp32", hierarchical: bool = False,
                  outer: tuple[float, float, bool] = DILOCO_OUTER, seed: int = 0,
@@ -179,15 +188,18 @@ class Codistillation:
             raise ValueError("hierarchical applies to the collective exchange and DiLoCo / local SGD")
         if parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
-        if parallel == "fsdp" and (exchange == "storage" or not wrap):
+        if parallel == "fsdp" and (exchange in ONE_MODEL_EXCHANGES or not wrap):
             raise ValueError("parallel='fsdp' needs the collective exchange (or DiLoCo / local SGD) and wrap=True")
         if exchange == "storage" and (model_index is None or exchange_dir is None) and topology is None:
             raise ValueError("exchange='storage' needs model_index (this job's model) and exchange_dir")
         if graph == "random" and exchange == "storage":
             raise ValueError("graph='random' needs the collective exchange (storage jobs cannot agree on a draw)")
-        self.topo = topology or build_topology(n_models, model_index if exchange == "storage" else None)
+        if exchange == "frozen" and (teacher_run is None or (model_index is None and topology is None)):
+            raise ValueError("exchange='frozen' needs model_index (this job's model) and teacher_run")
+        self.topo = topology or build_topology(n_models, model_index if exchange in ONE_MODEL_EXCHANGES else None)
         self.graph = TeacherGraph(graph, self.topo.n_models, peers, seed)
         self.every, self.delay, self.alpha, self.exchange_dir = every, delay, alpha, exchange_dir
+        self.teacher_run = teacher_run
         self.loss_kind, self.temperature, self.label_smoothing = loss, temperature, label_smoothing
         self.teacher_precision, self.outer = teacher_precision, outer
         if outer_state_device not in OUTER_STATE_DEVICES:

@@ -76,15 +76,20 @@ class CodistillConfig:
     exchange_every: int = 50
     """T: teachers are refreshed with the other models' weights every T optimizer steps."""
     exchange: str = "collective"
-    """How teachers travel: `collective` (broadcast over the exchange groups of one job) or `storage`
-    (files in exchange_dir; each model group runs as its own job, see model_index)."""
+    """How teachers travel: `collective` (broadcast over the exchange groups of one job), `storage`
+    (files in exchange_dir; each model group runs as its own job, see model_index) or `frozen`
+    (offline, two-stage distillation: the teachers are the other models of the finished run
+    teacher_run, at its last checkpoint, never refreshed; this job trains model_index alone)."""
     exchange_dir: str | None = path_field("location")
     """Where exchange=storage publishes and reads teachers: a shared path, or an fsspec URL such as
     `s3://bucket/prefix` (credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Checked before launch: a missing bucket, refused
     credentials or `s3:/x` (a URL missing '//') is one error line. One location per run."""
     model_index: int | None = None
-    """For exchange=storage: which of the n_models models this job trains (0 .. n_models-1)."""
+    """For exchange=storage or frozen: which of the n_models models this job trains (0 .. n_models-1)."""
+    teacher_run: str | None = path_field("input")
+    """For exchange=frozen: the directory of a finished run of the same n_models models whose last
+    checkpoint holds the teachers (e.g. the big model trained alone)."""
     max_teacher_age: int = 0
     """Drop a teacher from the distillation term while its weights are more than this many steps
     old (the mean over teachers then runs over the rest: alpha is renormalized); 0 (default) never
@@ -383,13 +388,15 @@ class Config:
     @property
     def job_models(self) -> int:
         """Models trained by this job: all of them, or one with exchange through storage."""
-        return 1 if self.codistill.exchange == "storage" else self.codistill.n_models
+        return 1 if self.codistill.exchange in ONE_MODEL_EXCHANGES else self.codistill.n_models
 
+
+ONE_MODEL_EXCHANGES = ("storage", "frozen")  # each job trains one of the n models (model_index)
 
 CHOICES = {
     "data.split": ("shared", "disjoint"),
     "codistill.loss": ("kl", "mse", "ce"),
-    "codistill.exchange": ("collective", "storage"),
+    "codistill.exchange": ("collective", "storage", "frozen"),
     "codistill.method": ("distill", "diloco", "localsgd"),
     "codistill.alpha_schedule": ("constant", "burnin", "ramp"),
     "codistill.teacher_mode": ("eval", "train"),
@@ -589,6 +596,14 @@ def validate(cfg: Config) -> None:
     c, d, o, s, t = cfg.codistill, cfg.data, cfg.optim, cfg.schedule, cfg.train
     positive("codistill.n_models", c.n_models)
     positive("codistill.exchange_every", c.exchange_every)
+    if c.exchange == "frozen":
+        if c.teacher_run is None or c.model_index is None:
+            raise ConfigError("codistill.exchange=frozen needs codistill.teacher_run (a finished run's directory) "
+                              "and codistill.model_index (which model this job trains)")
+        if not 0 <= c.model_index < c.n_models:
+            raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
+        if cfg.train.parallel != "ddp":
+            raise ConfigError("codistill.exchange=frozen needs train.parallel=ddp")
     if c.exchange == "storage":
         if c.exchange_dir is None or c.model_index is None:
             raise ConfigError("codistill.exchange=storage needs codistill.exchange_dir (a shared directory) "

@@ -93,8 +93,10 @@ def ignored_settings(cfg: Config, world_size: int, given: Config | None = None) 
                       (("exchange_every",), c.n_models == 1, f"this run is {method}, which exchanges nothing"),
                       (("exchange_hierarchical",), c.n_models == 1 or world_size // max(1, c.n_models) == 1,
                        "there is one worker per model: no replicas to broadcast the teachers to"),
-                      (("exchange_dir", "model_index"), c.exchange != "storage",
-                       "codistill.exchange is collective, not storage"),
+                      (("exchange_dir",), c.exchange != "storage", f"codistill.exchange is {c.exchange}, not storage"),
+                      (("model_index",), c.exchange not in ("storage", "frozen"),
+                       "codistill.exchange is collective: one job trains every model"),
+                      (("teacher_run",), c.exchange != "frozen", f"codistill.exchange is {c.exchange}, not frozen"),
                       ],
         "optim": [(("betas",), cfg.optim.name != "adamw", f"optim.name={cfg.optim.name} has no betas"),
                   (("momentum", "nesterov"), cfg.optim.name != "sgd", f"optim.name={cfg.optim.name} has no "

@@ -125,7 +125,7 @@ def job_grid(world_size: int, n_models: int, job_model: int | None = None) -> tu
 def job_topology(cfg: Config, world_size: int) -> Topology:
     """Rank 0's topology of a job of `world_size` workers, without process groups (for sizing)."""
     c = cfg.codistill
-    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange == "storage" else None)
+    grid, first, total = job_grid(world_size, c.n_models, c.model_index if c.exchange in ("storage", "frozen") else None)
     return Topology(grid, rank=0, model_group=None, exchange_group=None, first_model=first, total_models=total)
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import sharded_checkpoint
 from .codistillation import Codistillation
-from .config import Config, check_world_size, effective_precision, to_dict
+from .config import ONE_MODEL_EXCHANGES, Config, check_world_size, effective_precision, to_dict
 from .distributed import DistContext, configure_device
 from .evaluation import initial_parameters, parameter_distance
 from .faults import NonFiniteLossError, PeerError, inject_fault, parse_fault, peer_error
@@ -62,6 +62,7 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
         exchange, every = c.method, o.every or c.exchange_every
     return Codistillation(lambda j: task.build_model(names[j]), c.n_models, every, alpha,
                           delay=c.exchange_delay, exchange=exchange, exchange_dir=c.exchange_dir,
+                          teacher_run=c.teacher_run,
                           loss=c.loss, temperature=c.temperature, label_smoothing=cfg.train.label_smoothing,
                           teacher_mode=c.teacher_mode, teacher_precision=teacher_precision,
                           exchange_dtype=c.exchange_dtype, hierarchical=c.exchange_hierarchical,
@@ -84,7 +85,7 @@ class Trainer:
         configure_device(self.device, cfg.train.deterministic)  # cuDNN autotuning + TF32, or determinism
         if self.device.type == "cuda":  # the summary's peak memory is this run's, not the process's
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.topo = topo = build_topology(c.n_models, c.model_index if c.exchange == "storage" else None)
+        self.topo = topo = build_topology(c.n_models, c.model_index if c.exchange in ONE_MODEL_EXCHANGES else None)
         self.model_index = topo.model_index  # among all n models
         self.task = make_task(cfg, self.device, self.run_dir)
         self.seed = model_seed(cfg.train.seed, self.model_index)

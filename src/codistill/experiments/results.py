@@ -17,7 +17,8 @@ from pathlib import Path
 from ..config import Config
 from ..seeds import DERIVATION
 
-CURVE_KEYS = ("train/task_loss", "val/accuracy", "val/loss", "param_distance")
+# The distillation loss too: whether the models still pull apart (or together) at the end of a run.
+CURVE_KEYS = ("train/task_loss", "train/distill_loss", "val/accuracy", "val/loss", "param_distance")
 CURVE_POINTS = 60
 
 
@@ -178,6 +179,15 @@ METRICS: dict[str, Metric] = {
     "test_acc0": Metric("test acc, model 0 (%)", _percent(_first("test_accuracy")), 2),
     "test_acc1": Metric("test acc, model 1 (%)", _percent(lambda r: r["test_accuracy"][1]
                                                        if len(r.get("test_accuracy") or []) > 1 else None), 2),
+    # A big and a small model (Family): model 0 is the big one; the last is the small one, the only
+    # model of a run distilled offline from a frozen teacher (which trains that model alone).
+    "test_acc_big": Metric("test acc, big model (%)", _percent(lambda r: r["test_accuracy"][0]
+                                                              if len(r.get("test_accuracy") or []) > 1 else None), 2),
+    "test_acc_small": Metric("test acc, small model (%)", _percent(lambda r: r["test_accuracy"][-1]
+                                                                  if r.get("test_accuracy") else None), 2),
+    "ens_pair_acc": Metric("ensemble of the pair, test acc (%)",
+                           _percent(lambda r: r.get("ensemble_test_accuracy")
+                                    if len(r.get("test_accuracy") or []) > 1 else None), 2),
     "exchange_mb": Metric("inter-group MB sent per worker", lambda r: r["bytes_exchange"] / 1e6
                           if r.get("bytes_exchange") is not None else None, 2, False),
     "test_acc_mean": Metric("test acc, mean of models (%)", _percent(_mean("test_accuracy")), 2),

@@ -85,10 +85,12 @@ PAPER_ALPHA = {"codistill.alpha_schedule": "constant", "codistill.alpha_steps": 
 
 
 def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: bool,
-                   budget: float = 1.0) -> tuple[Config, int]:
+                   budget: float = 1.0, out: str | Path = "results") -> tuple[Config, int]:
     """The arm's config and world size: base < variant.set < variant.scale (and the `budget` factor
     on every epoch-valued setting) < seed, then the arms are derived by
-    `codistill.arms.arm_configs` (matched workers and updates), then variant.after."""
+    `codistill.arms.arm_configs` (matched workers and updates), then variant.after. A variant with a
+    `teacher_run` trains the arm's last model alone on its model group's workers, distilled from the
+    other models of that variant's run (same seed, under `out`), frozen."""
     cfg = base_config(experiment, quick)
     if variant.set:
         cfg = replace(cfg, **_dunder(variant.set))
@@ -109,14 +111,26 @@ def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: b
     arm = arms[variant.arm]
     if variant.after:
         arm = replace(arm, **_dunder(variant.after))
+    if variant.teacher_run is not None:
+        n = arm.codistill.n_models
+        arm = replace(arm, codistill__exchange="frozen", codistill__model_index=n - 1,
+                      codistill__teacher_run=str(run_directory(out, experiment.name, variant.teacher_run, seed, budget)))
+        world //= n  # the same workers per model: one model group
     return arm, world
+
+
+def run_directory(out: str | Path, experiment: str, variant: str, seed: int, budget: float = 1.0) -> Path:
+    """Where the runner trains (experiment, variant, seed) under `out`."""
+    suffix = "" if budget == 1.0 else f"-budget{budget:g}"
+    return Path(out) / "runs" / experiment / variant.replace("/", "_") / f"s{seed}{suffix}"
 
 
 # Settings added after the first result rows: at their defaults they train exactly as before they
 # existed, so they are left out of the identity and the earlier rows stay reusable.
 ADDED_LATER = (("outer", None), ("lm", None), ("codistill", "method"), ("train", "deterministic"),
                ("codistill", "exchange_dtype"), ("codistill", "exchange_hierarchical"),
-               ("codistill", "teacher_offload"), ("codistill", "graph"), ("codistill", "peers"))
+               ("codistill", "teacher_offload"), ("codistill", "graph"), ("codistill", "peers"),
+               ("codistill", "teacher_run"))
 
 
 def config_hash(cfg: Config, world: int) -> str:
@@ -199,7 +213,7 @@ class Suite:
     def run_one(self, experiment: Experiment, variant: Variant, seed: int, label: str) -> dict:
         from ..launch import train  # late: spawning workers needs the full stack
 
-        cfg, world = variant_config(experiment, variant, seed, self.quick, self.budget)
+        cfg, world = variant_config(experiment, variant, seed, self.quick, self.budget, self.out)
         digest = config_hash(cfg, world)
         row = {"experiment": experiment.name, "variant": variant.name, "arm": variant.arm, "seed": seed,
                "quick": self.quick, "budget": self.budget, "config_hash": digest,
@@ -212,9 +226,8 @@ class Suite:
             row.update(kept, reused_from=f"{original['experiment']}/{original['variant']}/s{original['seed']}")
             row.update(command=self.command, time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
             return row
-        budget = "" if self.budget == 1.0 else f"-budget{self.budget:g}"
-        run_dir = self.out / "runs" / experiment.name / variant.name.replace("/", "_") / f"s{seed}{budget}"
-        n = cfg.codistill.n_models
+        run_dir = run_directory(self.out, experiment.name, variant.name, seed, self.budget)
+        n = cfg.job_models
         _say(f"[{label}] training: {n} model(s) x {world // n} worker(s), "
               f"{cfg.train.steps} steps -> {run_dir}")
         start = time.perf_counter()

@@ -68,40 +68,64 @@ def pts(s: Stat) -> str:
 
 
 BUDGET_WORDS = {"": "the base budget", "-trained": "the trained budget"}
+TOKENS_WORDS = "matched tokens (each codistilled model sees as many tokens as the all-reduce model)"
 
 
 def judge(experiment: Experiment, rows: list[dict]) -> tuple[str, str]:
     """(verdict, reason) for one experiment: at its trained budget once every variant the verdict
-    needs there ran (the base budget's reason beside it), else at the base budget."""
+    needs there ran (the base budget's reason beside it), else at the base budget; with matched-tokens
+    variants, their verdict beside it (in the verdict once they ran)."""
     budgets = judge_budgets(experiment, rows)
+    verdict, reason = budgets["base"]
     if experiment.trained and budgets["trained"][0] != NOT_RUN:
         (verdict, reason), (_, base) = budgets["trained"], budgets["base"]
         prep = "From" if experiment.name == "F3" else "At"
         if budgets["base"][0] != NOT_RUN:
             reason += f" {prep} the base budget: {base}"
-        return verdict, f"{prep} {BUDGET_WORDS[experiment.trained]}: {reason}"
-    return budgets["base"]
+        reason = f"{prep} {BUDGET_WORDS[experiment.trained]}: {reason}"
+    if experiment.tokens:
+        tokens, why = budgets["tokens"]
+        if tokens != NOT_RUN:
+            verdict = f"{verdict} at matched updates; {tokens} at matched tokens"
+        reason += f" At {TOKENS_WORDS}: " + (why if tokens != NOT_RUN else f"{NOT_RUN} ({why})")
+    return verdict, reason
+
+
+def _budget_of(experiment: Experiment, variant: str) -> str:
+    """`base`, `trained` or `tokens`: the budget a variant belongs to, by its name's suffix."""
+    if experiment.tokens and variant.endswith(experiment.tokens):
+        return "tokens"
+    return "trained" if experiment.trained and variant.endswith(experiment.trained) else "base"
 
 
 def judge_budgets(experiment: Experiment, rows: list[dict]) -> dict[str, tuple[str, str]]:
-    """{"base": (verdict, reason), "trained": (verdict, reason)}: the claim judged at each budget
-    on its own rows (NOT_RUN where the variants it needs have none); "trained" is NOT_RUN for an
-    experiment with one budget. Seed counts and smoke-test marks come from that budget's rows."""
+    """{"base": (verdict, reason), "trained": (verdict, reason)} and, with matched-tokens variants,
+    "tokens": the claim judged at each budget on its own rows (NOT_RUN where the variants it needs
+    have none; the tokens budget judges against the trained budget's all-reduce arms); "trained" is
+    NOT_RUN for an experiment with one budget. Seed counts and smoke-test marks come from that
+    budget's rows (controls that the verdict does not wait for, `Variant.judged`, aside)."""
     out = {}
-    for which, suffix in (("base", ""), ("trained", experiment.trained)):
+    judged = {v.name for v in experiment.variants if v.judged}
+    for which, suffix in (("base", ""), ("trained", experiment.trained), ("tokens", experiment.tokens)):
+        if which == "tokens" and not suffix:
+            continue
         if which == "trained" and not suffix:
             out[which] = (NOT_RUN, "this experiment has one budget.")
             continue
-        mine = [r for r in rows if r["variant"].endswith(experiment.trained) == (which == "trained")] \
-            if experiment.trained else rows
-        missing = [v.name for v in experiment.variants if which == "trained" and v.name.endswith(suffix)
-                   and not any(r["variant"] == v.name for r in mine)]
+        mine = [r for r in rows if _budget_of(experiment, r["variant"]) == which]
+        needed = [v.name for v in experiment.variants if which != "base" and v.judged and v.name.endswith(suffix)]
+        missing = [name for name in needed if not any(r["variant"] == name for r in mine)]
+        if which == "tokens":  # against all-reduce where it has converged: the trained budget's arms
+            arms = {v.name: v.arm for v in experiment.variants}
+            mine += [r for r in rows if arms.get(r["variant"]) == "allreduce"
+                     and _budget_of(experiment, r["variant"]) == "trained"]
         out[which] = (NOT_RUN, f"incomplete: variant `{missing[0]}` has no rows yet.") if missing and mine \
-            else _judge_at(experiment, mine, suffix)
+            else _judge_at(experiment, mine, suffix, judged)
     return out
 
 
-def _judge_at(experiment: Experiment, rows: list[dict], suffix: str) -> tuple[str, str]:
+def _judge_at(experiment: Experiment, rows: list[dict], suffix: str, judged: set[str] | None = None
+              ) -> tuple[str, str]:
     if not rows:
         return NOT_RUN, "no results yet; run the command above."
     table = Table(experiment, rows)
@@ -112,8 +136,9 @@ def _judge_at(experiment: Experiment, rows: list[dict], suffix: str) -> tuple[st
         return NOT_RUN, f"incomplete: variant `{e.args[0]}` has no rows yet (run the full experiment)."
     counts: dict[str, int] = {}
     for r in rows:
-        counts[r["variant"]] = counts.get(r["variant"], 0) + 1
-    fewest = min(counts.values())
+        if judged is None or r["variant"] in judged:
+            counts[r["variant"]] = counts.get(r["variant"], 0) + 1
+    fewest = min(counts.values(), default=0)
     if fewest == 1:
         verdict += " (provisional: 1 seed)"
     elif fewest < SEEDS:
@@ -222,11 +247,16 @@ PAPER_F5 = "the paper, IWSLT'14 De-En: codistillation 2.31 vs all-reduce 2.37 va
 
 def _f5(t: Table, suffix: str = ""):
     """Validation NLL of the codistillation regularization chosen on validation against all-reduce
-    with its own regularization, then the control: all-reduce with the reduced regularization."""
+    with its own regularization, then the control: all-reduce with the reduced regularization. At
+    matched tokens (`-tokens`) the codistilled arms meet the trained budget's all-reduce arms; at the
+    trained budget the alpha = 0 twins, when they ran, say what the distillation term itself does."""
+    cd_suffix = suffix
+    if suffix and suffix == t.experiment.tokens:
+        suffix = t.experiment.trained
     ar = t.get("val_loss0", f"allreduce{suffix}")
-    chosen = t.selected(tuple(v + suffix for v in t.experiment.select))
+    chosen = t.selected(tuple(v + cd_suffix for v in t.experiment.select))
     if chosen is None:
-        raise Missing(t.experiment.select[0] + suffix)
+        raise Missing(t.experiment.select[0] + cd_suffix)
     cd = t.get("val_loss0", chosen)
     reason = f"validation NLL of `{chosen}` (chosen on validation) {cd.mean:.4f} vs {ar.mean:.4f} for all-reduce"
     try:
@@ -240,6 +270,13 @@ def _f5(t: Table, suffix: str = ""):
     except Missing:
         pass
     reason += f" ({PAPER_F5})"
+    twins = [(name, f"{name}-alpha0{suffix}") for name in (f"codistill-ls0.1-drop0.1", "codistill-ls0-drop0")
+             if cd_suffix == suffix and t.has(f"{name}{suffix}") and t.has(f"{name}-alpha0{suffix}")]
+    if twins:  # same grid, half the batch at the same LR, no distillation
+        reason += "; alpha = 0 twins (two independent models on the same grid): " + ", ".join(
+            f"`{twin}` {t.get('val_loss0', twin).mean:.4f} vs {t.get('val_loss0', name + suffix).mean:.4f} "
+            f"codistilled (distillation {t.get('val_loss0', name + suffix).mean - t.get('val_loss0', twin).mean:+.4f} nats)"
+            for name, twin in twins)
     control_name = f"allreduce-ls0-drop0{suffix}"
     if t.has(control_name):  # does all-reduce need its regularization here? (the claim's regime)
         control = t.get("val_loss0", control_name)
@@ -254,7 +291,7 @@ def _f5(t: Table, suffix: str = ""):
                                   f"reduced regularization reaches {control.mean:.4f}, lower still: the gain comes "
                                   "from less regularization at this budget, not from codistillation.")
         return "reproduced", reason + ": codistillation reaches all-reduce's NLL."
-    base_name = f"codistill-ls0.1-drop0.1{suffix}"
+    base_name = f"codistill-ls0.1-drop0.1{cd_suffix}"
     if chosen != base_name and t.has(base_name) and compare(cd, t.get("val_loss0", base_name), NLL_FLOOR) < 0:
         return "partly", reason + ": reducing the regularization helps but does not close the gap."
     return "not reproduced", reason + "."
@@ -463,5 +500,29 @@ def _topologies(t: Table):
     return verdict, reason
 
 
-JUDGES = {"Topologies": _topologies, "Teachers": _teachers, "TeachersMT": _teachers_mt, "Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
+def _family(t: Table, suffix: str = ""):
+    """A big and a small model trained together against each alone (alpha = 0, same grid) and against
+    the two-stage baseline (the small one distilled from the trained big one, frozen): the small
+    model's gain decides; the big model's change and the pair's ensemble are reported beside it."""
+    small = {v: t.get("test_acc_small", f"{v}{suffix}") for v in ("together", "alone", "offline")}
+    big = {v: t.get("test_acc_big", f"{v}{suffix}") for v in ("together", "alone")}
+    ens = {v: t.get("ens_pair_acc", f"{v}{suffix}") for v in ("together", "alone")}
+    gain = compare(small["together"], small["alone"], ACC_FLOOR)
+    vs_offline = compare(small["together"], small["offline"], ACC_FLOOR)
+    big_change = compare(big["together"], big["alone"], ACC_FLOOR)
+    words = ("worse", "similar", "better")
+    reason = (f"small model {pts(small['together'])}% trained beside the big one vs {pts(small['alone'])}% alone "
+              f"({small['together'].mean - small['alone'].mean:+.2f} points, {words[gain + 1]}) and "
+              f"{pts(small['offline'])}% distilled offline from the trained big one (two-stage, "
+              f"{small['together'].mean - small['offline'].mean:+.2f} points, {words[vs_offline + 1]}); big model "
+              f"{pts(big['together'])}% together vs {pts(big['alone'])}% alone "
+              f"({big['together'].mean - big['alone'].mean:+.2f} points, {words[big_change + 1]}); ensemble of the "
+              f"pair {pts(ens['together'])}% together vs {pts(ens['alone'])}% for the two trained alone")
+    if gain > 0:
+        how = "as much as" if vs_offline >= 0 else "less than"
+        return f"small model gains, {how} two-stage", reason + "."
+    return "small model does not gain", reason + "."
+
+
+JUDGES = {"Family": _family, "Topologies": _topologies, "Teachers": _teachers, "TeachersMT": _teachers_mt, "Peers": _peers, "PeersMT": _peers_mt, "F1": _f1, "F2": _f2, "F3": _f3, "F4": _f4, "F5": _f5, "F6": _f6, "F7": _f7, "Beyond": _beyond,
           "LM": _lm}
