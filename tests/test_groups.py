@@ -105,3 +105,17 @@ def test_a_killed_group_restarts_alone_while_the_other_keeps_training(tmp_path, 
     final = json.loads((tmp_path / "groups" / "group_0" / "summary.json").read_text())
     assert final["teacher_steps"]["1"] > 12
     assert "group 1: finished after 2 attempt(s)" in result.stdout and "meanwhile group 0 +" in result.stdout
+
+
+def test_a_named_exchange_location_an_earlier_launch_used_is_refused(tmp_path):
+    """`codistill groups --out runs/g` again (or with --overwrite) would reuse <exchange_dir>/g: the new
+    groups would join the earlier launch's run and take its publications as their peers'."""
+    (tmp_path / "ex" / "g").mkdir(parents=True)
+    (tmp_path / "ex" / "g" / "run.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "codistill.cli", "groups", "--config", "configs/digits_tiny.yaml",
+                             "--set", f"codistill.exchange_dir={tmp_path / 'ex'}", "--nproc", "1",
+                             "--out", str(tmp_path / "g")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"codistill: error: codistill.exchange_dir: {tmp_path / 'ex' / 'g'} already "
+                                    "holds an earlier launch's publications")
+    assert sorted(os.listdir(tmp_path)) == ["ex"]  # no groups directory created

@@ -15,7 +15,8 @@ other groups got while it was down (an outage ends at the restarted group's firs
     OUT/groups.json          per group: status, attempts (exit codes, resumed or fresh), outages
 
 A codistill.exchange_dir given by the user gets a sub-location per launch (`<location>/<OUT's
-name>`), so two launches never read each other's publications. Unless train.checkpoint_every is
+name>`), which must not exist yet (a launch with an --out of the same name, --overwrite included,
+is refused), so two launches never read each other's publications. Unless train.checkpoint_every is
 set, groups checkpoint every T steps (codistill.exchange_every): a restart repeats at most T steps.
 """
 
@@ -117,11 +118,18 @@ def run_groups(cfg: Config, out: str | Path, nproc: int, restarts: int, overwrit
     from .run_log import atomic_write_text, check_run_dir, prepare_run_dir, write_json
 
     out = Path(out)
+    named = cfg.codistill.exchange_dir is not None
     cfg = group_config(cfg, out)
+    from .exchange_store import Store
     from .faults import parse_fault
 
     for i in range(cfg.codistill.n_models):  # everything checked before anything is created
         preflight(replace(cfg, codistill__model_index=i), nproc)
+    location = cfg.codistill.exchange_dir
+    if named and Store(location).existed():  # --overwrite replaces OUT, not a location elsewhere
+        raise UserError(f"codistill.exchange_dir: {location} already holds an earlier launch's publications "
+                        f"(one with an --out named {out.name}), which these groups would take as their peers': "
+                        "choose another --out, or remove that location")
     for item in os.environ.get(GROUP_FAULTS, "").split(","):
         parse_fault(item.partition("=")[2])
     check_run_dir(out, overwrite)
