@@ -35,8 +35,8 @@ from .common import Result, fmt, machine_info, markdown_table, reachable_target
 
 RATES_MBIT = (1000, 100, 25, 10)
 
-# (label, experiment, variant, teacher-cost setting or None): the first is the reference; for an arm
-# listed twice the first with rows is used (the Teachers rows are the same configs in the current
+# (label, experiment, variant, teacher-cost setting or None): the first is the reference; of an arm
+# listed twice, the source with more seeds is used (the Teachers rows are F1's config in the current
 # seed derivation).
 ARMS = (
     ("all-reduce", "F1", "allreduce-long", None),
@@ -135,13 +135,13 @@ def build(results: Path, teacher_cost: dict | None) -> Result:
 
 def build_task(results: Path, teacher_cost: dict | None, task: str) -> tuple[str, list[str], dict]:
     spec, _, final_key, higher, margin, cost_model_name, scale, unit = TASKS[task]
-    arms, seen = [], set()
+    arms = {}  # label -> the source with the most seeds (the first of equals)
     for label, experiment, variant, setting in spec:
         rows = _rows(results, experiment, variant)
-        if rows and label not in seen:
-            seen.add(label)
-            arms.append({"label": label, "source": f"{experiment}/{variant}", "rows": rows, "setting": setting,
-                         **model_facts(experiment, variant)})
+        if rows and len(rows) > len(arms.get(label, {}).get("rows", ())):
+            arms[label] = {"label": label, "source": f"{experiment}/{variant}", "rows": rows, "setting": setting,
+                           **model_facts(experiment, variant)}
+    arms = list(arms.values())
     if not arms or arms[0]["kind"] != "allreduce":
         return "", [], {}
     ref = arms[0]
