@@ -36,7 +36,11 @@ def run_groups(out: Path, seed: int, kill_at: int | None, args) -> dict:
         s = json.loads((Path(g["run_dir"]) / "summary.json").read_text())
         groups.append({"val_accuracy": s["models"][0]["val_accuracy"], "test_accuracy": s["models"][0]["test_accuracy"],
                        "steps": s["steps"], "restarts": g["restarts"],
-                       "others_steps_while_down": [o.get("others_steps_while_down") for o in g["outages"]]})
+                       # the step of the peer's weights the group ended distilling from (0: never a trained one)
+                       "teacher_step": min(s["teacher_steps"].values()),
+                       "outages": [{k: o.get(k) for k in ("at_step", "others_at_failure", "others_steps_while_down")}
+                                   | {"seconds": o["back"] - o["down"] if "back" in o else None}
+                                   for o in g["outages"]]})
     return {"seed": seed, "killed_at": kill_at, "groups": groups}
 
 
@@ -44,7 +48,8 @@ def table(rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     by = {(r["seed"], r["killed_at"] is not None): r for r in rows}
     lines = ["| group | metric | uninterrupted, per seed (%) | killed, per seed (%) | killed - uninterrupted, per seed "
-             "(points) | mean difference | seed-to-seed range, uninterrupted (points) |", "|" + "---|" * 7]
+             "(points) | mean difference | seed-to-seed range, uninterrupted (points) | peer's step in the final "
+             "teacher, uninterrupted / killed, per seed |", "|" + "---|" * 8]
     for g in (0, 1):
         for metric in ("val_accuracy", "test_accuracy"):
             base = [100 * by[s, False]["groups"][g][metric] for s in seeds if (s, False) in by]
@@ -53,7 +58,11 @@ def table(rows: list[dict]) -> str:
                      for s in seeds if (s, True) in by and (s, False) in by]
             lines.append(f"| {g} | {metric.replace('_', ' ')} | {', '.join(f'{v:.2f}' for v in base)} | "
                          f"{', '.join(f'{v:.2f}' for v in killed)} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
-                         f"{statistics.mean(diffs):+.2f} | {max(base) - min(base):.2f} |" if diffs else "")
+                         f"{statistics.mean(diffs):+.2f} | {max(base) - min(base):.2f} | "
+                         + ", ".join(f"{by[s, False]['groups'][g].get('teacher_step', '?')} / "
+                                     f"{by[s, True]['groups'][g].get('teacher_step', '?')}"
+                                     for s in seeds if (s, True) in by and (s, False) in by) + " |"
+                         if diffs else "")
     return "\n".join(line for line in lines if line)
 
 
