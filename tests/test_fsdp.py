@@ -209,3 +209,38 @@ def test_sharded_gpt_matches_its_ddp_twin_and_exchanges_half_the_bytes(tmp_path)
         for k, v in r[0]["state"].items():
             torch.testing.assert_close(r[1]["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert f["bytes_per_worker"]["exchange"] == d["bytes_per_worker"]["exchange"] / 2 > 0
+
+
+def _sharded_teacher(rank, world):
+    """A sharded teacher bound to its flat buffer (uneven rows: FSDP pads rank 1's shard)."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from codistill.exchange import Teachers
+    from codistill.sharding import local, model_mesh, shard_model
+
+    mesh = model_mesh(dist.group.WORLD, torch.device("cpu"))
+    build = lambda seed: (torch.manual_seed(seed), nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))[1]  # noqa: E731
+    student, teacher = shard_model(build(0), mesh), shard_model(build(1), mesh)
+    teachers = Teachers({1: teacher})
+    flat = teachers.flats[1]
+    aliased = all(local(p).untyped_storage().data_ptr() == flat.buffers[torch.float32].untyped_storage().data_ptr()
+                  for p in teacher.parameters())
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    teachers.mark_received(0)
+    before = teachers.logits(x)[0]  # FSDP's lazy init, and a gathered root it must not keep
+    flat.pack(student)  # what the exchange's receive does: write the shards into the flat buffer
+    with torch.no_grad():
+        return {"aliased": aliased, "flat_numel": flat.buffers[torch.float32].numel(), "before": before,
+                "teacher": teachers.logits(x)[0], "student": student(x)}
+
+
+def test_a_sharded_teacher_lives_in_its_receive_buffer(tmp_path):
+    """A sharded teacher costs 1/k of a model, not 2/k: FSDP keeps its shards in the flat buffer
+    the exchange receives into, so receiving updates the teacher with no copy and no second buffer."""
+    for rank, r in enumerate(run_workers(_sharded_teacher, 2, tmp_path, timeout=300)):
+        assert r["aliased"], rank
+        # Slots padded as FSDP pads: rows ceil(5 / 2) = 3 and ceil(3 / 2) = 2 on both ranks.
+        assert r["flat_numel"] == 3 * 4 + 3 + 2 * 5 + 2
+        assert not torch.equal(r["before"], r["student"])
+        torch.testing.assert_close(r["teacher"], r["student"], rtol=0, atol=0)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .accounting import CommCounter
 from .flat import FlatState
 from .publish_check import check_finite_before_publishing
-from .sharding import is_sharded
+from .sharding import is_sharded, reshard
 from .stall_clock import StallClock
 from .teacher_graph import TeacherGraph
 from .topology import Topology
@@ -51,15 +51,12 @@ class Teachers:
     def __init__(self, modules: dict[int, nn.Module], mode: str = "eval", max_age: int = 0):
         self.max_age = max_age  # > 0: teachers older than this many steps sit out (0: never)
         self.modules = {j: freeze_as_teacher(m, mode) for j, m in sorted(modules.items())}
-        self.flats = {}
-        # A sharded teacher's shards belong to FSDP (it gathers them for the forward): the flat
-        # buffers receive, and `mark_received` copies them in. Otherwise the teacher's tensors
-        # become views into the flat buffers, and receiving is all there is.
-        self.bound = not any(is_sharded(m) for m in self.modules.values())
+        # The teacher's tensors live in the flat buffers (views; a sharded teacher's shards are
+        # FSDP's storage placed in them), so receiving is all there is: one copy of each teacher.
+        self.flats = {j: FlatState(m) for j, m in self.modules.items()}
         for j, m in self.modules.items():
-            self.flats[j] = FlatState(m)
-            if self.bound:
-                self.flats[j].bind(m)  # the teacher's tensors now live in the flat buffers
+            self.flats[j].bind(m)
+        self.sharded = any(is_sharded(m) for m in self.modules.values())
         self.versions = {j: -1 for j in self.modules}  # source step of each teacher's weights
         # Only the methods below write `versions`: mark_received, load_state_dict.
         # The teachers the distillation term uses now (codistill.graph=random draws them at each
@@ -85,10 +82,12 @@ class Teachers:
         """Each available teacher's output on the student's own batch (the one teacher forward of
         the library). forward(teacher, batch) -> logits; default teacher(batch). runnable(j, teacher)
         -> the module to run in its place (a lower-precision copy; cheap_teachers.py)."""
-        teachers = [runnable(j, m) if runnable else m for j, m in self.available(trained_only, step).items()]
-        if forward is None:
-            return [m(batch) for m in teachers]
-        return [forward(m, batch) for m in teachers]
+        available = self.available(trained_only, step)
+        teachers = [runnable(j, m) if runnable else m for j, m in available.items()]
+        out = [m(batch) if forward is None else forward(m, batch) for m in teachers]
+        for m in available.values():
+            reshard(m)  # sharded: only the shards stay between forwards (they are what the exchange writes)
+        return out
 
     def staleness(self, step: int) -> int:
         """Steps since the oldest teacher's weights were current (0 right after an exchange);
@@ -100,18 +99,16 @@ class Teachers:
         """Teachers `models` (default: all) now hold their model's state after `step` updates."""
         for j in list(self.versions) if models is None else models:
             self.versions[j] = step
-            if not self.bound:
-                self.flats[j].unpack(self.modules[j])
 
     def state_dict(self) -> dict:
         """Their age and, unless sharded (a sharded checkpoint saves the teachers' modules), weights."""
         state = {"versions": {str(j): v for j, v in self.versions.items()}, "active": sorted(self.active)}
-        if self.bound:
+        if not self.sharded:
             state["teachers"] = flats_state(self.flats)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.bound:  # sharded teachers are loaded as modules (sharded_checkpoint.py)
+        if not self.sharded:  # sharded teachers are loaded as modules (sharded_checkpoint.py)
             load_flats(self.flats, state["teachers"])
         self.versions.update({int(j): v for j, v in state["versions"].items()})
         self.active = set(state.get("active", self.modules))

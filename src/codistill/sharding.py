@@ -34,6 +34,36 @@ def as_dtensor(shard: torch.Tensor, like: DTensor) -> DTensor:
                               stride=like.stride())
 
 
+def padded_numel(t: torch.Tensor) -> int:
+    """Elements of this worker's slot for `t`: a sharded parameter's shard padded, as FSDP keeps it,
+    to the first (largest) dim-0 chunk, ceil(rows / k) rows; a plain tensor's own size."""
+    if not isinstance(t, DTensor):
+        return t.numel()
+    rows, k = t.shape[0], t.device_mesh.size()
+    return -(-rows // k) * (t.numel() // rows if rows else 0)
+
+
+def keep_shards_in(module: nn.Module, slot_of) -> None:
+    """Make FSDP keep each sharded parameter of `module` in `slot_of(param)`, a 1-D tensor of
+    `padded_numel(param)` elements (values copied in): FSDP all-gathers from there and the
+    parameter's local tensor is a view of it, so writing the slot IS writing the shard. FSDP offers
+    no public way to hand it storage; this sets the two fields its own `reset_sharded_param` sets
+    after `load_state_dict(assign=True)` (torch 2.14), and that method, run again on the first
+    forward, finds the storage already its own and keeps it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in (m for m in module.modules() if isinstance(m, FSDPModule)):
+        group = unit._get_fsdp_state()._fsdp_param_group
+        for fp in group.fsdp_params if group is not None else []:
+            slot = slot_of(fp.sharded_param)
+            padded = slot.view(fp.padded_sharded_param_size)
+            with torch.no_grad():
+                padded.copy_(fp._sharded_param_data.view(padded.shape))
+            rows = fp.sharded_param._local_tensor.size(0)
+            fp._sharded_param_data = slot
+            fp.sharded_param._local_tensor = padded.narrow(0, 0, rows)
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -82,6 +112,14 @@ def gathered(module: nn.Module):
         for m in units:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free a sharded module's gathered weights. FSDP keeps the root unit gathered after a forward,
+    expecting the backward to need it; a teacher has no backward, and kept gathered it would cost a
+    full root between forwards and go on computing from weights the exchange has since replaced."""
+    for m in _fsdp_modules(module):
+        m.reshard()
 
 
 def sharded_traffic(module: nn.Module, group_size: int) -> tuple[float, float]:
