@@ -8,6 +8,7 @@
     sweep          time to accuracy across link rates and model profiles; the cost model validated (root)
     straggler      time to accuracy with one machine at half speed (root, cgroup CPU quota)
     lm_memory      peak memory per worker of language-model codistillation, n = 1, 2, 4
+    memory         peak memory per worker of every method, DDP and FSDP: measured and predicted
 
 Each prints a markdown table and writes `<name>.md` and `<name>.json` in the output directory.
 `--quick` runs a tiny version that checks the benchmark produces its table, not its speed.
@@ -21,7 +22,7 @@ from typing import Callable
 
 from .common import Result, write_result
 
-NAMES = ("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep", "straggler", "lm_memory")
+NAMES = ("step_overhead", "bytes", "slow_network", "stall", "torchft_diloco", "sweep", "straggler", "lm_memory", "memory")
 
 
 def _runner(name: str) -> Callable[..., Result]:
@@ -42,6 +43,8 @@ def _runner(name: str) -> Callable[..., Result]:
         from .straggler import run
     elif name == "lm_memory":
         from .lm_memory import run
+    elif name == "memory":
+        from .memory import run
     else:
         raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}, all")
     return run

@@ -76,20 +76,21 @@ class DecoderLM(nn.Module):
         return out
 
 
-def _gpt(vocab: int, d_model: int, heads: int, layers: int, max_context: int, **options) -> DecoderLM:
-    options.setdefault("context", max_context)  # model.options may change it
-    return DecoderLM(vocab, d_model, heads, layers, **options)
+def _gpt(vocab: int, options: dict, **shape) -> DecoderLM:
+    """The preset's shape (d_model, heads, layers, context); model.options may change any of it
+    (a narrower gpt2_small for a quick benchmark)."""
+    return DecoderLM(vocab, **{**shape, **options})
 
 
 @register_model("gpt_tiny", kind="lm")
 def gpt_tiny(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """CPU size: 4 layers, d 128, 4 heads, feed-forward 512, context 256; about 1.3 M parameters
     with a 4k vocabulary (0.8 M in the blocks, 0.5 M in embeddings)."""
-    return _gpt(num_classes, 128, 4, 4, 256, **options)
+    return _gpt(num_classes, options, d_model=128, heads=4, layers=4, context=256)
 
 
 @register_model("gpt2_small", kind="lm")
 def gpt2_small(num_classes: int, input_shape: tuple[int, ...] = (), **options) -> nn.Module:
     """GPT-2 small: 12 layers, d 768, 12 heads, feed-forward 3072, context 1024; 124 M parameters
     with GPT-2's 50,257-token vocabulary (85 M in the blocks)."""
-    return _gpt(num_classes, 768, 12, 12, 1024, **options)
+    return _gpt(num_classes, options, d_model=768, heads=12, layers=12, context=1024)
