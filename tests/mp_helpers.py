@@ -1,5 +1,10 @@
 """Run a function in N local gloo processes: file rendezvous in a temp dir (no ports), a hard
-timeout, and results passed back as tensors saved per rank (loaded with weights_only=True)."""
+timeout, and results passed back as tensors saved per rank (loaded with weights_only=True).
+
+The workers are forked from a fork server that imported torch and codistill once for the whole
+test session: a spawned worker spends ~5 CPU-seconds importing them, which was a large share of
+the suite on 2 cores. Each worker still starts clean of the test process's state (the server never
+runs a test) and takes the caller's environment as spawn would (see _entry)."""
 
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from codistill.distributed import exit_skipping_teardown
+from codistill.distributed import FORKSERVER_PRELOAD, exit_skipping_teardown
 
 
-def _entry(rank: int, fn, world_size: int, tmp: str, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, tmp: str, args: tuple, environ: dict) -> None:
     import torch.distributed as dist
 
+    os.environ.clear()  # the server's environment is the one it started with: take the caller's now
+    os.environ.update(environ)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
@@ -34,8 +41,9 @@ def run_workers(fn, world_size: int, tmp_path: Path, args: tuple = (), timeout: 
     """fn(rank, world_size, *args) in `world_size` processes; returns each rank's return value."""
     tmp = Path(tmp_path) / f"mp_{time.monotonic_ns()}"
     tmp.mkdir(parents=True)
-    ctx = mp.start_processes(_entry, args=(fn, world_size, str(tmp), args), nprocs=world_size,
-                             start_method="spawn", join=False)
+    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)  # the server codistill.spawn uses too
+    ctx = mp.start_processes(_entry, args=(fn, world_size, str(tmp), args, dict(os.environ)),
+                             nprocs=world_size, start_method="forkserver", join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["--set", "data.name=digits", "--set", "model.name=cnn_tiny", "--set", "train.progress=false"]
 
 
-def codistill(*args, timeout=300, cwd=None):
+def codistill(*args, timeout=300, cwd=None, start_method=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if start_method:  # the suite forks its workers from a fork server (conftest.py); users spawn them
+        env["CODISTILL_START_METHOD"] = start_method
     return subprocess.run([sys.executable, "-m", "codistill.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 
@@ -111,7 +113,7 @@ def test_train_writes_run_directory(tmp_path):
     run = tmp_path / "run"
     # A relative --out (like the default runs/...) must work: the rendezvous file needs an absolute path.
     proc = codistill("train", *DIGITS, "--set", "train.steps=12", "--set", "train.log_every=4",
-                     "--nproc", "4", "--out", "run", cwd=tmp_path)
+                     "--nproc", "4", "--out", "run", cwd=tmp_path, start_method="spawn")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "codistill" and summary["n_models"] == 2 and summary["world_size"] == 4

@@ -232,9 +232,13 @@ FAILURES = ".failures"  # per-rank failure records in the run directory, read by
 ERROR_LOG = "error.log"  # full tracebacks of failed workers, kept in the run directory
 
 
-def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: float, args: tuple) -> None:
+def _entry(local_rank: int, fn: Callable, nproc: int, run_dir: str, timeout_s: float, args: tuple,
+           environ: dict | None = None) -> None:
     """Body of a spawned worker: a failure is recorded for the parent to report, never printed here
     (one line from the parent beats N tracebacks interleaved on the terminal)."""
+    if environ is not None:  # forked from the fork server: take the caller's environment, as spawn does
+        os.environ.clear()
+        os.environ.update(environ)
     try:
         store = dist.FileStore(str(Path(run_dir) / ".rendezvous"), nproc)  # a plain path, not a URL
         store.set_timeout(timedelta(seconds=timeout_s))
@@ -296,6 +300,23 @@ def first_failure(run_dir: Path, failed_rank: int) -> str | None:
     return None
 
 
+# The test suite sets CODISTILL_START_METHOD=forkserver (tests/conftest.py): its workers are forked
+# from one server per process that imported these once, where a spawned worker spends ~5 CPU-seconds
+# importing torch and scikit-learn (most of a short test run on 2 cores). Users get spawn.
+START_METHOD_ENV = "CODISTILL_START_METHOD"
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "codistill.trainer", "codistill.launch",
+                      "sklearn.datasets"]  # the tests' digits; a module that is not installed is skipped
+
+
+def _start_method() -> str:
+    method = os.environ.get(START_METHOD_ENV, "spawn")
+    if method not in ("spawn", "forkserver"):
+        raise UserError(f"{START_METHOD_ENV} must be spawn or forkserver, not {method!r}")
+    if method == "forkserver":
+        mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    return method
+
+
 def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), threads: int = 1,
           timeout_s: float = 600.0) -> None:
     """Run fn(rank, world_size, store, *args) in `nproc` fresh local processes (`store` is the
@@ -311,9 +332,11 @@ def spawn(fn: Callable, nproc: int, rendezvous_dir: Path, args: tuple = (), thre
     # torch logs "Terminating process ... via signal SIGTERM" when it stops the survivors: noise
     # beside the one error line below.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    method = _start_method()
+    environ = dict(os.environ) if method == "forkserver" else None
     try:
-        mp.start_processes(_entry, args=(fn, nproc, str(run_dir), timeout_s, args), nprocs=nproc,
-                           start_method="spawn")
+        mp.start_processes(_entry, args=(fn, nproc, str(run_dir), timeout_s, args, environ), nprocs=nproc,
+                           start_method=method)
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
         message = first_failure(run_dir, e.error_index)
         if message is None:  # killed before it could say anything (kill -9, out of memory)
