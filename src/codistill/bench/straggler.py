@@ -238,6 +238,8 @@ def _result(quick: bool, st: dict, records: list[dict], version: int) -> Result:
     for condition in conditions:
         for arm in arms:
             runs = [r for r in records if r["arm"] == arm and r["condition"] == condition]
+            if not runs:  # a run stopped part-way through its first repeat
+                continue
             even = [r for r in records if r["arm"] == arm and r["condition"] == "even"]
             models = range(len(runs[0]["s_per_step"]))
             t, t0 = _cell(runs, "time_to_target", 0), _cell(even, "time_to_target", 0)
