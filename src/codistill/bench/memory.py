@@ -37,7 +37,7 @@ from pathlib import Path
 from ..config import Config, load_config
 from .common import Result, machine_info, markdown_table
 
-TOLERANCE = 0.15  # |measured - predicted| / predicted, per row (tests/test_bench_memory.py)
+TOLERANCE = 0.20  # |measured - predicted| / predicted, per row (tests/test_bench_memory.py)
 ARMS = {
     "allreduce": ["codistill.n_models=1"],
     "codistill": ["codistill.n_models=2"],
