@@ -41,6 +41,11 @@ def describe_variant(v: Variant) -> str:
     parts += [f"{k}={_fmt_value(x)}" for k, x in v.set.items()]
     parts += [f"{k} x {_fmt_value(x)}" for k, x in scale.items()]
     parts += [f"{k}={_fmt_value(x)} (after deriving the arm)" for k, x in v.after.items()]
+    if v.teacher_run:
+        parts.append(f"the last model alone on its model group's workers, distilled from the other models of "
+                     f"`{v.teacher_run}` (same seed) frozen at their last step (codistill.exchange=frozen)")
+    if not v.judged:
+        parts.append("reported beside the verdict, not waited for")
     return f"`{v.name}`: arm `{v.arm}`" + (f", {', '.join(parts)}" if parts else "")
 
 
