@@ -83,6 +83,8 @@ def judge(experiment: Experiment, rows: list[dict]) -> tuple[str, str]:
         if budgets["base"][0] != NOT_RUN:
             reason += f" {prep} the base budget: {base}"
         reason = f"{prep} {BUDGET_WORDS[experiment.trained]}: {reason}"
+    elif experiment.trained and verdict == NOT_RUN and budgets["trained"][1].startswith("incomplete"):
+        reason = f"at {BUDGET_WORDS[experiment.trained]}: {budgets['trained'][1]}"  # not "no results yet"
     if experiment.tokens:
         tokens, why = budgets["tokens"]
         if tokens != NOT_RUN:
