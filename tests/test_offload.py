@@ -11,15 +11,16 @@ import torch
 from mp_helpers import run_workers
 from test_fsdp import _digits_sets, _full_state
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 
 def _watch_teachers(codist) -> dict:
     """Hooks that see, during each teacher forward, whether its tensors are outside the store and
-    keep a weak reference to the device copy they are in."""
-    seen = {"outside_store": [], "copies": []}
+    keep a weak reference to the device copy they are in; and the dtype of every teacher's output."""
+    seen = {"outside_store": [], "copies": [], "outputs": set()}
     store = codist.teacher_store
     for j, m in codist.teachers.modules.items():
+        m.register_forward_hook(lambda mod, args, out: seen["outputs"].add(str(out.dtype)))
         if store is None or j not in store.teachers.flats or hasattr(m, "reshard"):
             continue
 
@@ -50,6 +51,7 @@ def _train(rank, world, cfgs):
         store = tr.codist.teacher_store
         if store is not None:  # between forwards: every teacher tensor in the CPU store
             row["forwards"] = len(seen["copies"])
+            row["teacher_outputs"] = sorted(seen["outputs"])
             row["outside_during"] = all(seen["outside_store"])
             row["copies_freed"] = all(ref() is None for ref in seen["copies"]) and not store.on_device
             in_store = []
@@ -74,6 +76,9 @@ PAIRS = {
     "ddp": ["codistill.n_models=2"],
     "ddp_async_bf16": ["codistill.n_models=2", "codistill.exchange_delay=2", "codistill.exchange_dtype=bf16"],
     "fsdp": ["codistill.n_models=2", "train.parallel=fsdp"],
+    # Not a twin: bf16 teachers sharded (FSDP's MixedPrecisionPolicy casts the shards, no copy kept)
+    # and offloaded, against DDP's bf16 copies; equal up to reduction order.
+    "fsdp_bf16_vs_ddp_bf16": ["codistill.n_models=2", "codistill.teacher_dtype=bf16"],
 }
 
 
@@ -84,17 +89,26 @@ def test_offloaded_teachers_train_exactly_as_resident_ones_and_live_in_the_store
     from codistill.config import load_config
 
     cfgs = []
-    for sets in PAIRS.values():
+    for arm, sets in PAIRS.items():
         base = [*_digits_sets(), "train.eval_every=12", *sets]
-        cfgs += [load_config(None, base), load_config(None, [*base, "codistill.teacher_offload=true"])]
-    runs = run_workers(_train, 4, tmp_path, (cfgs,), timeout=250)
+        offloaded = [*base, "codistill.teacher_offload=true"]
+        if arm == "fsdp_bf16_vs_ddp_bf16":
+            offloaded.append("train.parallel=fsdp")
+        cfgs += [load_config(None, base), load_config(None, offloaded)]
+    runs = run_workers(_train, 4, tmp_path, (cfgs,), timeout=500)
     for p, arm in enumerate(PAIRS):
         for r in runs:
             plain, off = r[2 * p], r[2 * p + 1]
+            if arm == "fsdp_bf16_vs_ddp_bf16":
+                assert sum(off["losses"], ()) == pytest.approx(sum(plain["losses"], ()), rel=1e-3)
+                assert off["teacher_outputs"] == ["torch.bfloat16"]  # the sharded teachers ran in bf16
+                for k, v in plain["state"].items():
+                    torch.testing.assert_close(off["state"][k].float(), v.float(), rtol=1e-3, atol=1e-4, msg=k)
+                continue
             assert off["losses"] == plain["losses"], arm
             assert all(torch.equal(off["state"][k], v) for k, v in plain["state"].items()), arm
             assert off["in_store_after"], arm
-            if arm != "fsdp":
+            if not arm.startswith("fsdp"):
                 assert off["forwards"] == 12 and off["outside_during"] and off["copies_freed"], arm
 
 
@@ -107,7 +121,7 @@ def test_diloco_outer_state_on_the_cpu_trains_exactly_as_on_the_device(tmp_path)
     for parallel in ("ddp", "fsdp"):
         base = [*_digits_sets(), "train.eval_every=12", "codistill.n_models=2", "codistill.method=diloco", f"train.parallel={parallel}"]
         cfgs += [load_config(None, base), load_config(None, [*base, "outer.state_device=cpu"])]
-    runs = run_workers(_train, 4, tmp_path, (cfgs,), timeout=250)
+    runs = run_workers(_train, 4, tmp_path, (cfgs,), timeout=500)
     for r in runs:
         for a in (0, 2):
             device, cpu = r[a], r[a + 1]

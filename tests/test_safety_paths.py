@@ -242,7 +242,7 @@ CASES = [
     ("language model on images", [*T, "--set", "model.name=gpt_tiny", *OUT], ["gpt_tiny is a language model", "classifier"]),
     ("one model of two wrong", [*T, "--set", "model.name=[cnn_tiny, gpt_tiny]", *OUT], ["gpt_tiny"]),
     ("text data is a directory", ["train", *LM, "--set", "data.root={tmp}/textdir", *OUT], ["train.txt is a directory"]),
-    ("resume with nproc", ["train", "--resume", "{tmp}/earlier", "--nproc", "4"], ["drop --nproc"]),
+    ("resume with nproc 0", ["train", "--resume", "{tmp}/earlier", "--nproc", "0"], ["--nproc must be > 0"]),
     ("resume with overwrite", ["train", "--resume", "{tmp}/earlier", "--overwrite"], ["drop --overwrite"]),
     ("resume empty", ["train", "--resume", ""], ["--resume is empty"]),
     ("resume edited config", ["train", "--resume", "{tmp}/resumable"], ["edited after the run started", "lm.context: 256 -> 128"]),

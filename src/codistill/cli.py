@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "between model groups, beside the 1 Gbit/s, 100 and 10 Mbit/s always shown")
         if name == "train":
             p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
-                           "(its own config.yaml; --config/--set/--out are not allowed)")
+                           "(its own config.yaml; --config/--set/--out are not allowed; with --nproc N a sharded "
+                           "run continues on N workers, its model batch kept)")
     _add_groups(sub)
     p = sub.add_parser("config", help="print the resolved config, or every field with --describe")
     _common(p)
@@ -186,15 +187,18 @@ def _run(args) -> int:
         return 0
     if getattr(args, "resume", None) is not None:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--out", args.out),
-                                         ("--nproc", args.nproc is not None), ("--overwrite", args.overwrite)) if value]
+                                         ("--overwrite", args.overwrite)) if value]
         if not args.resume.strip():
             raise UserError("--resume is empty; give the run directory to continue")
         if given:
-            raise UserError(f"--resume continues a run with its own config.yaml, world size and directory; "
+            raise UserError(f"--resume continues a run with its own config.yaml and directory; "
                             f"drop {', '.join(given)}")
+        if args.nproc is not None and args.nproc <= 0:
+            raise UserError(f"--nproc must be > 0, got {args.nproc}")
         from .launch import resume_config, train
 
-        cfg, world = resume_config(args.resume)
+        # --nproc: another number of workers (sharded runs only; the model batch is kept)
+        cfg, world = resume_config(args.resume, args.nproc)
         summary = train(cfg, args.resume, nproc=world, resume=True)
         _finish(summary, args.resume)
         return 0

@@ -131,7 +131,9 @@ class CodistillConfig:
     teacher_dtype: str = "fp32"
     """Cheaper teachers: the weights the teachers run with. `fp32` (default, the paper's); `bf16` (a
     bfloat16 copy of each teacher, remade when it receives weights; inputs cast to bf16); `int8`
-    (torch.ao dynamic quantization of the teachers' nn.Linear layers, other layers fp32; CPU only).
+    (torch.ao dynamic quantization of the teachers' nn.Linear layers, other layers fp32; CPU only;
+    train.parallel=ddp only). Under train.parallel=fsdp, bf16 keeps no copy: FSDP2's
+    MixedPrecisionPolicy casts each fp32 shard to bf16 for the gather (half its bytes).
     The fp32 teachers stay: the exchange receives into them and checkpoints save them."""
     teacher_topk: int | None = None
     """Cheaper teachers, for language models: k >= 1 distills on each teacher's k most likely tokens
@@ -143,7 +145,7 @@ class CodistillConfig:
     copied to the device for its forward only (sharded teachers: FSDP2's CPUOffloadPolicy, gathered
     for the forward, resharded after), so nothing teacher-sized stays on the device between steps.
     Same results; costs one host-to-device copy of each teacher (its shard under fsdp) per forward.
-    Needs teacher_dtype=fp32."""
+    With train.parallel=ddp it needs teacher_dtype=fp32 (a bf16 copy would stay on the device)."""
     exchange_hierarchical: bool = False
     """Collective exchange with several replicas per model: only replica 0 of each model takes part
     in the exchange between models, then broadcasts the teachers over its model group. With each
@@ -267,6 +269,12 @@ class TrainConfig:
     model, its gradients and optimizer state) or `fsdp` (FSDP2: each worker holds 1/k of them, and
     of every teacher; the exchange and DiLoCo's outer step move each worker's shard, 1/k of a model
     per worker). Same results up to floating-point reduction order; docs/performance.md (memory)."""
+    shard_size: int | None = None
+    """train.parallel=fsdp: shard each model over runs of this many consecutive workers of its group
+    and replicate it across the k / shard_size runs (HSDP: FSDP2 on a 2-D replicate x shard mesh).
+    The forward's gathers stay within a run (one machine, when it holds shard_size workers) and only
+    gradient shards cross runs; each worker holds 1 / shard_size of the model and exchanges that.
+    Must divide the workers per model; None (default): the whole group (plain FSDP)."""
     nonfinite: str = "stop"
     """On a NaN or infinite loss: `stop` (error naming step, model and rank; the last good checkpoint
     stays) or `skip` (that update is skipped on every replica and counted)."""
@@ -622,11 +630,16 @@ def validate(cfg: Config) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.precision == "fp16":
         # GradScaler would look for inf/NaN in each worker's shard only: replicas could disagree.
         raise ConfigError("train.precision=fp16 is not supported with train.parallel=fsdp yet; use bf16")
-    if c.teacher_offload and c.teacher_dtype != "fp32":
-        raise ConfigError("codistill.teacher_offload needs codistill.teacher_dtype=fp32 (the low-precision copy "
-                          "would stay on the device)")
-    if cfg.train.parallel == "fsdp" and c.teacher_dtype != "fp32":
-        raise ConfigError("codistill.teacher_dtype applies to train.parallel=ddp (sharded teachers stay fp32)")
+    if cfg.train.shard_size is not None:
+        positive("train.shard_size", cfg.train.shard_size)
+        if cfg.train.parallel != "fsdp":
+            raise ConfigError("train.shard_size applies to train.parallel=fsdp (HSDP inside a model group)")
+    if c.teacher_offload and c.teacher_dtype != "fp32" and cfg.train.parallel != "fsdp":
+        raise ConfigError("codistill.teacher_offload with train.parallel=ddp needs codistill.teacher_dtype=fp32 "
+                          "(the low-precision copy would stay on the device)")
+    if cfg.train.parallel == "fsdp" and c.teacher_dtype == "int8":
+        raise ConfigError("codistill.teacher_dtype=int8 quantizes whole teachers (train.parallel=ddp); sharded "
+                          "teachers take fp32 or bf16")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
     try:
@@ -796,7 +809,11 @@ def check_world_size(cfg: Config, world_size: int) -> int:
         raise ConfigError(
             f"world size {world_size} is not divisible by codistill.n_models={n}; "
             f"use a multiple of {n} workers")
-    return world_size // n
+    replicas, shard = world_size // n, cfg.train.shard_size
+    if shard is not None and replicas % shard:
+        raise ConfigError(f"train.shard_size={shard} must divide the {replicas} worker(s) per model "
+                          f"({world_size} workers / codistill.n_models={n})")
+    return replicas
 
 
 def path_fields() -> dict[str, str]:

@@ -158,13 +158,13 @@ def initial_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 def parameter_distance(model: nn.Module, initial: list[torch.Tensor]) -> float:
     """||theta_t - theta_0||_2 over all parameters (the paper's Fig. 1c); for a sharded model the
-    shards' squared distances are summed over the model group."""
+    shards' squared distances are summed over the workers the model is sharded over."""
     with torch.no_grad():
         params = list(model.parameters())
         sq = torch.zeros((), device=local(params[0]).device if params else "cpu")
         for p, p0 in zip(params, initial):
             sq += ((local(p).detach().float() - p0.to(sq.device)) ** 2).sum()
         mesh = next((p.device_mesh for p in params if isinstance(p, DTensor)), None)
-        if mesh is not None:
-            dist.all_reduce(sq, group=mesh.get_group())
+        if mesh is not None:  # over the shard dimension (the last; HSDP's replicas hold equal shards)
+            dist.all_reduce(sq, group=mesh.get_group(mesh.ndim - 1))
     return float(sq) ** 0.5

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, read_latest, verify_entry
-from .config import Config, check_world_size, dump_yaml, load_config, to_dict
+from .config import Config, check_world_size, dump_yaml, load_config, replace, to_dict
 from .distributed import init_distributed, shutdown, spawn, torchrun_world_size, under_torchrun
 from .errors import UserError
 from .prelaunch import warn_before_launch
@@ -36,8 +36,9 @@ def prepare_task(cfg: Config, run_dir: Path) -> None:
     prepare_trackers(cfg.train.trackers, run_dir)  # e.g. the MLflow experiment, before workers race to make it
 
 
-def resume_config(run_dir: str | Path) -> tuple[Config, int]:
-    """The resolved config and world size of a run to resume, with its checkpoint verified."""
+def resume_config(run_dir: str | Path, nproc: int | None = None) -> tuple[Config, int]:
+    """The resolved config and world size of a run to resume, with its checkpoint verified.
+    nproc: resume with this many workers instead of the checkpoint's (`resize_for_resume`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"cannot resume {run_dir}: " + ("not a directory" if run_dir.exists() else "no such directory"))
@@ -52,6 +53,10 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
         raise UserError(f"cannot resume {run_dir}: its config.yaml was edited after the run started ({edited}); "
                         "a resumed run keeps its own config: undo the edit, or start a new run")
     check_world_size(cfg, world)
+    if nproc not in (None, world) and cfg.train.parallel != "fsdp":
+        raise UserError(f"cannot resume {run_dir} with --nproc {nproc}: it was trained by {world} workers with "
+                        "train.parallel=ddp, whose checkpoint is per worker; only sharded runs "
+                        "(train.parallel=fsdp) resume at another number of workers")
     for name in manifest["sha256"]:  # verify every file here: one clear error before any worker starts
         verify_entry(run_dir, manifest, name)
     expected = {f"rank_{r}.pt" for r in range(world)}
@@ -68,7 +73,27 @@ def resume_config(run_dir: str | Path) -> tuple[Config, int]:
             done = None
         if done == manifest["step"]:
             raise UserError(f"run {run_dir} is already complete ({done} steps); nothing to resume, nothing changed")
+    if cfg.train.parallel == "fsdp":
+        return resize_for_resume(cfg, run_dir, manifest, nproc or world)
     return cfg, world
+
+
+def resize_for_resume(cfg: Config, run_dir: Path, manifest: dict, world: int) -> tuple[Config, int]:
+    """A sharded run resumed by `world` workers: each worker's batch is the checkpoint's model batch
+    over the new number of workers per model (and accumulation), so every optimizer step sees the
+    same examples as before and the run continues exactly (up to reduction order); an error when
+    the model batch does not divide. Also right for a run resized before: config.yaml keeps the
+    batch it started with, the checkpoint the model batch."""
+    from .checkpoint import load_entry
+
+    replicas = check_world_size(cfg, world)
+    model_batch = load_entry(run_dir, manifest, "rank_0.pt")["model_batch"]
+    per_worker, left = divmod(model_batch, replicas * cfg.train.accumulate)
+    if left or not per_worker:
+        raise UserError(f"cannot resume {run_dir} with {world} workers: its model batch of {model_batch} "
+                        f"examples does not split into {replicas} worker(s) per model x train.accumulate="
+                        f"{cfg.train.accumulate}; use a number of workers per model that divides it")
+    return replace(cfg, data__batch_size=per_worker), world
 
 
 def config_edits(run_dir: Path, cfg: Config) -> str:

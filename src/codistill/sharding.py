@@ -70,24 +70,48 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def model_mesh(group, device: torch.device):
-    """A one-dimensional DeviceMesh over `group` (the model's row of the grid)."""
+def model_mesh(topo, device: torch.device, shard_size: int | None = None):
+    """The DeviceMesh this worker's model is sharded over: one dimension over the model group (the
+    grid's row), or with `shard_size` s < k two, (replicate, shard) = (k / s, s), for HSDP: the
+    model is sharded within each run of s consecutive workers of the group (one machine, when a
+    machine holds s workers) and replicated across the k / s runs, so the forward's gathers stay
+    inside a run and only the gradients' shards are all-reduced across runs. Worker r holds shard
+    r mod s either way, so the exchange (worker r of every group) still pairs equal shards.
+    Collective: every rank of the world calls it."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    return DeviceMesh.from_group(group, device.type)
+    k = topo.replicas
+    if shard_size is None or shard_size == k:
+        return DeviceMesh.from_group(topo.model_group, device.type)
+    if shard_size < 1 or k % shard_size:
+        raise ValueError(f"shard_size {shard_size} must divide the {k} workers per model")
+    grid = topo.grid
+    ranks = torch.tensor([grid.model_ranks(m) for m in range(grid.n_models)]).view(grid.n_models, k // shard_size,
+                                                                                 shard_size)
+    world = DeviceMesh(device.type, ranks, mesh_dim_names=("model", "replicate", "shard"))
+    return world["replicate", "shard"]
 
 
-def shard_model(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
+def shard_size_of(mesh) -> int:
+    """Workers one shard is spread over: the mesh's last dimension (the whole mesh without HSDP)."""
+    return mesh.size(mesh.ndim - 1)
+
+
+def shard_model(module: nn.Module, mesh, offload: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard every block of every ModuleList, then the root (in place; returns the module).
     offload: the shards live in CPU memory (pinned under CUDA), gathered onto the device for each
-    forward (FSDP2's CPUOffloadPolicy; for teachers, which have no optimizer step)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    forward (FSDP2's CPUOffloadPolicy; for teachers, which have no optimizer step). param_dtype:
+    each shard is cast to it before the gather and the forward runs in it, floating inputs cast too
+    (FSDP2's MixedPrecisionPolicy: a bf16 teacher without a resident bf16 copy; the fp32 shards
+    stay, for the exchange and checkpoints)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype)
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
     for block in blocks:
-        fully_shard(block, mesh=mesh, offload_policy=policy)
-    fully_shard(module, mesh=mesh, offload_policy=policy)
+        fully_shard(block, mesh=mesh, offload_policy=policy, mp_policy=precision)
+    fully_shard(module, mesh=mesh, offload_policy=policy, mp_policy=precision)
     return module
 
 
@@ -122,19 +146,22 @@ def reshard(module: nn.Module) -> None:
         m.reshard()
 
 
-def sharded_traffic(module: nn.Module, group_size: int) -> tuple[float, float]:
+def sharded_traffic(module: nn.Module, group_size: int, replicas: int = 1) -> tuple[float, float]:
     """(bytes one worker sends per forward + backward, per gradient reduce-scatter) of a sharded
     module, in accounting.py's convention (each collective moves (k-1)/k of its payload). A forward
     all-gathers every unit; the backward gathers the blocks again (FSDP keeps the root gathered
     from forward to backward; a forward without backward, a teacher's, does not have it, see
     `forward_gather_bytes`); the gradients are reduce-scattered once per update. For a root-only
-    model, forward + backward + reduce-scatter is DDP's all-reduce, 2 (k-1)/k of the model."""
+    model, forward + backward + reduce-scatter is DDP's all-reduce, 2 (k-1)/k of the model.
+    HSDP (`replicas` > 1 copies of groups of `group_size`): the reduce-scattered gradient shard,
+    1 / group_size of the model, is then all-reduced over the replicas, 2 (r-1)/r of it."""
     share = (group_size - 1) / group_size
     blocks = {id(p) for m in _fsdp_modules(module) if m is not module for p in m.parameters()}
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     inner = nbytes(p for p in module.parameters() if id(p) in blocks)
     total = nbytes(module.parameters())
-    return share * (total + inner), share * total
+    across = 2 * (replicas - 1) / replicas * total / group_size
+    return share * (total + inner), share * total + across
 
 
 def forward_gather_bytes(module: nn.Module, group_size: int) -> float:

@@ -71,7 +71,7 @@ def build_codistillation(cfg: Config, task, topo, device: torch.device, alpha) -
                           distill_fraction=c.distill_fraction, teacher_every=c.teacher_every,
                           teacher_dtype=c.teacher_dtype, teacher_topk=c.teacher_topk, parallel=cfg.train.parallel,
                           teacher_offload=c.teacher_offload, outer_state_device=o.state_device,
-                          graph=c.graph, peers=c.peers)
+                          graph=c.graph, peers=c.peers, shard_size=cfg.train.shard_size)
 
 
 class Trainer:

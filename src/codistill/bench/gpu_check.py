@@ -11,7 +11,9 @@ codistillation with synchronous and asynchronous exchange; storage exchange with
 checkpoint + kill + resume, bitwise equal to an uninterrupted run under `train.deterministic`; the
 exchange stall timing (nonzero on exchange steps); no host synchronization in the training step
 (`torch.cuda.set_sync_debug_mode`, via CODISTILL_SYNC_DEBUG; with gradient accumulation and
-clipping); fp16 with the gradient scaler; the ResNet-50 throughput table. Meant
+clipping); fp16 with the gradient scaler; the sharded path (FSDP vs its DDP twin and export; teachers
+offloaded to the CPU, bitwise equal; DiLoCo's outer state on the CPU; HSDP 2 x 2 vs DDP; a 2 x 2 run
+killed and resumed at 2 x 1 through `--resume --nproc`); the ResNet-50 throughput table. Meant
 to finish in under 8 minutes; with --doc its table replaces the section between the markers.
 """
 
@@ -170,6 +172,48 @@ def checks(cpu: bool, work: Path):
                 f"(1/k plus whole buffers), peak memory {fsdp['peak_memory_mib']:.0f} vs {ddp['peak_memory_mib']:.0f} MiB, "
                 "ensemble exported")
 
+    def offload():
+        need(2, "sharded codistillation with offloaded teachers")
+        base = ["codistill.n_models=2", "train.steps=12", "train.parallel=fsdp", "train.deterministic=true", *fast]
+        resident = train(work / "fsdp_resident", world, base, backend)
+        off = train(work / "fsdp_offload", world, [*base, "codistill.teacher_offload=true"], backend)
+        if [m["val_loss"] for m in off["models"]] != [m["val_loss"] for m in resident["models"]]:
+            raise RuntimeError("codistill.teacher_offload changed the validation losses")
+        ddp = ["codistill.n_models=2", "train.steps=12", "codistill.exchange_delay=2", "train.deterministic=true", *fast]
+        ddp_off = train(work / "ddp_offload", world, [*ddp, "codistill.teacher_offload=true"], backend)
+        ddp_res = train(work / "ddp_resident", world, ddp, backend)
+        if [m["val_loss"] for m in ddp_off["models"]] != [m["val_loss"] for m in ddp_res["models"]]:
+            raise RuntimeError("codistill.teacher_offload (DDP, asynchronous exchange) changed the validation losses")
+        # DiLoCo's outer step on the CPU: the same arithmetic on another device, up to fused-multiply-add
+        diloco = ["codistill.n_models=2", "train.steps=12", "codistill.method=diloco", "train.parallel=fsdp", *fast]
+        on_device = train(work / "diloco_device", world, diloco, backend)
+        on_cpu = train(work / "diloco_cpu", world, [*diloco, "outer.state_device=cpu"], backend)
+        gap = max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(on_device["models"], on_cpu["models"]))
+        if gap > 1e-3:
+            raise RuntimeError(f"outer.state_device=cpu ends {gap:.2e} away from the device run's validation loss")
+        return (f"offloaded teachers bitwise equal (fsdp and ddp), peak {off['peak_memory_mib']:.0f} vs "
+                f"{resident['peak_memory_mib']:.0f} MiB (fsdp), {ddp_off['peak_memory_mib']:.0f} vs "
+                f"{ddp_res['peak_memory_mib']:.0f} MiB (ddp); DiLoCo outer state on the CPU within {gap:.1e}")
+
+    def hsdp_resize():
+        workers = 4 if cpu else world  # the CPU dry run starts 4 gloo processes
+        if workers < 4:
+            raise Skip(f"HSDP 2 x 2 and a 2 x 2 -> 2 x 1 resume need 4 workers, NCCL one GPU each; this machine has {g}")
+        one = ["codistill.n_models=1", "train.steps=12", "model.name=mlp", *fast]
+        ddp = train(work / "hsdp_ddp", 4, one, backend)
+        hsdp = train(work / "hsdp", 4, [*one, "train.parallel=fsdp", "train.shard_size=2"], backend)
+        gap = abs(ddp["models"][0]["val_loss"] - hsdp["models"][0]["val_loss"])
+        if gap > 0.05:
+            raise RuntimeError(f"HSDP 2 x 2 ends {gap:.4f} away from DDP's validation loss")
+        sets = ["codistill.n_models=2", "train.steps=12", "train.checkpoint_every=5", "model.name=mlp",
+                "train.parallel=fsdp", *fast]
+        train(work / "resize", 4, sets, backend, env={"CODISTILL_FAULT": "kill@1:7"}, expect_ok=False)
+        proc = codistill(["train", "--resume", str(work / "resize"), "--nproc", "2"])
+        if proc.returncode != 0:
+            raise RuntimeError(f"resume at 2 x 1 failed: {proc.stderr.strip().splitlines()[-1:]}")
+        done = json.loads((work / "resize" / "summary.json").read_text())["steps"]
+        return f"HSDP 2 x 2 within {gap:.4f} of DDP's val loss; 2 x 2 killed at step 7, resumed 2 x 1 to step {done}"
+
     def resnet50():
         args = [sys.executable, "-m", "codistill.bench.gpu_resnet50", "--out", str(work / "resnet50"),
                 "--repeats", "3", "--iters", "5", "--warmup", "5"]
@@ -185,6 +229,7 @@ def checks(cpu: bool, work: Path):
             ("codistill_async_exchange", codistill_async), ("storage_exchange_2_replicas", storage),
             ("checkpoint_kill_resume_bitwise", resume), ("no_host_sync_in_step", host_syncs),
             ("fp16_grad_scaler_accumulate_clip", fp16_scaler), ("fsdp_matches_ddp_and_exports", sharded),
+            ("teacher_offload_and_diloco_cpu_state", offload), ("hsdp_and_resume_at_another_k", hsdp_resize),
             ("resnet50_throughput", resnet50)]
 
 
