@@ -76,9 +76,6 @@ PAIRS = {
     "ddp": ["codistill.n_models=2"],
     "ddp_async_bf16": ["codistill.n_models=2", "codistill.exchange_delay=2", "codistill.exchange_dtype=bf16"],
     "fsdp": ["codistill.n_models=2", "train.parallel=fsdp"],
-    # Not a twin: bf16 teachers sharded (FSDP's MixedPrecisionPolicy casts the shards, no copy kept)
-    # and offloaded, against DDP's bf16 copies; equal up to reduction order.
-    "fsdp_bf16_vs_ddp_bf16": ["codistill.n_models=2", "codistill.teacher_dtype=bf16"],
 }
 
 
@@ -92,19 +89,11 @@ def test_offloaded_teachers_train_exactly_as_resident_ones_and_live_in_the_store
     for arm, sets in PAIRS.items():
         base = [*_digits_sets(), "train.eval_every=12", *sets]
         offloaded = [*base, "codistill.teacher_offload=true"]
-        if arm == "fsdp_bf16_vs_ddp_bf16":
-            offloaded.append("train.parallel=fsdp")
         cfgs += [load_config(None, base), load_config(None, offloaded)]
     runs = run_workers(_train, 4, tmp_path, (cfgs,), timeout=500)
     for p, arm in enumerate(PAIRS):
         for r in runs:
             plain, off = r[2 * p], r[2 * p + 1]
-            if arm == "fsdp_bf16_vs_ddp_bf16":
-                assert sum(off["losses"], ()) == pytest.approx(sum(plain["losses"], ()), rel=1e-3)
-                assert off["teacher_outputs"] == ["torch.bfloat16"]  # the sharded teachers ran in bf16
-                for k, v in plain["state"].items():
-                    torch.testing.assert_close(off["state"][k].float(), v.float(), rtol=1e-3, atol=1e-4, msg=k)
-                continue
             assert off["losses"] == plain["losses"], arm
             assert all(torch.equal(off["state"][k], v) for k, v in plain["state"].items()), arm
             assert off["in_store_after"], arm

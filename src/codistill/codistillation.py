@@ -212,30 +212,26 @@ class Codistillation:
         self.trained_teachers_only = trained_teachers_only
         self.device = device if device is not None else _default_device()
         check_cheap_teachers(distill_fraction, teacher_every, teacher_dtype, teacher_topk, self.device.type)
-        if parallel == "fsdp" and teacher_dtype == "int8":
-            raise ValueError("teacher_dtype='int8' quantizes whole teachers (parallel='ddp'); sharded teachers "
-                             "take fp32 or bf16")
-        if teacher_offload and teacher_dtype != "fp32" and parallel != "fsdp":
+        if parallel == "fsdp" and teacher_dtype != "fp32":
+            raise ValueError("teacher_dtype applies to parallel='ddp' (sharded teachers stay fp32)")
+        if teacher_offload and teacher_dtype != "fp32":
             raise ValueError("teacher_offload keeps the fp32 teachers on the CPU; a teacher_dtype copy would stay "
-                             "on the device: use teacher_dtype='fp32' (or parallel='fsdp', whose bf16 teachers "
-                             "have no copy)")
+                             "on the device: use teacher_dtype='fp32'")
         self.distill_fraction, self.teacher_every, self.teacher_topk = distill_fraction, teacher_every, teacher_topk
-        # Sharded bf16 teachers: FSDP casts each shard for the gather (shard_model's param_dtype).
-        self.low_precision = LowPrecisionTeachers(teacher_dtype if parallel != "fsdp" else "fp32")
+        self.low_precision = LowPrecisionTeachers(teacher_dtype)
         self.base_seed = seed
         self.seed = model_seed(seed, self.topo.model_index)
         self.counter = counter if counter is not None else CommCounter()
 
         # Sharded: each model and teacher over the model group's mesh, in place (sharding.py).
         self.mesh = model_mesh(self.topo, self.device, shard_size) if parallel == "fsdp" else None
-        teacher_param_dtype = torch.bfloat16 if teacher_dtype == "bf16" else None
         shard = (lambda m, *how: shard_model(m, self.mesh, *how)) if self.mesh is not None else (lambda m, *how: m)
         build = _by_index(make_model)
         torch.manual_seed(self.seed)
         self.module = shard(build(self.topo.model_index).to(self.device))  # this worker's model, no DDP
         with torch.random.fork_rng(devices=[]):  # teachers' (overwritten) init must not shift our RNG
             held = [] if exchange in OUTER_SYNCS else self.graph.held_by(self.topo.model_index)
-            teachers = {j: shard(build(j).to(self.device), teacher_offload, teacher_param_dtype) for j in held}
+            teachers = {j: shard(build(j).to(self.device), teacher_offload) for j in held}
         self.teachers = Teachers(teachers, teacher_mode, max_teacher_age)
         self.model = self._wrap(self.module) if wrap else self.module  # what to call forward on and optimize
         # First among the forward pre-hooks: the exchange reads the shards before FSDP gathers them.
@@ -245,8 +241,7 @@ class Codistillation:
         k = shard_size_of(self.mesh) if self.mesh is not None else self.topo.replicas
         self._gather_bytes, self._reduce_bytes = (sharded_traffic(self.module, k, self.topo.replicas // k)
                                                   if self.mesh is not None else (0, 0))
-        gather_share = 0.5 if teacher_param_dtype is not None else 1.0  # bf16 teachers gather bf16 shards
-        self._teacher_gather_bytes = {j: gather_share * forward_gather_bytes(m, k) if self.mesh is not None else 0
+        self._teacher_gather_bytes = {j: forward_gather_bytes(m, k) if self.mesh is not None else 0
                                       for j, m in self.teachers.modules.items()}
         self.exchanger = EXCHANGES[exchange](self)  # checked above (its buffers sized on the device)
         # Offloaded teachers: in a CPU store between forwards (teacher_offload.py).

@@ -131,9 +131,8 @@ class CodistillConfig:
     teacher_dtype: str = "fp32"
     """Cheaper teachers: the weights the teachers run with. `fp32` (default, the paper's); `bf16` (a
     bfloat16 copy of each teacher, remade when it receives weights; inputs cast to bf16); `int8`
-    (torch.ao dynamic quantization of the teachers' nn.Linear layers, other layers fp32; CPU only;
-    train.parallel=ddp only). Under train.parallel=fsdp, bf16 keeps no copy: FSDP2's
-    MixedPrecisionPolicy casts each fp32 shard to bf16 for the gather (half its bytes).
+    (torch.ao dynamic quantization of the teachers' nn.Linear layers, other layers fp32; CPU only).
+    train.parallel=ddp only: sharded teachers stay fp32.
     The fp32 teachers stay: the exchange receives into them and checkpoints save them."""
     teacher_topk: int | None = None
     """Cheaper teachers, for language models: k >= 1 distills on each teacher's k most likely tokens
@@ -145,7 +144,7 @@ class CodistillConfig:
     copied to the device for its forward only (sharded teachers: FSDP2's CPUOffloadPolicy, gathered
     for the forward, resharded after), so nothing teacher-sized stays on the device between steps.
     Same results; costs one host-to-device copy of each teacher (its shard under fsdp) per forward.
-    With train.parallel=ddp it needs teacher_dtype=fp32 (a bf16 copy would stay on the device)."""
+    Needs teacher_dtype=fp32 (a bf16 copy would stay on the device)."""
     exchange_hierarchical: bool = False
     """Collective exchange with several replicas per model: only replica 0 of each model takes part
     in the exchange between models, then broadcasts the teachers over its model group. With each
@@ -634,12 +633,13 @@ def validate(cfg: Config) -> None:
         positive("train.shard_size", cfg.train.shard_size)
         if cfg.train.parallel != "fsdp":
             raise ConfigError("train.shard_size applies to train.parallel=fsdp (HSDP inside a model group)")
-    if c.teacher_offload and c.teacher_dtype != "fp32" and cfg.train.parallel != "fsdp":
-        raise ConfigError("codistill.teacher_offload with train.parallel=ddp needs codistill.teacher_dtype=fp32 "
-                          "(the low-precision copy would stay on the device)")
-    if cfg.train.parallel == "fsdp" and c.teacher_dtype == "int8":
-        raise ConfigError("codistill.teacher_dtype=int8 quantizes whole teachers (train.parallel=ddp); sharded "
-                          "teachers take fp32 or bf16")
+    if c.teacher_offload and c.teacher_dtype != "fp32":
+        raise ConfigError("codistill.teacher_offload needs codistill.teacher_dtype=fp32 (the low-precision copy "
+                          "would stay on the device)")
+    if cfg.train.parallel == "fsdp" and c.teacher_dtype != "fp32":
+        # FSDP2's MixedPrecisionPolicy would cast the shards for the gather, but not BatchNorm's fp32
+        # buffers, which batch_norm then refuses beside bf16 weights; a bf16 copy is what sharding avoids.
+        raise ConfigError("codistill.teacher_dtype applies to train.parallel=ddp (sharded teachers stay fp32)")
     positive("codistill.exchange_delay", c.exchange_delay, strict=False)
     positive("codistill.max_teacher_age", c.max_teacher_age, strict=False)
     try:

@@ -97,21 +97,17 @@ def shard_size_of(mesh) -> int:
     return mesh.size(mesh.ndim - 1)
 
 
-def shard_model(module: nn.Module, mesh, offload: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+def shard_model(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
     """fully_shard every block of every ModuleList, then the root (in place; returns the module).
     offload: the shards live in CPU memory (pinned under CUDA), gathered onto the device for each
-    forward (FSDP2's CPUOffloadPolicy; for teachers, which have no optimizer step). param_dtype:
-    each shard is cast to it before the gather and the forward runs in it, floating inputs cast too
-    (FSDP2's MixedPrecisionPolicy: a bf16 teacher without a resident bf16 copy; the fp32 shards
-    stay, for the exchange and checkpoints)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    forward (FSDP2's CPUOffloadPolicy; for teachers, which have no optimizer step)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
-    precision = MixedPrecisionPolicy(param_dtype=param_dtype)
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
     for block in blocks:
-        fully_shard(block, mesh=mesh, offload_policy=policy, mp_policy=precision)
-    fully_shard(module, mesh=mesh, offload_policy=policy, mp_policy=precision)
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=policy)
     return module
 
 
