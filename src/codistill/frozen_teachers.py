@@ -30,8 +30,6 @@ class FrozenTeachers:
         manifest = read_latest(run)
         if manifest is None:
             raise UserError(f"codistill.teacher_run {run} has no checkpoint")
-        if not teachers.bound:  # mark_received would overwrite sharded teachers from their flat buffers
-            raise UserError("codistill.exchange=frozen needs train.parallel=ddp")
         for j, module in teachers.modules.items():
             # In place: each teacher's tensors are views into its flat buffers (exchange.Teachers).
             module.load_state_dict(load_entry(run, manifest, f"model_{j}.pt")["model"])
