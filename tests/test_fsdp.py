@@ -217,9 +217,11 @@ def _sharded_teacher(rank, world):
     import torch.nn as nn
 
     from codistill.exchange import Teachers
-    from codistill.sharding import local, model_mesh, shard_model
+    from torch.distributed.device_mesh import DeviceMesh
 
-    mesh = model_mesh(dist.group.WORLD, torch.device("cpu"))
+    from codistill.sharding import local, shard_model
+
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # the whole world is the model's group
     build = lambda seed: (torch.manual_seed(seed), nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))[1]  # noqa: E731
     student, teacher = shard_model(build(0), mesh), shard_model(build(1), mesh)
     teachers = Teachers({1: teacher})
