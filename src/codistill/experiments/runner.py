@@ -241,8 +241,10 @@ class Suite:
         summary = train(cfg, run_dir.resolve(), overwrite=not resume, resume=resume, nproc=world)
         row.update(res.summary_values(summary))
         row["total_seconds"] = time.perf_counter() - start
-        row["curve"] = res.read_curve(run_dir)  # every experiment: the budget rule reads it
-        row["compute_s_per_step"] = compute_seconds_per_step(run_dir)  # model 0's, without evals and stalls
+        # The first model this job trained: 0, or the one model of a frozen-teacher (offline) run.
+        first = cfg.codistill.model_index if cfg.job_models == 1 and cfg.codistill.model_index is not None else 0
+        row["curve"] = res.read_curve(run_dir, first)  # every experiment: the budget rule reads it
+        row["compute_s_per_step"] = compute_seconds_per_step(run_dir, first)  # without evals and stalls
         row.update(run_dir=str(run_dir), reused_from=None, command=self.command,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), git=git_commit())
         self._by_hash[digest] = row
