@@ -13,8 +13,7 @@ from .errors import ConfigError, DataError, UserError
 from .exchange import Exchanger, Teachers
 from .losses import codistillation_loss, distillation_loss
 from .topology import Grid, Topology, build_topology
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Codistillation", "CommCounter", "Config", "ConfigError", "DataError", "Exchanger", "Grid", "Teachers", "Topology",

@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="codistill", description="Distributed codistillation with a matched "
                                      "all-reduce baseline.")

@@ -35,7 +35,7 @@ def write_run_marker(path: Path, config: dict | None = None) -> None:
     import time
     import uuid
 
-    from . import __version__
+    from .version import __version__
 
     write_json(path / RUN_MARKER, {
         "format": MARKER_FORMAT, "version": MARKER_VERSION, "run_id": uuid.uuid4().hex,

@@ -272,7 +272,7 @@ def _f5(t: Table, suffix: str = ""):
     except Missing:
         pass
     reason += f" ({PAPER_F5})"
-    twins = [(name, f"{name}-alpha0{suffix}") for name in (f"codistill-ls0.1-drop0.1", "codistill-ls0-drop0")
+    twins = [(name, f"{name}-alpha0{suffix}") for name in ("codistill-ls0.1-drop0.1", "codistill-ls0-drop0")
              if cd_suffix == suffix and t.has(f"{name}{suffix}") and t.has(f"{name}-alpha0{suffix}")]
     if twins:  # same grid, half the batch at the same LR, no distillation
         reason += "; alpha = 0 twins (two independent models on the same grid): " + ", ".join(
