@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from .losses import IGNORE_INDEX
-from .sharding import local
+from .sharding import is_dtensor, local
 from .topology import Topology
 
 SUBSET_SEED = 4321  # fixed: the budgeted subset is the same at every evaluation, for every model and run
@@ -164,7 +163,7 @@ def parameter_distance(model: nn.Module, initial: list[torch.Tensor]) -> float:
         sq = torch.zeros((), device=local(params[0]).device if params else "cpu")
         for p, p0 in zip(params, initial):
             sq += ((local(p).detach().float() - p0.to(sq.device)) ** 2).sum()
-        mesh = next((p.device_mesh for p in params if isinstance(p, DTensor)), None)
+        mesh = next((p.device_mesh for p in params if is_dtensor(p)), None)
         if mesh is not None:  # over the shard dimension (the last; HSDP's replicas hold equal shards)
             dist.all_reduce(sq, group=mesh.get_group(mesh.ndim - 1))
     return float(sq) ** 0.5

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
-from .sharding import keep_shards_in, local, padded_numel
+from .sharding import is_dtensor, keep_shards_in, local, padded_numel
 
 
 def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
@@ -113,7 +112,7 @@ class FlatState:
         its parameters (FSDP owns them) but stores their shards in our slots (`keep_shards_in`)."""
         self.pack(module)
         views = self.views()
-        if any(isinstance(p, DTensor) for p in module.parameters()):
+        if any(is_dtensor(p) for p in module.parameters()):
             index = {id(v): self.slots[k] for k, v in module.state_dict(keep_vars=True).items()}
             slots = [self.buffers[dt][off:off + n] for dt, off, _, n, _ in self.layout]
             keep_shards_in(module, lambda p: slots[index[id(p)]])

@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from .accounting import CommCounter
 from .exchange import sync_buffers
 from .publish_check import check_finite_before_publishing
-from .sharding import as_dtensor, local
+from .sharding import as_dtensor, is_dtensor, local
 from .stall_clock import StallClock
 from .topology import Topology
 
@@ -62,7 +61,7 @@ class OuterSync:
         # Sharded: the global copy and momentum are shards too, saved as DTensors (`sharded_state`)
         # so a run resumes at another k. The momentum exists from the start (zeros: SGD's first
         # step then sets it to the gradient, as when it creates it), so a checkpoint always has it.
-        self.like = [p for p in model.parameters()] if isinstance(next(model.parameters()), DTensor) else None
+        self.like = [p for p in model.parameters()] if is_dtensor(next(model.parameters())) else None
         if self.like is not None and momentum > 0:
             for g in self.global_params:
                 self.outer.state[g]["momentum_buffer"] = torch.zeros_like(g)

@@ -15,21 +15,30 @@ shard), which aliases FSDP's storage, so writing into it updates the model.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 PARALLEL = ("ddp", "fsdp")
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a DTensor (a sharded parameter). torch.distributed.tensor is imported only by
+    sharded runs: importing it costs every process ~1.5 s, and no DTensor exists until it is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This worker's shard of a DTensor (aliasing it), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
-def as_dtensor(shard: torch.Tensor, like: DTensor) -> DTensor:
-    """`shard` (this worker's part, laid out like `like`'s) as a DTensor aliasing it."""
+def as_dtensor(shard: torch.Tensor, like):
+    """`shard` (this worker's part, laid out like `like`'s, a DTensor) as a DTensor aliasing it."""
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                               stride=like.stride())
 
@@ -37,7 +46,7 @@ def as_dtensor(shard: torch.Tensor, like: DTensor) -> DTensor:
 def padded_numel(t: torch.Tensor) -> int:
     """Elements of this worker's slot for `t`: a sharded parameter's shard padded, as FSDP keeps it,
     to the first (largest) dim-0 chunk, ceil(rows / k) rows; a plain tensor's own size."""
-    if not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t.numel()
     rows, k = t.shape[0], t.device_mesh.size()
     return -(-rows // k) * (t.numel() // rows if rows else 0)
