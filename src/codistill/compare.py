@@ -19,7 +19,7 @@ from pathlib import Path
 from . import tasks
 from .arms import arm_configs, without_outer_sync_for_mixed_models
 from .config import Config, to_dict
-from .convergence import ArmConvergence, judge_arm, not_converged_line, short_run_warning
+from .convergence import TARGET_MARGIN, ArmConvergence, judge_arm, not_converged_line, short_run_warning
 from .curves import compute_seconds_per_step, training_clock, validation_curve
 from .distributed import is_leader, torchrun_world_size, under_torchrun
 from .launch import train
@@ -28,9 +28,6 @@ from .run_log import atomic_write_text, prepare_run_dir, write_json
 PROJECTED_RATES = (1e9, 1e8, 1e7)
 """Links printed under every table: a fast data-center link, and two slow ones where the choice of
 method decides (issue 29; the sweep measures 1 Gbit/s to 10 Mbit/s)."""
-TARGET_MARGIN = 0.005
-"""The projections' target: the reference arm's final validation accuracy less 0.5 points (the
-suite's floor for calling two accuracies different), so that an arm within noise of it counts."""
 
 
 def run_compare(cfg: Config, out: str | Path, overwrite: bool = False, nproc: int | None = None,

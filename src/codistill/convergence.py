@@ -19,6 +19,10 @@ ACC_RISE = 0.002  # 0.2 points of accuracy
 NLL_DROP = 0.02  # nats
 LAST = 0.25  # the last quarter of training
 
+TARGET_MARGIN = 0.005
+"""A converged target: the reference arm's final validation accuracy less 0.5 points (the suite's
+floor for calling two accuracies different), so that an arm within noise of it counts (compare's
+projections, bench/converged.py)."""
 MIN_UPDATES_PER_STAGE = 100
 """Updates per learning-rate stage below which `compare` warns before launch. Chosen from the suite's
 F1 budget curve on the default recipe (docs/results.md, F1; three stages: warm-up and peak, x0.1,

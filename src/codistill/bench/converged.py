@@ -3,7 +3,7 @@
 `bench sweep` measures time to an early target (60 updates) on the emulated link; the accuracy a
 user trains for is the converged one. At F1's trained budget (1,260 updates, where all-reduce has
 converged by the suite's rule) the target here is all-reduce's final validation accuracy of model 0
-(mean over its seeds) less 0.5 points (`compare.TARGET_MARGIN`, the suite's floor for calling two
+(mean over its seeds) less 0.5 points (`convergence.TARGET_MARGIN`, the suite's floor for calling two
 accuracies different). Training 1,260 updates per arm per link rate on the emulated machines does not
 fit this 2-core host, so the cells are derived, not measured on a link:
 
@@ -30,7 +30,7 @@ import statistics
 from pathlib import Path
 
 from .. import cost_model as cm
-from ..compare import TARGET_MARGIN
+from ..convergence import TARGET_MARGIN
 from .common import Result, fmt, machine_info, markdown_table, reachable_target
 
 RATES_MBIT = (1000, 100, 25, 10)
