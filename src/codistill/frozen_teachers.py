@@ -14,13 +14,12 @@ from pathlib import Path
 
 from .checkpoint import load_entry, read_latest
 from .errors import UserError
-from .exchange import Teachers
+from .exchange import NoExchange, Teachers
 
 
-class FrozenTeachers:
-    """The `Exchange` protocol with nothing to exchange: the teachers are filled once, here."""
-
-    blocked_seconds = 0.0
+class FrozenTeachers(NoExchange):
+    """NoExchange's protocol (nothing to exchange, no state: the teachers come from teacher_run again
+    on resume), with the teachers filled once, here."""
 
     def __init__(self, teachers: Teachers, teacher_run: str | Path):
         run = Path(teacher_run)
@@ -34,18 +33,3 @@ class FrozenTeachers:
             # In place: each teacher's tensors are views into its flat buffers (exchange.Teachers).
             module.load_state_dict(load_entry(run, manifest, f"model_{j}.pt")["model"])
         teachers.mark_received(manifest["step"])  # trained weights: burn-in's check lets them teach
-
-    def maybe_exchange(self, step: int) -> bool:
-        return False
-
-    def wait(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}  # the teachers come from teacher_run again on resume
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
