@@ -63,6 +63,8 @@ CASES = [
     ("storage without dir", ["--set", "codistill.exchange=storage"], {}, ["exchange_dir"]),
     ("storage index", ["--set", "codistill.exchange=storage", "--set", "codistill.exchange_dir={tmp}/x",
                        "--set", "codistill.model_index=5"], {}, ["codistill.model_index must be in 0..1"]),
+    ("frozen index", ["--set", "codistill.exchange=frozen", "--set", "codistill.teacher_run={tmp}/x",
+                      "--set", "codistill.model_index=-1"], {}, ["codistill.model_index must be in 0..1"]),
     ("batch too large", ["--set", "data.batch_size=100000"], {}, ["data.batch_size=100000 is too large"]),
     ("missing data dir", ["--set", "data.name=fashion_mnist", "--set", "data.root={tmp}/nowhere"], {},
      ["data directory not found", "nowhere"]),

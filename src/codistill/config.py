@@ -607,16 +607,12 @@ def validate(cfg: Config) -> None:
         if c.teacher_run is None or c.model_index is None:
             raise ConfigError("codistill.exchange=frozen needs codistill.teacher_run (a finished run's directory) "
                               "and codistill.model_index (which model this job trains)")
-        if not 0 <= c.model_index < c.n_models:
-            raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
         if cfg.train.parallel != "ddp":
             raise ConfigError("codistill.exchange=frozen needs train.parallel=ddp")
     if c.exchange == "storage":
         if c.exchange_dir is None or c.model_index is None:
             raise ConfigError("codistill.exchange=storage needs codistill.exchange_dir (a shared directory) "
                               "and codistill.model_index (which model this job trains)")
-        if not 0 <= c.model_index < c.n_models:
-            raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
         if c.exchange_delay:
             raise ConfigError("codistill.exchange_delay applies to exchange=collective only")
         if c.exchange_dtype != "fp32":
@@ -626,6 +622,8 @@ def validate(cfg: Config) -> None:
         if cfg.train.parallel != "ddp":
             raise ConfigError("train.parallel=fsdp needs codistill.exchange=collective (storage exchanges "
                               "whole models)")
+    if c.exchange in ONE_MODEL_EXCHANGES and not 0 <= c.model_index < c.n_models:
+        raise ConfigError(f"codistill.model_index must be in 0..{c.n_models - 1}, got {c.model_index}")
     if cfg.train.parallel == "fsdp" and cfg.train.precision == "fp16":
         # GradScaler would look for inf/NaN in each worker's shard only: replicas could disagree.
         raise ConfigError("train.precision=fp16 is not supported with train.parallel=fsdp yet; use bf16")
