@@ -246,3 +246,23 @@ def test_a_sharded_teacher_lives_in_its_receive_buffer(tmp_path):
         assert r["flat_numel"] == 3 * 4 + 3 + 2 * 5 + 2
         assert not torch.equal(r["before"], r["student"])
         torch.testing.assert_close(r["teacher"], r["student"], rtol=0, atol=0)
+
+
+def test_a_sharded_language_model_run_ends_with_its_sample(tmp_path):
+    """The run's last act, model 0's first worker sampling alone into sample.txt, with the model
+    sharded over 2 workers: the model is gathered on both first (a sharded forward alone would wait
+    for its peer, which had left: `codistill train --config configs/lm_tiny.yaml --set
+    train.parallel=fsdp` ended 'a peer died' after its summary). The sample is DDP's twin's."""
+    from test_lm import lm_config, write_text
+
+    from codistill.lm.task import LMTask
+
+    sets = ["optim.name=sgd", "optim.lr=0.1", "codistill.n_models=1", "train.steps=2", "train.eval_every=0",
+            "lm.sample_tokens=12"]
+    corpus = write_text(tmp_path / "text"), tmp_path / "cache"
+    ddp = lm_config(*corpus, *sets)
+    LMTask.prepare(ddp, tmp_path)
+    run_workers(_twins, 2, tmp_path, ([ddp, lm_config(*corpus, *sets, "train.parallel=fsdp")], str(tmp_path / "run")),
+                timeout=300)
+    sample = (tmp_path / "run/1/sample.txt").read_text()
+    assert "# continuation:" in sample and sample == (tmp_path / "run/0/sample.txt").read_text()

@@ -61,7 +61,8 @@ class Task(Protocol):
         identical on all ranks."""
 
     # Optional: `write_extras(model, topo)`, called on every rank after the run's summary is
-    # written, for outputs a run can do without (the LM's sample); none runs collectives.
+    # written, for outputs a run can do without (the LM's sample); none runs collectives (a
+    # sharded model arrives gathered on every worker of its group, so one worker may use it alone).
     # Optional: `check_resume(cfg, run_dir)` (classmethod), before a run is resumed: refuse data
     # that no longer matches what the run trained on.
 

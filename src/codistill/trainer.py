@@ -395,7 +395,9 @@ class Trainer:
             write_json(self.run_dir / "summary.json", summary)
         extras = getattr(self.task, "write_extras", None)  # optional (LM: the sample); after the summary
         if extras is not None:
-            extras(self.model, self.topo)
+            # Every worker gathers a sharded model, so the one that samples alone needs no peer.
+            with self.codist.evaluating():
+                extras(self.model, self.topo)
         return summary
 
 
