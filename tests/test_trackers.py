@@ -94,9 +94,13 @@ def test_profiler_trace_is_written_for_the_asked_steps(tracked):
 def test_fp16_resume_restores_the_loss_scale_bitwise(tracked, tmp_path):
     from codistill.checkpoint import latest_model_states
 
+    from mlflow.tracking import MlflowClient
+
     crashed = tmp_path / "crashed"
-    proc = run("train", *BASE, "--out", str(crashed), env={"CODISTILL_FAULT": "kill@1:7"})
+    proc = run("train", *BASE, "--set", "train.trackers=[mlflow]", "--out", str(crashed),
+               env={"CODISTILL_FAULT": "kill@1:7"})
     assert proc.returncode != 0
+    logged_before_crash = [r["step"] for r in train_rows(crashed, 0)]
     proc = run("train", "--resume", str(crashed))
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole, resumed = latest_model_states(tracked), latest_model_states(crashed)
@@ -104,6 +108,13 @@ def test_fp16_resume_restores_the_loss_scale_bitwise(tracked, tmp_path):
         assert whole[name]["scaler"] == resumed[name]["scaler"]
         for key, tensor in whole[name]["model"].items():
             assert torch.equal(tensor, resumed[name]["model"][key]), (name, key)
+    # The resume replayed step 6 (logged before the crash, after the step-5 checkpoint): MLflow got it once.
+    assert 6 in logged_before_crash
+    client = MlflowClient(tracking_uri=f"sqlite:///{crashed / 'mlflow.db'}")
+    for model in (0, 1):
+        run_id = (crashed / f"model_{model}" / "mlflow_run_id").read_text().strip()
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+        assert history == [(r["step"], r["train/loss"]) for r in train_rows(crashed, model)]
 
 
 @pytest.mark.parametrize("setting, message", [

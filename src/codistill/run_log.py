@@ -175,6 +175,12 @@ class RunLog:
         self._trackers = open_trackers(names, self.directory, run_dir=run_dir,
                                        run_name=f"{run_dir.name}/{self.directory.name}", config=config or {},
                                        resumed_at=resumed_at)
+        # A resumed run replays the steps the interrupted run logged after its checkpoint (bitwise, at
+        # the same k). metrics.jsonl and TensorBoard drop the first copy; MLflow and wandb keep every
+        # point they are sent, so they are not sent the replay: the last step they got is kept here.
+        self._sent = self.directory / "trackers_last_step"
+        kept = resumed_at is not None and self._sent.is_file()
+        self._replayed_through = int(self._sent.read_text()) if kept else -1
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:
@@ -183,8 +189,12 @@ class RunLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         values = numbers(metrics)
+        replay = step <= self._replayed_through
         for tracker in self._trackers:
-            tracker.log(step, values)
+            if not (replay and tracker.keeps_every_point):
+                tracker.log(step, values)
+        if not replay and any(t.keeps_every_point for t in self._trackers):
+            atomic_write_text(self._sent, f"{step}\n")
 
     def close(self) -> None:
         if self._file is not None:

@@ -9,8 +9,10 @@ model directory; the other ranks log nothing.
 - mlflow: one MLflow run per model (named `<run dir>/model_<i>`) in experiment MLFLOW_EXPERIMENT_NAME
   (default `codistill`), at MLFLOW_TRACKING_URI, or by default in a local store in the run
   directory, the SQLite file mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`). The run id is kept in
-  model_<i>/mlflow_run_id, so a resumed run logs into the same MLflow run (steps the interrupted run
-  logged after its checkpoint then appear twice in MLflow and wandb; metrics.jsonl drops them).
+  model_<i>/mlflow_run_id, so a resumed run logs into the same MLflow run. The steps the interrupted
+  run logged after its checkpoint are not sent again (RunLog keeps the last step sent in
+  model_<i>/trackers_last_step): MLflow and wandb keep the first copy, which a resume at the same k
+  replays bitwise; metrics.jsonl and TensorBoard keep the replay.
 - wandb: one wandb run per model, under model_<i>/wandb/; offline (`wandb sync` uploads it later)
   unless the user is logged in, and WANDB_MODE overrides both.
 Credentials come only from the environment (or the tools' own login files), never from the config.
@@ -31,6 +33,8 @@ MODULE = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
 class Tracker(Protocol):
+    keeps_every_point: bool  # True: a point sent twice for one step shows twice (MLflow, wandb)
+
     def log(self, step: int, metrics: dict[str, float]) -> None: ...  # finite numbers only
     def close(self) -> None: ...
 
@@ -81,6 +85,8 @@ def numbers(metrics: dict) -> dict[str, float]:
 
 
 class TensorBoardTracker:
+    keeps_every_point = False  # a resumed writer purges the steps after the checkpoint
+
     def __init__(self, directory: Path, *, resumed_at: int | None, **_):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -115,6 +121,8 @@ def _mlflow_experiment(client) -> str:
 
 
 class MLflowTracker:
+    keeps_every_point = True
+
     def __init__(self, directory: Path, *, run_dir: Path, run_name: str, config: dict, resumed_at: int | None):
         from mlflow.entities import Param
 
@@ -160,6 +168,8 @@ def wandb_mode() -> str | None:
 
 
 class WandbTracker:
+    keeps_every_point = True
+
     def __init__(self, directory: Path, *, run_name: str, config: dict, resumed_at: int | None, **_):
         import wandb
 
