@@ -2,6 +2,7 @@
 time from the cost model, arms that never reach the target reported as such."""
 
 import json
+import statistics
 
 import pytest
 
@@ -42,3 +43,70 @@ def test_table_projects_all_reduce_and_reports_the_arm_that_never_reaches(tmp_pa
     assert codistill["compute_ratio"] == pytest.approx(1.5) and codistill["per_rate"]["10"]["time_to_target_s"] is None
     assert "| never | 90.00% at 1260 |" in result.table
     assert image["common_target"] == pytest.approx(0.90)  # the level every run reaches
+
+
+def _cell(arm, rate, s_per_step, kind, *, mbit=1000.0, n=2, world=4):
+    return {"profile": "image", "rate_mbit": rate, "arm": arm, "quick": False, "measured_mbit": mbit,
+            "s_per_step": s_per_step, "period_s_per_step": [s_per_step], "steps": 100, "load_before": 1.0,
+            "load_after": 2.0, "model_bytes": {"grad": 208_648.0, "state": 210_000.0},
+            "facts": {"kind": kind, "world": world, "n": n, "period": 25, "delay": 0, "steps": 1260}}
+
+
+def test_period_clock_starts_after_the_warm_up(tmp_path):
+    rows = [{"step": s, "train/loss": 1.0, "time": t} for s, t in [(25, 9.0), (50, 11.5), (75, 14.5), (100, 16.5)]]
+    (tmp_path / "model_0").mkdir()
+    (tmp_path / "model_0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                                       + json.dumps({"step": 100, "val/accuracy": 0.8, "time": 30.0}))
+    assert converged.period_seconds_per_step(tmp_path, 25) == pytest.approx([0.1, 0.12, 0.08])
+
+
+@pytest.mark.timeout(60)
+def test_link_table_times_measured_updates_by_measured_step_and_scores_both_projections(tmp_path):
+    grad = 208_648.0
+    ar = [_row("allreduce-long", s, 0.91, [[126, 0.80], [252, 0.906], [1260, 0.91]], wall=126.0,
+               allreduce_bytes=1.5 * grad * 1260) for s in range(3)]
+    cd = [_row("codistill-trained", s, 0.90, [[126, 0.80], [1260, 0.90]], wall=189.0) for s in range(3)]
+    (tmp_path / "F1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ar + cd))
+    label = converged.ARMS[1][0]
+    cells = [_cell("all-reduce", None, 0.11, "allreduce", n=1), _cell("all-reduce", 10, 0.40, "allreduce", n=1),
+             _cell(label, None, 0.15, "codistill"), _cell(label, 10, 0.16, "codistill")]
+    result = converged.build(tmp_path, None, cells)
+    link = result.data["image"]["link"]
+    allreduce, codistill = link["cells"]
+    m = {**cells[0]["facts"], **cells[0]["model_bytes"]}
+    # compute = the unshaped cell less its link time at the veth's measured rate; then the nominal 10 Mbit/s
+    compute = 0.11 - cm.allreduce_step_s(0.0, grad, 4, cm.Link(1e9))
+    projected = cm.allreduce_step_s(compute, grad, 4, cm.Link(10e6))
+    assert allreduce["projected_s_per_step"]["calibration"] == pytest.approx(projected)
+    rows_projection = result.data["image"]["arms"][0]["per_rate"]["10"]["s_per_step"]
+    assert allreduce["projected_s_per_step"]["rows"] == pytest.approx(rows_projection)
+    assert m["kind"] == "allreduce" and allreduce["updates_to_target"] == 252
+    assert allreduce["time_to_target_s"]["measured"] == pytest.approx(252 * 0.40)
+    assert allreduce["time_to_target_s"]["calibration"] == pytest.approx(252 * projected)
+    assert allreduce["error"]["calibration"] == pytest.approx(abs(projected - 0.40) / 0.40)
+    assert codistill["updates_to_target"] is None and codistill["time_to_target_s"]["measured"] is None
+    med = link["median_error"]["rows"]
+    assert med["cells"] == 2 and med["cells_reaching"] == 1
+    assert med["s_per_step"] == pytest.approx(statistics.median([allreduce["error"]["rows"], codistill["error"]["rows"]]))
+    assert med["time_to_target"] == pytest.approx(allreduce["error"]["rows"])
+    assert f"| all-reduce | 10 Mbit/s | 0.400 | {projected:.3f} " in result.table
+
+
+def test_measured_cells_resume_without_touching_the_link(tmp_path, monkeypatch):
+    from codistill.bench import netns
+
+    class NoLink:
+        def __init__(self, *a, **k):
+            raise AssertionError("the link was set up")
+
+    monkeypatch.setattr(netns, "TwoMachines", NoLink)
+    st = converged.link_settings(True)
+    arms = list(converged.link_arms(st))
+    cells = [_cell(a, r, 0.1, "allreduce") | {"quick": True} for r in [None, *st["rates"]] for a in arms]
+    (tmp_path / "converged").mkdir()
+    path = tmp_path / "converged" / "cells.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in cells))
+    assert converged.measure_link(tmp_path, quick=True) == cells
+    path.write_text("".join(json.dumps(c) + "\n" for c in cells[:-1]))  # one cell missing: it is measured
+    with pytest.raises(AssertionError, match="set up"):
+        converged.measure_link(tmp_path, quick=True)

@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from .. import cost_model as cm
+from ..config import dump_yaml
 from ..convergence import TARGET_MARGIN
 from .common import Result, fmt, machine_info, markdown_table, reachable_target
 
@@ -120,7 +121,9 @@ def model_facts(experiment: str, variant: str) -> dict:
             "delay": c.exchange_delay, "steps": cfg.train.steps, "kind": kind}
 
 
-def build(results: Path, teacher_cost: dict | None) -> Result:
+def build(results: Path, teacher_cost: dict | None, link_cells: list[dict] | None = None) -> Result:
+    """The tables; with `link_cells` (`measure_link`), the image arms' s/step measured on the link beside
+    the projections."""
     tables, notes, data = [], [], {}
     for task in TASKS:
         table, task_notes, task_data = build_task(results, teacher_cost, task)
@@ -128,6 +131,12 @@ def build(results: Path, teacher_cost: dict | None) -> Result:
             tables.append(table)
             notes += task_notes
             data[task] = task_data
+    if link_cells and "image" in data:
+        table, link_notes, data["image"]["link"] = link_table(link_cells, data["image"]["arms"])
+        tables.append("image, s/step measured on the emulated link (two machines, hierarchical exchange) and "
+                      "time to the target = measured updates x measured s/step; projections beside (% vs "
+                      "measured):\n\n" + table)
+        notes += link_notes
     return Result(name="converged", title="Time to a converged accuracy across link rates (cost model x measured runs)",
                   command="python -m codistill.bench.converged", table="\n\n".join(tables), notes=notes,
                   data={**data, "rates_mbit": list(RATES_MBIT)}, machine=machine_info())
@@ -227,6 +236,171 @@ def _table(arms: list[dict], target: float, ar_clock: float, cost: dict, task: s
          *[f"{r} Mbit/s: s/step / s to target" for r in RATES_MBIT]], table_rows), records
 
 
+# --- s/step measured on the emulated link (issue 29): the projection's error on these cells ---------
+#
+# Training is bitwise identical at every link rate, so time to the target = the suite's measured
+# updates to it x s/step at the rate; s/step is what the link changes, and a short run measures it:
+# each image arm's own suite config (model, batch, T = H, teacher setting; exchange and outer all-reduce
+# hierarchical, which trains bitwise the same) on `bench sweep`'s two emulated machines, a warm-up
+# (start-up and the burn-in: no teacher forwards for K = T + D = 25 steps) and then a few exchange
+# periods, each period's clock per step from model 0's training rows (logged every T steps, before the
+# only evaluation, at the end). The cells resume like the sweep's (`<out>/converged/cells.jsonl`).
+
+def link_settings(quick: bool) -> dict:
+    if quick:  # the machinery in seconds (digits, cnn_tiny, 2 workers, 2 periods of 2 updates, 100 Mbit/s)
+        return {"rates": [100], "nproc_per_node": 1, "warmup": 2, "periods": 2, "timeout_s": 300,
+                "labels": ("all-reduce", "codistillation, paper's teacher (library default, burn-in)", "local SGD"),
+                "overrides": ["data.name=digits", "model.name=cnn_tiny", "model.options={}", "data.batch_size=16",
+                              "codistill.exchange_every=2"]}
+    # the slowest and a fast rate first: what an interrupted run has measured is the extremes
+    return {"rates": [10, 100, 25, 1000], "nproc_per_node": 2, "warmup": 25, "periods": 3, "timeout_s": 1200,
+            "labels": None, "overrides": []}
+
+
+def link_arms(st: dict) -> dict:
+    """Label -> (experiment, variant): each image arm once (its first source), or the quick subset."""
+    arms = {}
+    for label, experiment, variant, _ in ARMS:
+        if st["labels"] is None or label in st["labels"]:
+            arms.setdefault(label, (experiment, variant))
+    return arms
+
+
+def link_config(experiment: str, variant: str, st: dict):
+    """The arm's suite config (seed 0), cut to warm-up + periods x T updates, one evaluation at the end."""
+    from ..config import from_dict, parse_override, set_dotted, to_dict
+    from ..experiments.runner import variant_config
+    from ..experiments.suite import EXPERIMENTS
+
+    e = EXPERIMENTS[experiment]
+    tree = to_dict(variant_config(e, e.variant(variant), 0, False)[0])
+    for item in st["overrides"]:
+        set_dotted(tree, *parse_override(item))
+    period = tree["codistill"]["exchange_every"]
+    steps = st["warmup"] + st["periods"] * period
+    tree["train"].update(steps=steps, eval_every=steps, log_every=period, progress=False)
+    tree["dist"].update(threads=1, nproc=2 * st["nproc_per_node"])
+    tree["codistill"]["exchange_hierarchical"] = True
+    return from_dict(tree)
+
+
+def period_seconds_per_step(run_dir: Path, warmup: int) -> list[float]:
+    """Model 0's training clock per step over each logged interval after `warmup` (one per period)."""
+    from ..run_log import read_jsonl
+
+    times = {r["step"]: r["time"] for r in read_jsonl(run_dir / "model_0" / "metrics.jsonl") if "train/loss" in r}
+    marks = [s for s in sorted(times) if s >= warmup]
+    return [(times[b] - times[a]) / (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def measure_link(out: Path, quick: bool = False) -> list[dict]:
+    """Every (rate, arm) cell's median s/step on the link, calibration (unshaped veth) first."""
+    import os
+
+    from .netns import TwoMachines, torchrun_train
+    from .sweep import CELLS, cell_key, load_cells, tensor_bytes
+
+    st = link_settings(quick)
+    out = Path(out) / "converged"
+    out.mkdir(parents=True, exist_ok=True)
+    cells_path = out / CELLS
+    cells = [c for c in load_cells(cells_path) if c.get("quick", False) == quick]
+    done = {cell_key(c) for c in cells}
+    arms = {label: link_config(*source, st) for label, source in link_arms(st).items()}
+    budget = {label: model_facts(*source)["steps"] for label, source in link_arms(st).items()}
+    plan = [(rate, [a for a in (list(arms) if i % 2 == 0 else list(arms)[::-1])  # alternate: drifts hit both ends
+                    if ("image", rate, a) not in done]) for i, rate in enumerate([None, *st["rates"]])]
+    if not any(todo for _, todo in plan):
+        return cells
+    with TwoMachines(None) as link:
+        for rate, todo in plan:
+            if not todo:
+                continue
+            link.shape(rate)
+            mbit = link.measure_throughput(nbytes=20_000_000 if rate is None else int(rate * 1e6 / 8 * 0.5))
+            for label in todo:
+                cfg = arms[label]
+                run_dir = out / ("unshaped" if rate is None else f"{rate}mbit") / str(len(cells))
+                config_path = run_dir.parent / f"{run_dir.name}.yaml"
+                config_path.parent.mkdir(parents=True, exist_ok=True)
+                config_path.write_text(dump_yaml(cfg))
+                load = os.getloadavg()[0]
+                torchrun_train(link, ["--config", str(config_path), "--out", str(run_dir), "--overwrite"],
+                               run_dir.parent / f"{run_dir.name}_logs", st["timeout_s"],
+                               nproc_per_node=st["nproc_per_node"])
+                periods = period_seconds_per_step(run_dir, st["warmup"])
+                cell = {"profile": "image", "rate_mbit": rate, "arm": label, "quick": quick, "measured_mbit": mbit,
+                        "s_per_step": statistics.median(periods), "period_s_per_step": periods,
+                        "steps": cfg.train.steps, "load_before": load, "load_after": os.getloadavg()[0],
+                        "model_bytes": tensor_bytes(cfg), "facts": cell_facts(cfg, budget[label])}
+                cells.append(cell)
+                with cells_path.open("a") as f:  # one line per finished cell: the resume point
+                    f.write(json.dumps(cell) + "\n")
+                print(f"{rate or 'unshaped'} Mbit/s {label}: {cell['s_per_step']:.3f} s/step "
+                      f"(periods {', '.join(f'{p:.3f}' for p in periods)}; load {load:.1f})", flush=True)
+    return cells
+
+
+def cell_facts(cfg, budget: int) -> dict:
+    """What the cost model needs of a measured cell's config; steps: the suite's trained budget."""
+    c = cfg.codistill
+    kind = "allreduce" if c.n_models == 1 else ("codistill" if c.method == "distill" else "outer")
+    return {"kind": kind, "world": cfg.dist.nproc, "n": c.n_models, "period": c.exchange_every,
+            "delay": c.exchange_delay, "steps": budget}
+
+
+def link_table(cells: list[dict], records: list[dict]) -> tuple[str, list[str], dict]:
+    """Measured s/step and time to target per (arm, rate) beside the two projections, and their errors.
+
+    Projection "calibration": the cost model from the arm's unshaped cell of the same invocation (its
+    s/step less its link time at the veth's measured throughput is its compute), as `bench sweep`.
+    Projection "rows": the converged table's own (all-reduce's clock in the suite's rows x the arm's
+    compute ratio). Both add the link at the nominal rate for the trained budget's steps."""
+    by_label = {r["label"]: r for r in records}
+    cal = {c["arm"]: c for c in cells if c["rate_mbit"] is None}
+    rows, out = [], []
+    for c in sorted((c for c in cells if c["rate_mbit"] is not None and c["arm"] in by_label and c["arm"] in cal),
+                    key=lambda c: (list(by_label).index(c["arm"]), -c["rate_mbit"])):
+        rec, m = by_label[c["arm"]], {**c["facts"], "grad": c["model_bytes"]["grad"],
+                                      "state": c["model_bytes"]["state"]}
+        calib = cal[c["arm"]]
+        compute = max(calib["s_per_step"] - link_s_per_step(m["kind"], 0.0, m, cm.Link(calib["measured_mbit"] * 1e6)),
+                      0.0)
+        projected = {"calibration": link_s_per_step(m["kind"], compute, m, cm.Link(c["rate_mbit"] * 1e6)),
+                     "rows": rec["per_rate"][str(c["rate_mbit"])]["s_per_step"]}
+        steps = [h["step"] for h in rec["reach"]]
+        updates = statistics.median(steps) if steps and all(isinstance(s, int) for s in steps) else None
+        time = {k: updates * v if updates else None for k, v in [("measured", c["s_per_step"]), *projected.items()]}
+        error = {k: abs(v - c["s_per_step"]) / c["s_per_step"] for k, v in projected.items()}
+        out.append({"arm": c["arm"], "rate_mbit": c["rate_mbit"], "s_per_step": c["s_per_step"],
+                    "projected_s_per_step": projected, "error": error, "updates_to_target": updates,
+                    "time_to_target_s": time, "compute_s_calibration": compute})
+        rows.append([c["arm"], f"{c['rate_mbit']} Mbit/s", f"{c['s_per_step']:.3f}",
+                     *[f"{projected[k]:.3f} ({100 * (projected[k] / c['s_per_step'] - 1):+.0f}%)"
+                       for k in ("calibration", "rows")],
+                     fmt(updates, ".0f", "not every seed"), fmt(time["measured"], ".0f", "-"),
+                     fmt(time["calibration"], ".0f", "-"), fmt(time["rows"], ".0f", "-")])
+    medians = {}
+    for k in ("calibration", "rows"):
+        errs = [r["error"][k] for r in out]
+        reached = [r["error"][k] for r in out if r["updates_to_target"]]
+        medians[k] = {"s_per_step": statistics.median(errs) if errs else None,
+                      "time_to_target": statistics.median(reached) if reached else None,
+                      "cells": len(errs), "cells_reaching": len(reached)}
+    table = markdown_table(["arm", "link", "measured s/step (median of periods)", "projected: calibration",
+                            "projected: suite rows", "updates to target (measured)", "s to target (measured)",
+                            "projected s: calibration", "projected s: suite rows"], rows)
+    loads = [x for c in cells for x in (c["load_before"], c["load_after"])]
+    notes = [f"cost model's median absolute error over {medians[k]['cells']} measured cells ({k} projection): "
+             f"s/step {fmt(medians[k]['s_per_step'] and 100 * medians[k]['s_per_step'], '.1f')}%, time to target "
+             f"{fmt(medians[k]['time_to_target'] and 100 * medians[k]['time_to_target'], '.1f')}% over the "
+             f"{medians[k]['cells_reaching']} cells whose arm reaches it (the same measured updates multiply both, "
+             "so cell by cell the two errors are equal)" for k in ("calibration", "rows")]
+    notes.append(f"1-minute load average during the link cells: {min(loads):.1f} - {max(loads):.1f} "
+                 "(shared host); calibration ran in the same invocation.")
+    return table, notes, {"cells": out, "median_error": medians, "load_average": [min(loads), max(loads)]}
+
+
 def main() -> None:
     import argparse
 
@@ -237,12 +411,16 @@ def main() -> None:
     p.add_argument("--teacher-cost", type=Path, help="a `bench step_overhead` step_overhead.json (or its "
                    "teacher_cost part); without it, the arms' own clocks give their compute ratios")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--measure-link", action="store_true", help="also measure each image arm's s/step on "
+                   "two emulated machines at every rate (root; resumes from OUT/converged/cells.jsonl)")
+    p.add_argument("--quick", action="store_true", help="with --measure-link: digits, a few updates, 100 Mbit/s")
     args = p.parse_args()
     cost = None
     if args.teacher_cost:  # a step_overhead.json, or its teacher_cost part alone
         cost = json.loads(args.teacher_cost.read_text())
         cost = cost["data"]["teacher_cost"] if "data" in cost else cost
-    result = build(args.results, cost)
+    cells = measure_link(args.out, args.quick) if args.measure_link else None
+    result = build(args.results, cost, cells)
     args.out.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)
     print(result.markdown())
