@@ -32,6 +32,7 @@ import ctypes
 import gc
 import json
 import random
+import time
 from pathlib import Path
 
 from ..config import Config, load_config
@@ -56,7 +57,7 @@ def _corpus(root: Path) -> Path:
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(300)]
     root.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.txt", 1500), ("valid.txt", 150), ("test.txt", 150)):
+    for name, n in (("train.txt", 1500), ("valid.txt", 20), ("test.txt", 20)):
         text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n))
         (root / name).write_text(text + "\n")
     return root
@@ -158,12 +159,15 @@ def _worker(rank: int, world: int, init_method, runs: list[tuple[str, Config]], 
                 before = _settle()
             # No run directory: no checkpoint at the end, whose CPU copy of the state is host memory
             # on a GPU and not what a training step holds.
+            start = time.perf_counter()
             trainer = Trainer(cfg, ctx, None)
+            built = time.perf_counter()
             trainer.fit()
             del trainer
             after = torch.cuda.max_memory_allocated(ctx.device) / 2**20 if cuda else _status("VmHWM")
             record = {"rank": rank, "before_mib": before, "peak_mib": after, "rise_mib": after - before,
-                      "kind": "cuda_max_allocated" if cuda else "process_rss"}
+                      "kind": "cuda_max_allocated" if cuda else "process_rss",
+                      "build_s": built - start, "fit_s": time.perf_counter() - built}
             (Path(out) / name / f"memory_rank{rank}.json").write_text(json.dumps(record))
     finally:
         shutdown()
