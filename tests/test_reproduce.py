@@ -163,7 +163,7 @@ def test_an_installed_copy_outside_any_checkout_finds_its_configs(tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory):
-    """`codistill reproduce all --quick`, run once for the tests below (it trains 14 short runs)."""
+    """`codistill reproduce all --quick`, run once for the tests below (it trains 18 short runs)."""
     out = tmp_path_factory.mktemp("reproduce") / "results"
     start = time.perf_counter()
     proc = codistill("reproduce", "all", "--quick", "--out", str(out), timeout=840)

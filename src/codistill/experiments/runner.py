@@ -86,15 +86,15 @@ PAPER_ALPHA = {"codistill.alpha_schedule": "constant", "codistill.alpha_steps": 
 
 def variant_config(experiment: Experiment, variant: Variant, seed: int, quick: bool,
                    budget: float = 1.0, out: str | Path = "results") -> tuple[Config, int]:
-    """The arm's config and world size: base < variant.set < variant.scale (and the `budget` factor
-    on every epoch-valued setting) < seed, then the arms are derived by
+    """The arm's config and world size: base < variant.set < variant.scale (`quick_scale` if `quick`;
+    and the `budget` factor on every epoch-valued setting) < seed, then the arms are derived by
     `codistill.arms.arm_configs` (matched workers and updates), then variant.after. A variant with a
     `teacher_run` trains the arm's last model alone on its model group's workers, distilled from the
     other models of that variant's run (same seed, under `out`), frozen."""
     cfg = base_config(experiment, quick)
     if variant.set:
         cfg = replace(cfg, **_dunder(variant.set))
-    factors = dict(variant.scale)
+    factors = dict(variant.scale if not quick or variant.quick_scale is None else variant.quick_scale)
     for key in EPOCH_FIELDS if budget != 1.0 else ():
         factors[key] = factors.get(key, 1.0) * budget
     tree = to_dict(cfg)

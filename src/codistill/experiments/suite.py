@@ -11,7 +11,8 @@ the derived arm (`after`, e.g. alpha = 0 for independent training). Overrides ar
 `--quick` runs every experiment on the same tiny base (digits, `cnn_tiny`, 2 workers, a few dozen
 steps, one seed) and only its variants marked `quick`: identical configs are trained once and their
 row is reused (the runner matches runs by a hash of their resolved config), so the smoke run of
-the whole suite trains about ten runs.
+the whole suite trains 18 runs. A variant at a longer budget (`-long`, `-trained`) runs there at the
+quick base's budget (`Variant.quick_scale`): the smoke run checks code paths, not budgets.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Variant:
     """Overrides of the derived arm's config (e.g. codistill.alpha = 0)."""
     quick: bool = False
     """Part of the `--quick` smoke run."""
+    quick_scale: dict | None = None
+    """`scale` in the `--quick` smoke run (None: `scale` itself). The smoke run checks a variant's code
+    path, not its budget: a longer budget there is only a longer wait."""
     x: float | None = None
     """Position on the plot's x axis (line plots); None draws the variant as a reference line."""
     series: str | None = None
@@ -416,8 +420,9 @@ PEERS = Experiment(
         Variant("codistill", CD, quick=True),
         Variant("diloco", "diloco", quick=True),
         Variant("localsgd", "localsgd", quick=True),
-        Variant("mixed-together-long", CD, set=MIXED, scale=epochs(4), quick=True),
-        Variant("mixed-alone-long", CD, set=MIXED, scale=epochs(4), after={"codistill.alpha": 0.0}, quick=True),
+        Variant("mixed-together-long", CD, set=MIXED, scale=epochs(4), quick=True, quick_scale={}),
+        Variant("mixed-alone-long", CD, set=MIXED, scale=epochs(4), after={"codistill.alpha": 0.0}, quick=True,
+                quick_scale={}),
         # The library's default burn-in (no distillation toward the other model before its first
         # trained exchange): does it prevent the CNN's collapse next to the MLP?
         Variant("mixed-together-burnin-long", CD,
@@ -446,11 +451,11 @@ FAMILY = Experiment(
     variants=(
         trained("together", CD, set=FAMILY_PAIR),
         # Each model alone (alpha = 0) on the same grid: the two single-model baselines in one run.
-        trained("alone", CD, set=FAMILY_PAIR, after={"codistill.alpha": 0.0}, quick=True),
+        trained("alone", CD, set=FAMILY_PAIR, after={"codistill.alpha": 0.0}, quick=True, quick_scale={}),
         # Two-stage: the small model alone on its 2 workers for the same updates, distilled from the big
         # model of `alone` (same seed) frozen at its last step, from step 0 (a trained teacher needs no
         # burn-in). Twice the wall time: stage 2 waits for stage 1.
-        trained("offline", CD, set=FAMILY_PAIR, teacher_run="alone-trained", quick=True,
+        trained("offline", CD, set=FAMILY_PAIR, teacher_run="alone-trained", quick=True, quick_scale={},
                 after={"codistill.alpha_schedule": "constant", "codistill.alpha_steps": 0}),
     ),
     metrics=("test_acc_big", "test_acc_small", "ens_pair_acc"),
@@ -547,7 +552,7 @@ TOPOLOGIES = Experiment(
     variants=(
         trained("allreduce", AR),
         trained("all", CD),
-        trained("ring", CD, set={"codistill.graph": "ring"}, quick=True),
+        trained("ring", CD, set={"codistill.graph": "ring"}, quick=True, quick_scale={}),
         trained("random", CD, set={"codistill.graph": "random", "codistill.peers": 1}),
     ),
     base={"codistill.n_models": 4, "train.log_every": 5},
