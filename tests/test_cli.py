@@ -172,8 +172,9 @@ def test_readme_own_loop_example_runs_under_torchrun(tmp_path):
 
 def test_compare_smoke_on_digits(tmp_path):
     out = tmp_path / "cmp"
-    proc = codistill("compare", *DIGITS, "--set", "train.epochs=8", "--set", "data.batch_size=16",
-                     "--set", "schedule.milestones=[5, 7]", "--set", "schedule.warmup_epochs=0",
+    # 4 epochs (80 updates): every arm's models already pass the bar below by 20 points or more.
+    proc = codistill("compare", *DIGITS, "--set", "train.epochs=4", "--set", "data.batch_size=16",
+                     "--set", "schedule.milestones=[2.5, 3.5]", "--set", "schedule.warmup_epochs=0",
                      "--set", "codistill.exchange_every=10", "--nproc", "4", "--out", str(out),
                      "--set", "compare.arms=[allreduce, codistill, codistill_regularized, diloco, localsgd]",
                      timeout=600)
