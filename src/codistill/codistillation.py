@@ -284,10 +284,13 @@ class Codistillation:
                 self.counter.allreduce_sent += self._gather_bytes
 
     def evaluating(self):
-        """A context for evaluating (or sampling from) the model outside the training steps: a
-        sharded model is gathered on every worker of its group (collective: all call it), each
-        worker keeping its own buffers as under DDP (which syncs them only in training forwards);
-        nothing for DDP."""
+        """A context for evaluating (or sampling from) the model outside the training steps
+        (collective: every worker of the group calls it). Every worker first takes replica 0's
+        buffers, as DDP's next training forward would: BatchNorm's running statistics drift between
+        replicas after the last broadcast, and the model evaluated must be the one checkpointed and
+        exported (replica 0's), not a mix of each worker's statistics over its share of the split
+        (a few KiB per evaluation, not counted). A sharded model is then gathered on every worker."""
+        broadcast_buffers(self.module, self.topo)
         return gathered(self.module) if self.mesh is not None else contextlib.nullcontext()
 
     def maybe_exchange(self) -> None:
