@@ -20,7 +20,11 @@ fit this 2-core host, so the cells are derived, not measured on a link:
   the exchange and outer all-reduce hierarchical (bitwise the same training, `bench sweep`).
 
 `python -m codistill.bench.converged --results results --teacher-cost DIR/step_overhead.json --out DIR`
-writes converged.md / converged.json.
+writes converged.md / converged.json. With `--measure-link` (root) it also measures the projection:
+each image arm's s/step on `bench sweep`'s emulated link, from short runs of its suite config (training
+is the same at every rate, so measured updates x measured s/step is the measured time to the target),
+beside the cost model's s/step from a calibration cell of the same invocation and from the suite's
+rows, with the model's median error (`measure_link`, `link_table` below).
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ def build(results: Path, teacher_cost: dict | None, link_cells: list[dict] | Non
                       "time to the target = measured updates x measured s/step; projections beside (% vs "
                       "measured):\n\n" + table)
         notes += link_notes
+    elif "image" in data:
+        notes.append("No cell is measured on the emulated link (`--measure-link` measures s/step there).")
     return Result(name="converged", title="Time to a converged accuracy across link rates (cost model x measured runs)",
                   command="python -m codistill.bench.converged", table="\n\n".join(tables), notes=notes,
                   data={**data, "rates_mbit": list(RATES_MBIT)}, machine=machine_info())
@@ -177,7 +183,7 @@ def build_task(results: Path, teacher_cost: dict | None, task: str) -> tuple[str
              f"time: projected by the cost model from all-reduce's measured clock ({1e3 * ar_clock:.1f} ms/step, "
              "median of its rows) x each arm's compute ratio, plus the link (two machines, one model group each, "
              "hierarchical exchange and outer all-reduce). Time to target = median updates x s/step, only where "
-             "every seed reaches it. One run per seed; no cell is measured on the emulated link."]
+             "every seed reaches it. One run per seed."]
     table = f"{task}, target {what} {scale * target:.2f}{unit}:\n\n" + table
     data = {"target": target, "allreduce_final": final, "allreduce_clock_s": ar_clock, "arms": records,
             "teacher_cost": cost}
@@ -257,11 +263,12 @@ def link_settings(quick: bool) -> dict:
             "labels": None, "overrides": []}
 
 
-def link_arms(st: dict) -> dict:
-    """Label -> (experiment, variant): each image arm once (its first source), or the quick subset."""
+def link_arms(st: dict, results: Path | None = None) -> dict:
+    """Label -> (experiment, variant): each image arm once (its first source with rows in `results`,
+    when given: an arm the table cannot show is not measured), or the quick subset."""
     arms = {}
     for label, experiment, variant, _ in ARMS:
-        if st["labels"] is None or label in st["labels"]:
+        if (st["labels"] is None or label in st["labels"]) and (results is None or _rows(results, experiment, variant)):
             arms.setdefault(label, (experiment, variant))
     return arms
 
@@ -293,7 +300,7 @@ def period_seconds_per_step(run_dir: Path, warmup: int) -> list[float]:
     return [(times[b] - times[a]) / (b - a) for a, b in zip(marks, marks[1:])]
 
 
-def measure_link(out: Path, quick: bool = False) -> list[dict]:
+def measure_link(out: Path, quick: bool = False, results: Path | None = None) -> list[dict]:
     """Every (rate, arm) cell's median s/step on the link, calibration (unshaped veth) first."""
     import os
 
@@ -306,8 +313,9 @@ def measure_link(out: Path, quick: bool = False) -> list[dict]:
     cells_path = out / CELLS
     cells = [c for c in load_cells(cells_path) if c.get("quick", False) == quick]
     done = {cell_key(c) for c in cells}
-    arms = {label: link_config(*source, st) for label, source in link_arms(st).items()}
-    budget = {label: model_facts(*source)["steps"] for label, source in link_arms(st).items()}
+    sources = link_arms(st, None if quick else results)
+    arms = {label: link_config(*source, st) for label, source in sources.items()}
+    budget = {label: model_facts(*source)["steps"] for label, source in sources.items()}
     plan = [(rate, [a for a in (list(arms) if i % 2 == 0 else list(arms)[::-1])  # alternate: drifts hit both ends
                     if ("image", rate, a) not in done]) for i, rate in enumerate([None, *st["rates"]])]
     if not any(todo for _, todo in plan):
@@ -419,7 +427,7 @@ def main() -> None:
     if args.teacher_cost:  # a step_overhead.json, or its teacher_cost part alone
         cost = json.loads(args.teacher_cost.read_text())
         cost = cost["data"]["teacher_cost"] if "data" in cost else cost
-    cells = measure_link(args.out, args.quick) if args.measure_link else None
+    cells = measure_link(args.out, args.quick, args.results) if args.measure_link else None
     result = build(args.results, cost, cells)
     args.out.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)
