@@ -80,16 +80,18 @@ def test_link_table_times_measured_updates_by_measured_step_and_scores_both_proj
     assert allreduce["projected_s_per_step"]["calibration"] == pytest.approx(projected)
     rows_projection = result.data["image"]["arms"][0]["per_rate"]["10"]["s_per_step"]
     assert allreduce["projected_s_per_step"]["rows"] == pytest.approx(rows_projection)
-    assert m["kind"] == "allreduce" and allreduce["updates_to_target"] == 252
-    assert allreduce["time_to_target_s"]["measured"] == pytest.approx(252 * 0.40)
-    assert allreduce["time_to_target_s"]["calibration"] == pytest.approx(252 * projected)
+    reach = allreduce["time_to_target_s"]["90.50%"]  # the converged target: 91% less 0.5 points
+    assert m["kind"] == "allreduce" and reach["updates"] == 252
+    assert reach["measured"] == pytest.approx(252 * 0.40) and reach["calibration"] == pytest.approx(252 * projected)
     assert allreduce["error"]["calibration"] == pytest.approx(abs(projected - 0.40) / 0.40)
-    assert codistill["updates_to_target"] is None and codistill["time_to_target_s"]["measured"] is None
+    assert codistill["time_to_target_s"]["90.50%"] == {"updates": None, "measured": None, "calibration": None,
+                                                       "rows": None}
+    assert codistill["time_to_target_s"]["90.0%"]["measured"] == pytest.approx(1260 * 0.16)  # the level all reach
     med = link["median_error"]["rows"]
-    assert med["cells"] == 2 and med["cells_reaching"] == 1
+    assert med["cells"] == 2 and med["cells_reaching_90.50%"] == 1 and med["cells_reaching_90.0%"] == 2
     assert med["s_per_step"] == pytest.approx(statistics.median([allreduce["error"]["rows"], codistill["error"]["rows"]]))
-    assert med["time_to_target"] == pytest.approx(allreduce["error"]["rows"])
-    assert f"| all-reduce | 10 Mbit/s | 0.400 | {projected:.3f} " in result.table
+    assert med["time_to_90.50%"] == pytest.approx(allreduce["error"]["rows"])
+    assert f"| all-reduce | 10 Mbit/s | 0.400 (0.40) | {projected:.3f} " in result.table
 
 
 def test_measured_cells_resume_without_touching_the_link(tmp_path, monkeypatch):

@@ -136,7 +136,11 @@ def build(results: Path, teacher_cost: dict | None, link_cells: list[dict] | Non
             notes += task_notes
             data[task] = task_data
     if link_cells and "image" in data:
-        table, link_notes, data["image"]["link"] = link_table(link_cells, data["image"]["arms"])
+        image = data["image"]
+        targets = {f"{100 * image['target']:.2f}%": image["arms"]}
+        if "common_target" in image:
+            targets[f"{100 * image['common_target']:.1f}%"] = image["arms_common_target"]
+        table, link_notes, image["link"] = link_table(link_cells, targets)
         tables.append("image, s/step measured on the emulated link (two machines, hierarchical exchange) and "
                       "time to the target = measured updates x measured s/step; projections beside (% vs "
                       "measured):\n\n" + table)
@@ -357,53 +361,62 @@ def cell_facts(cfg, budget: int) -> dict:
             "delay": c.exchange_delay, "steps": budget}
 
 
-def link_table(cells: list[dict], records: list[dict]) -> tuple[str, list[str], dict]:
-    """Measured s/step and time to target per (arm, rate) beside the two projections, and their errors.
+def link_table(cells: list[dict], targets: dict[str, list[dict]]) -> tuple[str, list[str], dict]:
+    """Measured s/step per (arm, rate) beside the two projections, time to each target (name -> the
+    converged table's records for it) = measured updates x s/step, measured and projected, and errors.
 
     Projection "calibration": the cost model from the arm's unshaped cell of the same invocation (its
     s/step less its link time at the veth's measured throughput is its compute), as `bench sweep`.
     Projection "rows": the converged table's own (all-reduce's clock in the suite's rows x the arm's
     compute ratio). Both add the link at the nominal rate for the trained budget's steps."""
-    by_label = {r["label"]: r for r in records}
+    by_target = {name: {r["label"]: r for r in records} for name, records in targets.items()}
+    first = next(iter(by_target.values()))
     cal = {c["arm"]: c for c in cells if c["rate_mbit"] is None}
     rows, out = [], []
-    for c in sorted((c for c in cells if c["rate_mbit"] is not None and c["arm"] in by_label and c["arm"] in cal),
-                    key=lambda c: (list(by_label).index(c["arm"]), -c["rate_mbit"])):
-        rec, m = by_label[c["arm"]], {**c["facts"], "grad": c["model_bytes"]["grad"],
-                                      "state": c["model_bytes"]["state"]}
+    for c in sorted((c for c in cells if c["rate_mbit"] is not None and c["arm"] in first and c["arm"] in cal),
+                    key=lambda c: (list(first).index(c["arm"]), -c["rate_mbit"])):
+        m = {**c["facts"], "grad": c["model_bytes"]["grad"], "state": c["model_bytes"]["state"]}
         calib = cal[c["arm"]]
         compute = max(calib["s_per_step"] - link_s_per_step(m["kind"], 0.0, m, cm.Link(calib["measured_mbit"] * 1e6)),
                       0.0)
         projected = {"calibration": link_s_per_step(m["kind"], compute, m, cm.Link(c["rate_mbit"] * 1e6)),
-                     "rows": rec["per_rate"][str(c["rate_mbit"])]["s_per_step"]}
-        steps = [h["step"] for h in rec["reach"]]
-        updates = statistics.median(steps) if steps and all(isinstance(s, int) for s in steps) else None
-        time = {k: updates * v if updates else None for k, v in [("measured", c["s_per_step"]), *projected.items()]}
+                     "rows": first[c["arm"]]["per_rate"][str(c["rate_mbit"])]["s_per_step"]}
         error = {k: abs(v - c["s_per_step"]) / c["s_per_step"] for k, v in projected.items()}
+        reached = {}
+        for name, by_label in by_target.items():
+            steps = [h["step"] for h in by_label[c["arm"]]["reach"]]
+            updates = statistics.median(steps) if steps and all(isinstance(s, int) for s in steps) else None
+            reached[name] = {"updates": updates, **{k: updates * v if updates else None for k, v in
+                                                    [("measured", c["s_per_step"]), *projected.items()]}}
         out.append({"arm": c["arm"], "rate_mbit": c["rate_mbit"], "s_per_step": c["s_per_step"],
-                    "projected_s_per_step": projected, "error": error, "updates_to_target": updates,
-                    "time_to_target_s": time, "compute_s_calibration": compute})
-        rows.append([c["arm"], f"{c['rate_mbit']} Mbit/s", f"{c['s_per_step']:.3f}",
+                    "period_s_per_step": c["period_s_per_step"], "projected_s_per_step": projected, "error": error,
+                    "time_to_target_s": reached, "compute_s_calibration": compute})
+        rows.append([c["arm"], f"{c['rate_mbit']} Mbit/s",
+                     f"{c['s_per_step']:.3f} ({', '.join(f'{p:.2f}' for p in c['period_s_per_step'])})",
                      *[f"{projected[k]:.3f} ({100 * (projected[k] / c['s_per_step'] - 1):+.0f}%)"
                        for k in ("calibration", "rows")],
-                     fmt(updates, ".0f", "not every seed"), fmt(time["measured"], ".0f", "-"),
-                     fmt(time["calibration"], ".0f", "-"), fmt(time["rows"], ".0f", "-")])
+                     *[f"{r['updates']:.0f}: {r['measured']:.0f} / {r['calibration']:.0f} / {r['rows']:.0f}"
+                       if r["updates"] else "not every seed" for r in reached.values()]])
     medians = {}
     for k in ("calibration", "rows"):
         errs = [r["error"][k] for r in out]
-        reached = [r["error"][k] for r in out if r["updates_to_target"]]
-        medians[k] = {"s_per_step": statistics.median(errs) if errs else None,
-                      "time_to_target": statistics.median(reached) if reached else None,
-                      "cells": len(errs), "cells_reaching": len(reached)}
-    table = markdown_table(["arm", "link", "measured s/step (median of periods)", "projected: calibration",
-                            "projected: suite rows", "updates to target (measured)", "s to target (measured)",
-                            "projected s: calibration", "projected s: suite rows"], rows)
-    loads = [x for c in cells for x in (c["load_before"], c["load_after"])]
+        medians[k] = {"s_per_step": statistics.median(errs) if errs else None, "cells": len(errs)}
+        for name in targets:
+            hit = [r["error"][k] for r in out if r["time_to_target_s"][name]["updates"]]
+            medians[k][f"time_to_{name}"] = statistics.median(hit) if hit else None
+            medians[k][f"cells_reaching_{name}"] = len(hit)
+    table = markdown_table(["arm", "link", "measured s/step: median (periods)", "projected s/step: calibration",
+                            "projected s/step: suite rows",
+                            *[f"to {name}: updates (measured): s measured / calibration / suite rows"
+                              for name in targets]], rows)
+    pct = lambda x: fmt(x and 100 * x, ".1f")  # noqa: E731
     notes = [f"cost model's median absolute error over {medians[k]['cells']} measured cells ({k} projection): "
-             f"s/step {fmt(medians[k]['s_per_step'] and 100 * medians[k]['s_per_step'], '.1f')}%, time to target "
-             f"{fmt(medians[k]['time_to_target'] and 100 * medians[k]['time_to_target'], '.1f')}% over the "
-             f"{medians[k]['cells_reaching']} cells whose arm reaches it (the same measured updates multiply both, "
-             "so cell by cell the two errors are equal)" for k in ("calibration", "rows")]
+             f"s/step {pct(medians[k]['s_per_step'])}%; time to "
+             + "; to ".join(f"{name} {pct(medians[k][f'time_to_{name}'])}% over the "
+                            f"{medians[k][f'cells_reaching_{name}']} cells whose arm reaches it" for name in targets)
+             + " (the same measured updates multiply both: cell by cell the time error is the s/step error)"
+             for k in ("calibration", "rows")]
+    loads = [x for c in cells for x in (c["load_before"], c["load_after"])]
     notes.append(f"1-minute load average during the link cells: {min(loads):.1f} - {max(loads):.1f} "
                  "(shared host); calibration ran in the same invocation.")
     return table, notes, {"cells": out, "median_error": medians, "load_average": [min(loads), max(loads)]}
