@@ -19,7 +19,9 @@ holds per worker, read from the code (terms below), at the worst of three moment
                and final norm, gathered for the whole step) and four blocks (the block being
                differentiated and the one prefetched, the block's unsharded gradients and their
                reduce-scatter input)
-  outer step   state + three temporaries (s each: the deltas, their flat copy, the mean deltas)
+  outer step   state + gradients (s: the last outer step runs after the last update, in
+               `Codistillation.finish`, before the next zero_grad) + three temporaries (s each:
+               the deltas, their flat copy, the mean deltas)
   evaluation   state + gradients (kept from the last update) + sharded, the whole model gathered (1)
 
 Activations are left out of the prediction (a few blocks of 32 tokens: small beside M); the
@@ -48,11 +50,12 @@ ARMS = {
     "localsgd": ["codistill.n_models=2", "codistill.method=localsgd"],
 }
 QUICK_ARMS = ("allreduce", "codistill")
-# gpt2_small's 12 blocks at two thirds of its width (M = 152 MiB): its state dominates each process
-# (~0.7 GiB resident before a run) and the full table's largest rows (2 x 2 DDP, async bf16: 10 M per
-# worker; 8 workers of FSDP) stay under ~10 GiB resident in all on a machine shared with others;
+# gpt2_small's 12 blocks at half its width (M = 82 MiB): its state is what each run adds (activations
+# of 32-token blocks are a few MiB), and the full table's largest rows (2 x 2 DDP, async bf16: 10 M per
+# worker beside ~0.7 GiB of libraries; 8 workers of FSDP) stay under ~8 GiB resident in all on a
+# machine of 24 GiB shared with other runs, so nothing is swapped out under the measurement;
 # gpt2_small itself (M = 340 MiB) would need ~16 GiB.
-FULL_MODEL = {"dropout": 0.0, "d_model": 512, "heads": 8}
+FULL_MODEL = {"dropout": 0.0, "d_model": 384, "heads": 6}
 QUICK_MODEL = {"dropout": 0.0, "d_model": 256, "heads": 4}  # its depth at a third of its width
 
 
@@ -108,7 +111,7 @@ def predict(cfg: Config, world: int, root: float, block: float) -> dict[str, flo
              "outer": (2 * s if method == "diloco" else s) if outer else 0.0}
     base = sum(state.values())
     gathered_step = root + 4 * block if sharded else 0.0
-    return {**state, "state": base, "step": base + s + gathered_step, "outer_step": base + 3 * s if outer else 0.0,
+    return {**state, "state": base, "step": base + s + gathered_step, "outer_step": base + s + 3 * s if outer else 0.0,
             "evaluation": base + s + (1.0 if sharded else 0.0)}
 
 
@@ -227,6 +230,11 @@ def run(quick: bool = False, out: Path = Path("runs/bench")) -> Result:
         runs = [(_name(a, p, w), c) for (a, p, w), c in cfgs.items() if w == world]
         warmup = ("warmup", config("allreduce" if world < 4 else "codistill", "fsdp", world, tiny, data, steps=2))
         records.update(measure([warmup, *runs], world, out / f"w{world}"))
+    return report(cfgs, records, model, quick)
+
+
+def report(cfgs: dict, records: dict, model: dict, quick: bool) -> Result:
+    """The table, notes and targets from each row's config and its workers' records."""
     nbytes, root, block = model_fractions(next(iter(cfgs.values())))
     mib = nbytes / 2**20
     table_rows, data_rows = [], []
